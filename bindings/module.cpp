@@ -1,0 +1,467 @@
+// a2ats_core: validation and CPU/CUDA routing for the a2ats kernels. Torch-free: arrays come
+// in through DLPack (see tensor_view.h) and every check happens here, before a kernel runs.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "a2ats/kv_store.h"
+#include "a2ats/rotary.h"
+#include "a2ats/topk.h"
+#include "a2ats/vq.h"
+#include "tensor_view.h"
+
+#ifdef A2ATS_WITH_CUDA
+#include "a2ats_cuda.h"
+#endif
+
+namespace py = pybind11;
+using namespace a2ats;
+using namespace a2ats::bind;
+
+namespace {
+
+constexpr int64_t kInt32Max = 2147483647;
+
+const std::initializer_list<DType> kFloatTypes = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+
+// Wraps an optional `out=` argument, allocating like `like` when it is None.
+struct Output {
+  py::object object;
+  TensorArg view;
+  Output(py::handle out, const char* name, const TensorArg& like, const std::vector<int64_t>& shape, DType dtype) {
+    object = out.is_none() ? empty_like_framework(like, shape, dtype) : py::reinterpret_borrow<py::object>(out);
+    view = TensorArg(object, name);
+    view.expect_dtype({dtype}).expect_shape(shape, "the output shape").expect_last_dim_contiguous();
+    view.expect_device(like.device(), like);
+  }
+};
+
+[[noreturn]] void no_cuda(const TensorArg& t) {
+  throw_value(t.name() + " is on " + t.device().str() +
+              " but this a2ats_core was built without CUDA (built_with_cuda() is False); pass CPU arrays");
+}
+
+#ifdef A2ATS_WITH_CUDA
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
+}
+#endif
+
+void expect_nonnegative(int64_t value, const char* name) {
+  if (value < 0) throw_value(std::string(name) + " must be >= 0, got " + std::to_string(value));
+}
+
+// lengths (B,) int32 with 0 <= lengths[b] <= capacity; checked on the host for CPU arrays.
+void check_lengths(const TensorArg& lengths, int64_t batch, int64_t capacity, const TensorArg& like) {
+  lengths.expect_dtype({DType::kInt32}).expect_shape({batch}, "one length per batch row");
+  lengths.expect_device(like.device(), like);
+  if (lengths.is_cuda()) return;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int32_t len = lengths.data<int32_t>()[b * lengths.stride(0)];
+    if (len < 0 || len > capacity)
+      throw_value("lengths[" + std::to_string(b) + "] must be in [0, " + std::to_string(capacity) +
+                  "] (the token capacity), got " + std::to_string(len));
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+py::object rotary(py::handle x_obj, py::handle positions_obj, py::handle inv_freq_obj, bool interleaved,
+                  py::handle out_obj, py::handle stream_obj) {
+  TensorArg x(x_obj, "x"), positions(positions_obj, "positions"), inv_freq(inv_freq_obj, "inv_freq");
+  x.expect_dtype(kFloatTypes).expect_ndim(4).expect_last_dim_contiguous();
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  if (D > kMaxHeadDim) throw_value("x.shape[3] (head_dim) must be <= " + std::to_string(kMaxHeadDim) + ", got " + std::to_string(D));
+  positions.expect_dtype({DType::kInt32, DType::kInt64}).expect_shape({B, T}, "(batch, tokens) of x");
+  positions.expect_device(x.device(), x);
+  inv_freq.expect_dtype({DType::kFloat32}).expect_ndim(1).expect_contiguous().expect_device(x.device(), x);
+  const int64_t half = inv_freq.size(0);
+  if (2 * half > D)
+    throw_value("inv_freq has " + std::to_string(half) + " frequencies, so the rotary dim " + std::to_string(2 * half) +
+                " exceeds head_dim " + std::to_string(D));
+  Output out(out_obj, "out", x, {B, H, T, D}, x.dtype());
+  const auto xr = x.byte_range(), orr = out.view.byte_range();
+  const bool same = out.view.data() == x.data() && [&] {
+    for (int d = 0; d < 4; ++d) if (x.size(d) > 1 && x.stride(d) != out.view.stride(d)) return false;
+    return true;
+  }();
+  if (!same && xr.first < orr.second && orr.first < xr.second)
+    throw_value("out overlaps x without being the very same view; pass out=x for in-place or a separate array");
+  RotaryParams p;
+  p.batch = B; p.num_heads = H; p.num_tokens = T; p.head_dim = D; p.rotary_dim = 2 * half;
+  p.interleaved = interleaved; p.dtype = x.dtype(); p.pos_dtype = positions.dtype();
+  for (int d = 0; d < 3; ++d) { p.x_stride[d] = x.stride(d); p.out_stride[d] = out.view.stride(d); }
+  p.pos_stride[0] = positions.stride(0); p.pos_stride[1] = positions.stride(1);
+  if (x.is_cuda()) {
+#ifdef A2ATS_WITH_CUDA
+    const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, x));
+    check_cuda(rotary_cuda(x.data(), out.view.data(), positions.data(), inv_freq.data<float>(), p, stream), "rotary");
+#else
+    no_cuda(x);
+#endif
+  } else {
+    py::gil_scoped_release release;
+    rotary_cpu(x.data(), out.view.data(), positions.data(), inv_freq.data<float>(), p);
+  }
+  return out.object;
+}
+
+// Checks centroids (Hkv, M, C, D/M) f32 contiguous against num_kv_heads and head_dim.
+void check_centroids(const TensorArg& centroids, int64_t num_kv_heads, int64_t head_dim, const TensorArg& like) {
+  centroids.expect_dtype({DType::kFloat32}).expect_ndim(4).expect_contiguous().expect_device(like.device(), like);
+  centroids.expect_size(0, num_kv_heads, "num_kv_heads");
+  const int64_t M = centroids.size(1), C = centroids.size(2), dsub = centroids.size(3);
+  if (M < 1 || C < 1) throw_value("centroids must have M >= 1 subspaces and C >= 1 centroids, got shape " + centroids.shape_str());
+  if (C > kMaxCentroids)
+    throw_value("centroids.shape[2] (C) must be <= " + std::to_string(kMaxCentroids) + " so codes fit int16, got " + std::to_string(C));
+  if (M * dsub != head_dim)
+    throw_value("centroids.shape[1] * centroids.shape[3] (M * D/M) must equal head_dim " + std::to_string(head_dim) +
+                ", got " + std::to_string(M) + " * " + std::to_string(dsub));
+}
+
+py::object vq_encode(py::handle x_obj, py::handle centroids_obj, py::handle out_obj, py::handle stream_obj) {
+  TensorArg x(x_obj, "x"), centroids(centroids_obj, "centroids");
+  x.expect_dtype(kFloatTypes).expect_ndim(4).expect_last_dim_contiguous();
+  const int64_t B = x.size(0), Hkv = x.size(1), T = x.size(2), D = x.size(3);
+  if (D > kMaxHeadDim) throw_value("x.shape[3] (head_dim) must be <= " + std::to_string(kMaxHeadDim) + ", got " + std::to_string(D));
+  check_centroids(centroids, Hkv, D, x);
+  const int64_t M = centroids.size(1);
+  Output out(out_obj, "out", x, {B, Hkv, T, M}, DType::kInt16);
+  VQEncodeParams p;
+  p.batch = B; p.num_kv_heads = Hkv; p.num_tokens = T; p.head_dim = D;
+  p.num_subspaces = M; p.num_centroids = centroids.size(2); p.dtype = x.dtype();
+  for (int d = 0; d < 3; ++d) { p.x_stride[d] = x.stride(d); p.codes_stride[d] = out.view.stride(d); }
+  if (x.is_cuda()) {
+#ifdef A2ATS_WITH_CUDA
+    const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, x));
+    check_cuda(vq_encode_cuda(x.data(), centroids.data<float>(), out.view.data<int16_t>(), p, stream), "vq_encode");
+#else
+    no_cuda(x);
+#endif
+  } else {
+    py::gil_scoped_release release;
+    vq_encode_cpu(x.data(), centroids.data<float>(), out.view.data<int16_t>(), p);
+  }
+  return out.object;
+}
+
+py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle codes_obj, py::handle lengths_obj,
+                      py::handle bin_edges_obj, py::handle out_obj, py::handle stream_obj) {
+  TensorArg q(q_obj, "q"), centroids(centroids_obj, "centroids"), codes(codes_obj, "codes"),
+      lengths(lengths_obj, "lengths");
+  q.expect_dtype({DType::kFloat32});
+  if (q.ndim() != 3 && q.ndim() != 4)
+    throw_value("q must have shape (batch, num_q_heads, head_dim) or, distance-binned, (batch, num_q_heads, "
+                "num_bins, head_dim); got " + std::to_string(q.ndim()) + " dimensions with shape " + q.shape_str());
+  q.expect_last_dim_contiguous();
+  const bool binned = q.ndim() == 4;
+  const int64_t B = q.size(0), Hq = q.size(1), NB = binned ? q.size(2) : 1, D = q.size(-1);
+  codes.expect_dtype({DType::kInt16}).expect_ndim(4).expect_last_dim_contiguous().expect_device(q.device(), q);
+  const int64_t Hkv = codes.size(1), Tcap = codes.size(2);
+  codes.expect_size(0, B, "batch of q");
+  if (Hkv < 1 || Hq % Hkv != 0)
+    throw_value("q.shape[1] (num_q_heads = " + std::to_string(Hq) + ") must be a multiple of codes.shape[1] (num_kv_heads = " +
+                std::to_string(Hkv) + ")");
+  check_centroids(centroids, Hkv, D, q);
+  const int64_t M = centroids.size(1);
+  codes.expect_size(3, M, "subspaces M of centroids");
+  if (NB < 1) throw_value("q.shape[2] (num_bins) must be >= 1, got 0");
+  check_lengths(lengths, B, Tcap, q);
+  std::optional<TensorArg> bin_edges;
+  if (!bin_edges_obj.is_none()) bin_edges.emplace(bin_edges_obj, "bin_edges");
+  const int32_t* edges = nullptr;
+  if (NB > 1 || (bin_edges && bin_edges->numel() > 0)) {
+    if (!bin_edges)
+      throw_value("bin_edges is required when q has " + std::to_string(NB) + " distance bins (shape " + q.shape_str() + ")");
+    bin_edges->expect_dtype({DType::kInt32}).expect_shape({NB - 1}, "num_bins - 1 edges").expect_contiguous();
+    bin_edges->expect_device(q.device(), q);
+    edges = bin_edges->data<int32_t>();
+    if (!bin_edges->is_cuda())
+      for (int64_t j = 1; j < NB - 1; ++j)
+        if (edges[j] < edges[j - 1])
+          throw_value("bin_edges must be ascending, got bin_edges[" + std::to_string(j - 1) + "] = " +
+                      std::to_string(edges[j - 1]) + " > bin_edges[" + std::to_string(j) + "] = " + std::to_string(edges[j]));
+  }
+  Output out(out_obj, "out", q, {B, Hq, Tcap}, DType::kFloat32);
+  LutScoresParams p;
+  p.batch = B; p.num_q_heads = Hq; p.num_kv_heads = Hkv; p.head_dim = D; p.num_subspaces = M;
+  p.num_centroids = centroids.size(2); p.capacity = Tcap; p.num_bins = NB;
+  p.q_stride[0] = q.stride(0); p.q_stride[1] = q.stride(1); p.q_stride[2] = binned ? q.stride(2) : 0;
+  for (int d = 0; d < 3; ++d) p.codes_stride[d] = codes.stride(d);
+  p.scores_stride[0] = out.view.stride(0); p.scores_stride[1] = out.view.stride(1);
+  bool ok = true;
+  if (q.is_cuda()) {
+#ifdef A2ATS_WITH_CUDA
+    const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, q));
+    check_cuda(lut_scores_cuda(q.data<float>(), centroids.data<float>(), codes.data<int16_t>(), lengths.data<int32_t>(),
+                               edges, out.view.data<float>(), p, stream), "lut_scores");
+#else
+    no_cuda(q);
+#endif
+  } else {
+    py::gil_scoped_release release;
+    ok = lut_scores_cpu(q.data<float>(), centroids.data<float>(), codes.data<int16_t>(), lengths.data<int32_t>(), edges,
+                        out.view.data<float>(), p);
+  }
+  if (!ok)
+    throw_value("codes contains values outside [0, " + std::to_string(p.num_centroids) +
+                ") (the number of centroids) among the first lengths[b] tokens");
+  return out.object;
+}
+
+py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, int64_t group_size, int64_t sink,
+                      int64_t window, py::handle out_indices_obj, py::handle out_counts_obj, py::handle stream_obj) {
+  TensorArg scores(scores_obj, "scores"), lengths(lengths_obj, "lengths");
+  scores.expect_dtype({DType::kFloat32}).expect_ndim(3).expect_last_dim_contiguous();
+  const int64_t B = scores.size(0), Hq = scores.size(1), Tcap = scores.size(2);
+  expect_nonnegative(k, "k");
+  expect_nonnegative(sink, "sink");
+  expect_nonnegative(window, "window");
+  if (group_size < 1 || Hq % group_size != 0)
+    throw_value("group_size must be >= 1 and divide scores.shape[1] (num_q_heads = " + std::to_string(Hq) + "), got " +
+                std::to_string(group_size));
+  const int64_t max_selected = group_size * k + sink + window;
+  if (k > kInt32Max || max_selected > kInt32Max)
+    throw_value("group_size * k + sink + window must fit int32, got " + std::to_string(max_selected));
+  check_lengths(lengths, B, Tcap, scores);
+  const int64_t Hkv = Hq / group_size;
+  Output indices(out_indices_obj, "out_indices", scores, {B, Hkv, max_selected}, DType::kInt32);
+  Output counts(out_counts_obj, "out_counts", scores, {B, Hkv}, DType::kInt32);
+  SelectTopkParams p;
+  p.batch = B; p.num_q_heads = Hq; p.group_size = group_size; p.capacity = Tcap;
+  p.k = k; p.sink = sink; p.window = window; p.max_selected = max_selected;
+  p.scores_stride[0] = scores.stride(0); p.scores_stride[1] = scores.stride(1);
+  p.indices_stride[0] = indices.view.stride(0); p.indices_stride[1] = indices.view.stride(1);
+  p.counts_stride[0] = counts.view.stride(0); p.counts_stride[1] = counts.view.stride(1);
+  if (scores.is_cuda()) {
+#ifdef A2ATS_WITH_CUDA
+    const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, scores));
+    check_cuda(select_topk_cuda(scores.data<float>(), lengths.data<int32_t>(), indices.view.data<int32_t>(),
+                                counts.view.data<int32_t>(), p, stream), "select_topk");
+#else
+    no_cuda(scores);
+#endif
+  } else {
+    py::gil_scoped_release release;
+    select_topk_cpu(scores.data<float>(), lengths.data<int32_t>(), indices.view.data<int32_t>(),
+                    counts.view.data<int32_t>(), p);
+  }
+  return py::make_tuple(indices.object, counts.object);
+}
+
+// -------------------------------------------------------------------------------------------
+DType parse_store_dtype(py::handle dtype) {
+  std::string name = py::str(dtype);
+  if (name.rfind("torch.", 0) == 0) name = name.substr(6);
+  if (name == "float32" || name == "float") return DType::kFloat32;
+  if (name == "float16" || name == "half") return DType::kFloat16;
+  if (name == "bfloat16") return DType::kBFloat16;
+  throw_type("dtype must be float32, float16 or bfloat16 (a torch dtype or its name), got " + std::string(py::str(dtype)));
+}
+
+// Python-facing KVStore: the C++ store plus a lock, so concurrent Python threads see whole operations.
+class PyKVStore {
+ public:
+  PyKVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t capacity,
+            py::handle dtype, bool pinned, int threads) {
+    const std::pair<const char*, int64_t> dims[] = {{"num_layers", num_layers}, {"batch", batch},
+                                                    {"num_kv_heads", num_kv_heads}, {"head_dim", head_dim},
+                                                    {"capacity", capacity}};
+    for (auto& [name, value] : dims)
+      if (value < 1) throw_value(std::string(name) + " must be >= 1, got " + std::to_string(value));
+    if (capacity > kInt32Max) throw_value("capacity must fit int32 (indices are int32), got " + std::to_string(capacity));
+    if (threads < 0) throw_value("threads must be >= 0 (0 = one per core), got " + std::to_string(threads));
+    const DType dt = parse_store_dtype(dtype);
+    store_ = std::make_unique<KVStore>(num_layers, batch, num_kv_heads, head_dim, capacity, dt, pinned, threads);
+  }
+
+  void append(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle num_tokens_obj, py::handle stream_obj) {
+    KVStore& s = *store_;
+    TensorArg k(k_obj, "k"), v(v_obj, "v");
+    const std::vector<int64_t> expected = {s.batch(), s.num_kv_heads(), k.ndim() == 4 ? k.size(2) : 0, s.head_dim()};
+    k.expect_dtype({s.dtype()}).expect_shape(expected, "(batch, num_kv_heads, new tokens, head_dim) of the store");
+    k.expect_last_dim_contiguous();
+    v.expect_dtype({s.dtype()}).expect_shape(expected, "the shape of k").expect_last_dim_contiguous();
+    v.expect_device(k.device(), k);
+    const int64_t num_new = k.size(2);
+    std::optional<TensorArg> num_tokens;
+    if (!num_tokens_obj.is_none()) {
+      num_tokens.emplace(num_tokens_obj, "num_tokens");
+      num_tokens->expect_dtype({DType::kInt32}).expect_shape({s.batch()}, "one count per batch row").expect_contiguous();
+      num_tokens->expect_cpu("counts are read on the host");
+    }
+    const int32_t* counts = num_tokens ? num_tokens->data<int32_t>() : nullptr;
+    RowsView kv{k.data(), {k.stride(0), k.stride(1), k.stride(2)}}, vv{v.data(), {v.stride(0), v.stride(1), v.stride(2)}};
+    std::lock_guard<std::mutex> lock(mutex_);
+    try {
+      if (k.is_cuda()) {
+#ifdef A2ATS_WITH_CUDA
+        const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, k));
+        s.check_append(layer, num_new, counts);
+        py::gil_scoped_release release;
+        check_cuda(kv_append_cuda(s, layer, kv, vv, num_new, counts, stream), "KVStore.append");
+        s.commit_append(layer, num_new, counts);
+#else
+        no_cuda(k);
+#endif
+      } else {
+        py::gil_scoped_release release;
+        s.append(layer, kv, vv, num_new, counts);
+      }
+    } catch (const std::invalid_argument& e) {
+      throw_value(e.what());
+    }
+  }
+
+  void gather(int64_t layer, py::handle indices_obj, py::handle counts_obj, py::handle out_k_obj, py::handle out_v_obj,
+              py::handle stream_obj) {
+    KVStore& s = *store_;
+    TensorArg indices(indices_obj, "indices"), counts(counts_obj, "counts"), out_k(out_k_obj, "out_k"),
+        out_v(out_v_obj, "out_v");
+    indices.expect_dtype({DType::kInt32}).expect_ndim(3).expect_last_dim_contiguous();
+    indices.expect_size(0, s.batch(), "batch of the store").expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
+    const int64_t kmax = indices.size(2);
+    counts.expect_dtype({DType::kInt32}).expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
+    counts.expect_device(indices.device(), indices);
+    const std::vector<int64_t> rows = {s.batch(), s.num_kv_heads(), kmax, s.head_dim()};
+    out_k.expect_dtype({s.dtype()}).expect_shape(rows, "(batch, num_kv_heads, Kmax of indices, head_dim)");
+    out_k.expect_last_dim_contiguous();
+    out_v.expect_dtype({s.dtype()}).expect_shape(rows, "the shape of out_k").expect_last_dim_contiguous();
+    out_v.expect_device(out_k.device(), out_k);
+    const int64_t idx_stride[2] = {indices.stride(0), indices.stride(1)};
+    const int64_t cnt_stride[2] = {counts.stride(0), counts.stride(1)};
+    RowsView kv{out_k.data(), {out_k.stride(0), out_k.stride(1), out_k.stride(2)}};
+    RowsView vv{out_v.data(), {out_v.stride(0), out_v.stride(1), out_v.stride(2)}};
+    std::lock_guard<std::mutex> lock(mutex_);
+    try {
+      if (out_k.is_cuda()) {
+#ifdef A2ATS_WITH_CUDA
+        const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, out_k));
+        py::gil_scoped_release release;
+        check_cuda(kv_gather_cuda(s, layer, indices.data<int32_t>(), idx_stride, indices.is_cuda(),
+                                  counts.data<int32_t>(), cnt_stride, kv, vv, kmax, stream), "KVStore.gather");
+#else
+        no_cuda(out_k);
+#endif
+      } else {
+        indices.expect_cpu("gathering into CPU outputs").expect_device(out_k.device(), out_k);
+        counts.expect_cpu("gathering into CPU outputs");
+        py::gil_scoped_release release;
+        s.check_gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kmax);
+        s.gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kv, vv);
+      }
+    } catch (const std::invalid_argument& e) {
+      throw_value(e.what());
+    }
+  }
+
+  py::array_t<int64_t> lengths() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVStore& s = *store_;
+    py::array_t<int64_t> out({s.num_layers(), s.batch()});
+    auto view = out.mutable_unchecked<2>();
+    for (int64_t l = 0; l < s.num_layers(); ++l)
+      for (int64_t b = 0; b < s.batch(); ++b) view(l, b) = s.length(l, b);
+    return out;
+  }
+
+  void reset() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    store_->reset();
+  }
+
+  const KVStore& store() const { return *store_; }
+
+ private:
+  std::unique_ptr<KVStore> store_;
+  std::mutex mutex_;
+};
+
+int cuda_device_count() {
+#ifdef A2ATS_WITH_CUDA
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return n;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(a2ats_core, m) {
+  m.doc() = "Native kernels of a2ats (A²ATS): RoPE, VQ codes, LUT scores, top-K selection and the host KV store.";
+#ifdef A2ATS_VERSION
+  m.attr("__version__") = A2ATS_VERSION;
+#else
+  m.attr("__version__") = "0.0.0";
+#endif
+  m.def("built_with_cuda", [] {
+#ifdef A2ATS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled in.");
+  m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to this process (0 without CUDA or a driver).");
+  m.def("num_threads", [] { return ThreadPool::global().num_threads(); },
+        "Threads the CPU kernels use (A2ATS_NUM_THREADS or the core count).");
+
+  m.def("rotary", &rotary, py::arg("x"), py::arg("positions"), py::arg("inv_freq"), py::kw_only(),
+        py::arg("interleaved") = false, py::arg("out") = py::none(), py::arg("stream") = py::none(),
+        R"doc(Rotate x (B, H, T, D) by positions (B, T) int32/int64 (may be negative) with inv_freq (R/2,) f32.
+
+Dims >= R pass through. Pairs are (x[i], x[i + R/2]) as in transformers' rotate_half, or
+(x[2i], x[2i+1]) when interleaved. Math in f32; out may be x itself. Returns out (B, H, T, D).)doc");
+  m.def("vq_encode", &vq_encode, py::arg("x"), py::arg("centroids"), py::kw_only(), py::arg("out") = py::none(),
+        py::arg("stream") = py::none(),
+        R"doc(Codes (B, Hkv, T, M) int16 of whitened keys x (B, Hkv, T, D) under centroids (Hkv, M, C, D/M) f32.)doc");
+  m.def("lut_scores", &lut_scores, py::arg("q"), py::arg("centroids"), py::arg("codes"), py::arg("lengths"),
+        py::kw_only(), py::arg("bin_edges") = py::none(), py::arg("out") = py::none(), py::arg("stream") = py::none(),
+        R"doc(Approximate scores (B, Hq, Tcap) f32 from codes (B, Hkv, Tcap, M) int16.
+
+q (B, Hq, D) f32 in the dual space, or (B, Hq, NB, D) with bin_edges (NB - 1,) int32 ascending:
+token n of row b at distance d = lengths[b] - 1 - n uses bin j = #{edges <= d}. lengths (B,) int32.
+Scores are -inf at and past each length.)doc");
+  m.def("select_topk", &select_topk, py::arg("scores"), py::arg("k"), py::arg("lengths"), py::kw_only(),
+        py::arg("group_size"), py::arg("sink"), py::arg("window"), py::arg("out_indices") = py::none(),
+        py::arg("out_counts") = py::none(), py::arg("stream") = py::none(),
+        R"doc(Rows to attend over: (indices (B, Hkv, G*k + sink + window) int32 ascending, padded with -1; counts (B, Hkv) int32).
+
+Per query head the top k of tokens [sink, length - window) (all when fewer), united over the
+group_size heads of each KV head, plus the first sink and last window tokens.)doc");
+
+  py::class_<PyKVStore>(m, "KVStore", R"doc(Host-memory K/V store (num_layers, batch, num_kv_heads, capacity, head_dim).
+
+KVStore(num_layers, batch, num_kv_heads, head_dim, capacity, dtype, *, pinned=True, threads=0).
+dtype: a torch dtype or "float32" / "float16" / "bfloat16". pinned uses page-locked memory when a
+CUDA device is usable (see .pinned); threads is the gather thread count (0 = one per core).)doc")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, py::handle, bool, int>(), py::arg("num_layers"),
+           py::arg("batch"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("capacity"), py::arg("dtype"),
+           py::kw_only(), py::arg("pinned") = true, py::arg("threads") = 0)
+      .def("append", &PyKVStore::append, py::arg("layer"), py::arg("k"), py::arg("v"), py::kw_only(),
+           py::arg("num_tokens") = py::none(), py::arg("stream") = py::none(),
+           R"doc(Append k, v (B, Hkv, t, D) (CPU or CUDA) to `layer`; num_tokens (B,) int32 appends only the first
+num_tokens[b] of the t rows of batch row b. Raises ValueError, storing nothing, on capacity overflow.)doc")
+      .def("gather", &PyKVStore::gather, py::arg("layer"), py::arg("indices"), py::arg("counts"), py::arg("out_k"),
+           py::arg("out_v"), py::kw_only(), py::arg("stream") = py::none(),
+           R"doc(Copy rows indices[b, g, :counts[b, g]] of `layer` into out_k, out_v (B, Hkv, Kmax, D); slots past counts are untouched.)doc")
+      .def("lengths", &PyKVStore::lengths, "Rows stored, (num_layers, batch) int64.")
+      .def("reset", &PyKVStore::reset, "Forget all rows (lengths to 0); memory is kept.")
+      .def_property_readonly("nbytes", [](const PyKVStore& s) { return s.store().nbytes(); })
+      .def_property_readonly("pinned", [](const PyKVStore& s) { return s.store().pinned(); })
+      .def_property_readonly("num_layers", [](const PyKVStore& s) { return s.store().num_layers(); })
+      .def_property_readonly("batch", [](const PyKVStore& s) { return s.store().batch(); })
+      .def_property_readonly("num_kv_heads", [](const PyKVStore& s) { return s.store().num_kv_heads(); })
+      .def_property_readonly("head_dim", [](const PyKVStore& s) { return s.store().head_dim(); })
+      .def_property_readonly("capacity", [](const PyKVStore& s) { return s.store().capacity(); })
+      .def_property_readonly("dtype", [](const PyKVStore& s) { return std::string(dtype_name(s.store().dtype())); })
+      .def_property_readonly("num_threads", [](const PyKVStore& s) { return s.store().num_threads(); });
+}

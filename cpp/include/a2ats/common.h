@@ -1,0 +1,105 @@
+// Shared scalar types for the a2ats kernels: element types, half/bfloat16 conversion,
+// and the multiversioning attribute that lets hot loops use AVX2/AVX-512 when the CPU
+// has them while the wheel itself is built for the baseline ISA.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define A2ATS_HOST_DEVICE __host__ __device__
+#else
+#define A2ATS_HOST_DEVICE
+#endif
+
+// Clones a function for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by ifunc.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(__CUDACC__)
+#define A2ATS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define A2ATS_MULTIVERSION
+#endif
+
+namespace a2ats {
+
+// Largest head_dim the kernels accept; lets per-row scratch live on the stack.
+constexpr int64_t kMaxHeadDim = 1024;
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt16 = 3, kInt32 = 4, kInt64 = 5 };
+
+inline int dtype_size(DType t) {
+  switch (t) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat16: return 2;
+    case DType::kBFloat16: return 2;
+    case DType::kInt16: return 2;
+    case DType::kInt32: return 4;
+    case DType::kInt64: return 8;
+  }
+  return 0;
+}
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kInt16: return "int16";
+    case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
+  }
+  return "?";
+}
+
+// Storage-only 16-bit floats; all arithmetic happens in float32.
+struct half_t { uint16_t bits; };
+struct bfloat16_t { uint16_t bits; };
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float to_float(float x) { return x; }
+inline float to_float(bfloat16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
+inline float to_float(half_t x) {
+  // IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, nan).
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exp_mant = (h & 0x7fffu) << 13;
+  // Rebias the exponent by multiplying with 2^112; inf/nan get their exponent forced to max.
+  float f = bits_to_float(exp_mant) * bits_to_float(0x77800000u);
+  uint32_t u = float_to_bits(f);
+  if (exp_mant >= 0x0f800000u) u = exp_mant | 0x7f800000u;
+  return bits_to_float(u | sign);
+}
+
+template <typename T> inline T from_float(float f);
+template <> inline float from_float<float>(float f) { return f; }
+template <> inline bfloat16_t from_float<bfloat16_t>(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16_t{uint16_t((u >> 16) | 0x40u)};  // quiet nan
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return bfloat16_t{uint16_t(u >> 16)};
+}
+template <> inline half_t from_float<half_t>(float f) {
+  // binary32 -> binary16 with round-to-nearest-even, overflow to inf, subnormals, nan kept.
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  uint16_t out;
+  if (a >= 0x7f800000u) {
+    out = uint16_t(a > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  } else if (a >= 0x477ff000u) {  // rounds to >= 65520 -> inf
+    out = 0x7c00u;
+  } else if (a < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+    // Adding 0.5 (2^-1) aligns the mantissa so the FPU performs the rounding for us.
+    const float shifted = bits_to_float(a) + 0.5f;
+    out = uint16_t(float_to_bits(shifted) - 0x3f000000u);
+  } else {
+    const uint32_t mant_odd = (a >> 13) & 1u;
+    uint32_t r = a + ((15u - 127u) << 23) + 0xfffu + mant_odd;
+    out = uint16_t(r >> 13);
+  }
+  return half_t{uint16_t(out | sign)};
+}
+
+}  // namespace a2ats

@@ -1,0 +1,92 @@
+// Host-memory store of the full K/V cache, one slab per layer, plus the threaded gather
+// that copies the selected rows out of it.
+//
+// Layout of each of K and V (row-major):
+//   // (num_layers, batch, num_kv_heads, capacity, head_dim)
+// so every (layer, b, g) owns a contiguous block of `capacity` rows of head_dim elements.
+// Lengths are tracked per (layer, batch row). Validation happens before any byte is
+// written, so a rejected append or gather leaves the store exactly as it was.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "a2ats/common.h"
+#include "a2ats/thread_pool.h"
+
+namespace a2ats {
+
+// Strided source or destination of rows: element strides of (b, g, t); head_dim contiguous.
+struct RowsView {
+  void* data = nullptr;
+  int64_t stride[3] = {0, 0, 0};
+};
+
+class KVStore {
+ public:
+  // pinned: try page-locked memory (needs a CUDA build and a driver); falls back to
+  // ordinary memory otherwise, which pinned() then reports.
+  // threads: gather threads including the caller; 0 means ThreadPool::default_num_threads().
+  KVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t capacity, DType dtype,
+          bool pinned, int threads);
+  ~KVStore();
+  KVStore(const KVStore&) = delete;
+  KVStore& operator=(const KVStore&) = delete;
+
+  int64_t num_layers() const { return num_layers_; }
+  int64_t batch() const { return batch_; }
+  int64_t num_kv_heads() const { return num_kv_heads_; }
+  int64_t head_dim() const { return head_dim_; }
+  int64_t capacity() const { return capacity_; }
+  DType dtype() const { return dtype_; }
+  bool pinned() const { return pinned_; }
+  int num_threads() const { return pool_->num_threads(); }
+  int64_t row_bytes() const { return head_dim_ * dtype_size(dtype_); }
+  size_t nbytes() const { return 2 * slab_bytes_; }
+  int64_t length(int64_t layer, int64_t b) const { return lengths_[size_t(layer * batch_ + b)]; }
+  void reset();
+
+  char* k_rows(int64_t layer, int64_t b, int64_t g) { return k_ + block_offset(layer, b, g); }
+  char* v_rows(int64_t layer, int64_t b, int64_t g) { return v_ + block_offset(layer, b, g); }
+
+  // Checks an append of num_tokens[b] rows per batch row (all num_new when num_tokens is
+  // null); throws std::invalid_argument naming the problem. Nothing is modified.
+  void check_append(int64_t layer, int64_t num_new, const int32_t* num_tokens) const;
+  // Copies rows from host memory and advances the lengths; k, v are (B, Hkv, num_new, D).
+  void append(int64_t layer, const RowsView& k, const RowsView& v, int64_t num_new, const int32_t* num_tokens);
+  // Advances lengths after rows were written by another path (the CUDA append).
+  void commit_append(int64_t layer, int64_t num_new, const int32_t* num_tokens);
+
+  // Checks counts[b, g] <= max_selected and every used index in [0, length); throws
+  // std::invalid_argument otherwise. indices: (B, Hkv, Kmax) int32; counts: (B, Hkv) int32.
+  void check_gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
+                    const int64_t counts_stride[2], int64_t max_selected) const;
+  // Copies the first counts[b, g] selected rows of K and V into host outputs (B, Hkv, Kmax, D).
+  void gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
+              const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v);
+
+  ThreadPool& pool() { return *pool_; }
+
+ private:
+  size_t block_offset(int64_t layer, int64_t b, int64_t g) const {
+    return size_t(((layer * batch_ + b) * num_kv_heads_ + g) * capacity_) * size_t(row_bytes());
+  }
+
+  int64_t num_layers_, batch_, num_kv_heads_, head_dim_, capacity_;
+  DType dtype_;
+  bool pinned_ = false;
+  size_t slab_bytes_ = 0;  // bytes of K (== bytes of V)
+  char* k_ = nullptr;
+  char* v_ = nullptr;
+  std::vector<int64_t> lengths_;  // (num_layers, batch)
+  std::unique_ptr<ThreadPool> pool_;
+};
+
+// Page-locked host memory through the CUDA runtime; both are no-ops returning
+// nullptr/false in a build without CUDA or on a machine without a usable device.
+void* pinned_alloc(size_t bytes);
+bool pinned_free(void* ptr);
+
+}  // namespace a2ats

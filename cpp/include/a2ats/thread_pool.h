@@ -1,0 +1,54 @@
+// A persistent pool of worker threads for data-parallel loops.
+//
+// parallel_for(n, fn) calls fn(begin, end) on disjoint chunks covering [0, n) from the
+// calling thread and the workers, and returns when all are done. One loop runs at a time
+// per pool; a call made while the pool is busy (another Python thread, or a nested call
+// from inside a task) runs serially in the caller instead of waiting, so it never deadlocks.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace a2ats {
+
+class ThreadPool {
+ public:
+  // num_threads counts the calling thread too; 0 means the default (see default_num_threads).
+  explicit ThreadPool(int num_threads = 0);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return int(workers_.size()) + 1; }
+
+  // fn(begin, end) over chunks of at least min_chunk items.
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk = 1);
+
+  // Process-wide pool used by the kernels; its size is A2ATS_NUM_THREADS or the core count.
+  static ThreadPool& global();
+  static int default_num_threads();
+
+ private:
+  void worker_loop();
+  void run_chunks();
+
+  std::vector<std::thread> workers_;
+  std::mutex busy_;  // held by the caller for the duration of one parallel_for
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const std::function<void(int64_t, int64_t)>* task_ = nullptr;
+  int64_t total_ = 0;
+  int64_t chunk_ = 1;
+  std::atomic<int64_t> next_{0};
+  int active_ = 0;          // workers still inside the current task
+  uint64_t generation_ = 0; // bumped for every task so workers notice new work
+  bool stop_ = false;
+};
+
+}  // namespace a2ats

@@ -1,0 +1,152 @@
+#include "a2ats/kv_store.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+namespace a2ats {
+namespace {
+
+constexpr size_t kAlignment = 4096;
+constexpr int64_t kGatherChunkRows = 256;  // rows per work item: large enough to amortise scheduling
+
+std::string at(int64_t layer, int64_t b) {
+  return "layer " + std::to_string(layer) + ", batch row " + std::to_string(b);
+}
+
+}  // namespace
+
+#ifndef A2ATS_WITH_CUDA
+void* pinned_alloc(size_t) { return nullptr; }
+bool pinned_free(void*) { return false; }
+#endif
+
+KVStore::KVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t capacity,
+                 DType dtype, bool pinned, int threads)
+    : num_layers_(num_layers), batch_(batch), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
+      capacity_(capacity), dtype_(dtype), lengths_(size_t(num_layers * batch), 0),
+      pool_(new ThreadPool(threads)) {
+  slab_bytes_ = size_t(num_layers * batch * num_kv_heads * capacity) * size_t(row_bytes());
+  const size_t rounded = (slab_bytes_ + kAlignment - 1) / kAlignment * kAlignment;
+  const size_t total = 2 * (rounded == 0 ? kAlignment : rounded);
+  char* base = nullptr;
+  if (pinned) {
+    base = static_cast<char*>(pinned_alloc(total));
+    pinned_ = base != nullptr;
+  }
+  // Untouched pages of an ordinary allocation are not committed until the first append.
+  if (base == nullptr) base = static_cast<char*>(std::aligned_alloc(kAlignment, total));
+  if (base == nullptr) throw std::bad_alloc();
+  k_ = base;
+  v_ = base + total / 2;
+}
+
+KVStore::~KVStore() {
+  if (pinned_)
+    pinned_free(k_);
+  else
+    std::free(k_);
+}
+
+void KVStore::reset() { std::fill(lengths_.begin(), lengths_.end(), 0); }
+
+void KVStore::check_append(int64_t layer, int64_t num_new, const int32_t* num_tokens) const {
+  if (layer < 0 || layer >= num_layers_)
+    throw std::invalid_argument("layer must be in [0, " + std::to_string(num_layers_) + "), got " +
+                                std::to_string(layer));
+  for (int64_t b = 0; b < batch_; ++b) {
+    const int64_t n = num_tokens ? num_tokens[b] : num_new;
+    if (n < 0 || n > num_new)
+      throw std::invalid_argument("num_tokens[" + std::to_string(b) + "] must be in [0, " + std::to_string(num_new) +
+                                  "], got " + std::to_string(n));
+    if (length(layer, b) + n > capacity_)
+      throw std::invalid_argument("KVStore capacity exceeded at " + at(layer, b) + ": " +
+                                  std::to_string(length(layer, b)) + " rows stored + " + std::to_string(n) +
+                                  " new > capacity " + std::to_string(capacity_));
+  }
+}
+
+void KVStore::commit_append(int64_t layer, int64_t num_new, const int32_t* num_tokens) {
+  for (int64_t b = 0; b < batch_; ++b) lengths_[size_t(layer * batch_ + b)] += num_tokens ? num_tokens[b] : num_new;
+}
+
+void KVStore::append(int64_t layer, const RowsView& k, const RowsView& v, int64_t num_new,
+                     const int32_t* num_tokens) {
+  check_append(layer, num_new, num_tokens);
+  const int64_t elem = dtype_size(dtype_);
+  const size_t row = size_t(row_bytes());
+  pool_->parallel_for(batch_ * num_kv_heads_, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / num_kv_heads_, g = item % num_kv_heads_;
+      const int64_t n = num_tokens ? num_tokens[b] : num_new;
+      const int64_t start = length(layer, b);
+      char* dst_k = k_rows(layer, b, g) + start * int64_t(row);
+      char* dst_v = v_rows(layer, b, g) + start * int64_t(row);
+      const char* src_k = static_cast<const char*>(k.data) + (b * k.stride[0] + g * k.stride[1]) * elem;
+      const char* src_v = static_cast<const char*>(v.data) + (b * v.stride[0] + g * v.stride[1]) * elem;
+      for (int64_t t = 0; t < n; ++t) {
+        std::memcpy(dst_k + t * int64_t(row), src_k + t * k.stride[2] * elem, row);
+        std::memcpy(dst_v + t * int64_t(row), src_v + t * v.stride[2] * elem, row);
+      }
+    }
+  });
+  commit_append(layer, num_new, num_tokens);
+}
+
+void KVStore::check_gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
+                           const int32_t* counts, const int64_t counts_stride[2], int64_t max_selected) const {
+  if (layer < 0 || layer >= num_layers_)
+    throw std::invalid_argument("layer must be in [0, " + std::to_string(num_layers_) + "), got " +
+                                std::to_string(layer));
+  for (int64_t b = 0; b < batch_; ++b) {
+    const int64_t len = length(layer, b);
+    for (int64_t g = 0; g < num_kv_heads_; ++g) {
+      const int64_t count = counts[b * counts_stride[0] + g * counts_stride[1]];
+      if (count < 0 || count > max_selected)
+        throw std::invalid_argument("counts[" + std::to_string(b) + ", " + std::to_string(g) + "] must be in [0, " +
+                                    std::to_string(max_selected) + "], got " + std::to_string(count));
+      const int32_t* row = indices + b * indices_stride[0] + g * indices_stride[1];
+      uint32_t worst = 0;  // unsigned compare catches negative indices too
+      for (int64_t i = 0; i < count; ++i) worst = std::max(worst, uint32_t(row[i]));
+      if (count > 0 && int64_t(worst) >= len) {
+        for (int64_t i = 0; i < count; ++i)
+          if (row[i] < 0 || row[i] >= len)
+            throw std::invalid_argument("indices[" + std::to_string(b) + ", " + std::to_string(g) + ", " +
+                                        std::to_string(i) + "] = " + std::to_string(row[i]) + " is outside [0, " +
+                                        std::to_string(len) + ") rows stored at " + at(layer, b));
+      }
+    }
+  }
+}
+
+void KVStore::gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
+                     const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v) {
+  const int64_t elem = dtype_size(dtype_);
+  const size_t row = size_t(row_bytes());
+  int64_t max_count = 0;
+  for (int64_t b = 0; b < batch_; ++b)
+    for (int64_t g = 0; g < num_kv_heads_; ++g)
+      max_count = std::max<int64_t>(max_count, counts[b * counts_stride[0] + g * counts_stride[1]]);
+  const int64_t chunks = (max_count + kGatherChunkRows - 1) / kGatherChunkRows;
+  pool_->parallel_for(batch_ * num_kv_heads_ * chunks, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = item % chunks, bg = item / chunks;
+      const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
+      const int64_t count = counts[b * counts_stride[0] + g * counts_stride[1]];
+      const int64_t lo = chunk * kGatherChunkRows, hi = std::min(count, lo + kGatherChunkRows);
+      const int32_t* idx = indices + b * indices_stride[0] + g * indices_stride[1];
+      const char* src_k = k_rows(layer, b, g);
+      const char* src_v = v_rows(layer, b, g);
+      char* dst_k = static_cast<char*>(out_k.data) + (b * out_k.stride[0] + g * out_k.stride[1]) * elem;
+      char* dst_v = static_cast<char*>(out_v.data) + (b * out_v.stride[0] + g * out_v.stride[1]) * elem;
+      for (int64_t i = lo; i < hi; ++i) {
+        std::memcpy(dst_k + i * out_k.stride[2] * elem, src_k + size_t(idx[i]) * row, row);
+        std::memcpy(dst_v + i * out_v.stride[2] * elem, src_v + size_t(idx[i]) * row, row);
+      }
+    }
+  });
+}
+
+}  // namespace a2ats

@@ -1,0 +1,185 @@
+#include "a2ats/vq.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "a2ats/thread_pool.h"
+
+namespace a2ats {
+namespace {
+
+constexpr int kLanes = 16;  // independent accumulators so the reduction vectorises without -ffast-math
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+inline float squared_distance(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float d = a[i + l] - b[i + l];
+      acc[l] += d * d;
+    }
+  float s = 0.f;
+  for (; i < n; ++i) s += (a[i] - b[i]) * (a[i] - b[i]);
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+constexpr int kEncodeRows = 4;  // rows encoded together so each centroid is loaded once per block
+
+// Encodes rows [t0, t0 + num_rows) of one (b, g); x_rows are already float32.
+A2ATS_MULTIVERSION
+void encode_block(const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g, int64_t num_subspaces,
+                  int64_t num_centroids, int64_t dsub, int16_t* const* code_rows) {
+  for (int64_t m = 0; m < num_subspaces; ++m) {
+    const float* cent = centroids_g + m * num_centroids * dsub;  // (C, D/M)
+    float best[kEncodeRows];
+    int32_t best_c[kEncodeRows];
+    for (int r = 0; r < kEncodeRows; ++r) { best[r] = std::numeric_limits<float>::infinity(); best_c[r] = 0; }
+    for (int64_t c = 0; c < num_centroids; ++c) {
+      for (int r = 0; r < num_rows; ++r) {
+        const float d = squared_distance(x_rows[r] + m * dsub, cent + c * dsub, dsub);
+        if (d < best[r]) { best[r] = d; best_c[r] = int32_t(c); }
+      }
+    }
+    for (int r = 0; r < num_rows; ++r) code_rows[r][m] = int16_t(best_c[r]);
+  }
+}
+
+template <typename T>
+void vq_encode_typed(const T* x, const float* centroids, int16_t* codes, const VQEncodeParams& p) {
+  const int64_t dsub = p.head_dim / p.num_subspaces;
+  const int64_t blocks_per_head = (p.num_tokens + kEncodeRows - 1) / kEncodeRows;
+  const int64_t num_items = p.batch * p.num_kv_heads * blocks_per_head;
+  ThreadPool::global().parallel_for(num_items, [&](int64_t begin, int64_t end) {
+    float x_rows[kEncodeRows][kMaxHeadDim];
+    int16_t* code_rows[kEncodeRows];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item % blocks_per_head;
+      const int64_t bg = item / blocks_per_head;
+      const int64_t b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+      const int64_t t0 = block * kEncodeRows;
+      const int num_rows = int(std::min<int64_t>(kEncodeRows, p.num_tokens - t0));
+      for (int r = 0; r < num_rows; ++r) {
+        const T* row = x + b * p.x_stride[0] + g * p.x_stride[1] + (t0 + r) * p.x_stride[2];
+        for (int64_t d = 0; d < p.head_dim; ++d) x_rows[r][d] = to_float(row[d]);
+        code_rows[r] = codes + b * p.codes_stride[0] + g * p.codes_stride[1] + (t0 + r) * p.codes_stride[2];
+      }
+      encode_block(x_rows, num_rows, centroids + g * p.num_subspaces * p.num_centroids * dsub, p.num_subspaces,
+                   p.num_centroids, dsub, code_rows);
+    }
+  });
+}
+
+// Builds LUT[h][m][c] (G, M, C) for the group's query heads at one bin.
+A2ATS_MULTIVERSION
+void build_lut(const float* const* q_heads, int64_t group_size, const float* centroids_g, int64_t num_subspaces,
+               int64_t num_centroids, int64_t dsub, float scale, float* lut) {
+  const int64_t table = num_subspaces * num_centroids;
+  for (int64_t m = 0; m < num_subspaces; ++m) {
+    const float* cent = centroids_g + m * num_centroids * dsub;  // (C, D/M)
+    for (int64_t c = 0; c < num_centroids; ++c) {
+      for (int64_t h = 0; h < group_size; ++h)
+        lut[h * table + m * num_centroids + c] = dot(q_heads[h] + m * dsub, cent + c * dsub, dsub) * scale;
+    }
+  }
+}
+
+// scores[t] = sum_m lut[m][codes[t][m]] for t in [t_begin, t_end); returns false on an out-of-range code.
+A2ATS_MULTIVERSION
+bool score_tokens(const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
+                  int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores) {
+  uint32_t bad = 0;
+  const uint32_t limit = uint32_t(num_centroids);
+  if (num_subspaces == 1) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      uint32_t c = uint16_t(codes[t * codes_t_stride]);
+      bad |= uint32_t(c >= limit);
+      c = c < limit ? c : 0;
+      scores[t] = lut[c];
+    }
+  } else {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int16_t* code = codes + t * codes_t_stride;
+      float s = 0.f;
+      for (int64_t m = 0; m < num_subspaces; ++m) {
+        uint32_t c = uint16_t(code[m]);
+        bad |= uint32_t(c >= limit);
+        c = c < limit ? c : 0;
+        s += lut[m * num_centroids + c];
+      }
+      scores[t] = s;
+    }
+  }
+  return bad == 0;
+}
+
+}  // namespace
+
+void vq_encode_cpu(const void* x, const float* centroids, int16_t* codes, const VQEncodeParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: vq_encode_typed(static_cast<const float*>(x), centroids, codes, p); break;
+    case DType::kFloat16: vq_encode_typed(static_cast<const half_t*>(x), centroids, codes, p); break;
+    case DType::kBFloat16: vq_encode_typed(static_cast<const bfloat16_t*>(x), centroids, codes, p); break;
+    default: break;
+  }
+}
+
+bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
+                    const int32_t* bin_edges, float* scores, const LutScoresParams& p) {
+  const int64_t group_size = p.num_q_heads / p.num_kv_heads;
+  const int64_t dsub = p.head_dim / p.num_subspaces;
+  const int64_t table = p.num_subspaces * p.num_centroids;
+  const float scale = 1.0f / std::sqrt(float(p.head_dim));
+  std::atomic<bool> ok{true};
+  ThreadPool::global().parallel_for(p.batch * p.num_kv_heads, [&](int64_t begin, int64_t end) {
+    // Grows once per thread to the largest group's table; no allocation in steady state.
+    thread_local std::vector<float> lut;
+    if (int64_t(lut.size()) < group_size * table) lut.resize(size_t(group_size * table));
+    const float* q_heads[64];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / p.num_kv_heads, g = item % p.num_kv_heads;
+      const int64_t length = lengths[b];
+      const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
+      const float* centroids_g = centroids + g * table * dsub;
+      for (int64_t j = 0; j < p.num_bins; ++j) {
+        // Bin j holds distances [edge[j-1], edge[j]), i.e. tokens [length - edge[j], length - edge[j-1]).
+        const int64_t t_begin = j == p.num_bins - 1 ? 0 : std::max<int64_t>(0, length - bin_edges[j]);
+        const int64_t t_end = j == 0 ? length : std::min<int64_t>(length, length - bin_edges[j - 1]);
+        if (t_begin >= t_end) continue;
+        for (int64_t h0 = 0; h0 < group_size; h0 += 64) {
+          const int64_t heads = std::min<int64_t>(64, group_size - h0);
+          for (int64_t h = 0; h < heads; ++h)
+            q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h0 + h) * p.q_stride[1] + j * p.q_stride[2];
+          build_lut(q_heads, heads, centroids_g, p.num_subspaces, p.num_centroids, dsub, scale, lut.data());
+          for (int64_t h = 0; h < heads; ++h) {
+            float* row = scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
+            if (!score_tokens(lut.data() + h * table, codes_bg, p.codes_stride[2], p.num_subspaces, p.num_centroids,
+                              t_begin, t_end, row))
+              ok.store(false, std::memory_order_relaxed);
+          }
+        }
+      }
+      for (int64_t h = 0; h < group_size; ++h) {
+        float* row = scores + b * p.scores_stride[0] + (g * group_size + h) * p.scores_stride[1];
+        std::fill(row + length, row + p.capacity, -std::numeric_limits<float>::infinity());
+      }
+    }
+  });
+  return ok.load();
+}
+
+}  // namespace a2ats

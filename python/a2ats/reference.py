@@ -1,0 +1,135 @@
+"""Pure-PyTorch reference of every native op, written from the method description.
+
+These functions are the specification the native kernels (CPU and CUDA) are tested
+against. They favour clarity over speed and always compute in float32.
+
+Shapes use: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv (GQA group size),
+T tokens, D head dim, M subspaces, C centroids per subspace, NB distance bins.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["rotary", "vq_encode", "lut_scores", "select_topk", "gather"]
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
+           interleaved: bool = False) -> torch.Tensor:
+    """Rotate ``x`` (B, H, T, D) by ``positions`` (B, T) with ``inv_freq`` (R/2,), R <= D.
+
+    Pairs are (x[i], x[i + R/2]) (transformers' ``rotate_half``) or (x[2i], x[2i+1]) when
+    ``interleaved``; dims >= R pass through. The angle is ``float32(pos) * inv_freq[i]`` in
+    float32, as transformers computes it, so rotating by -p exactly undoes rotating by p.
+    """
+    half = inv_freq.numel()
+    rot = 2 * half
+    xf = x.float()
+    angle = positions.float()[:, None, :, None] * inv_freq.float()  # (B, 1, T, R/2)
+    cos, sin = angle.cos(), angle.sin()
+    if interleaved:
+        x1, x2 = xf[..., 0:rot:2], xf[..., 1:rot:2]
+    else:
+        x1, x2 = xf[..., :half], xf[..., half:rot]
+    out = xf.clone()
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if interleaved:
+        out[..., 0:rot:2], out[..., 1:rot:2] = o1, o2
+    else:
+        out[..., :half], out[..., half:rot] = o1, o2
+    return out.to(x.dtype)
+
+
+def vq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest-centroid codes of ``x`` (B, Hkv, T, D) under ``centroids`` (Hkv, M, C, D/M).
+
+    Returns codes (B, Hkv, T, M) int16: per subspace m, argmin_c ||x_m - centroids[g, m, c]||.
+    """
+    B, Hkv, T, D = x.shape
+    _, M, C, dsub = centroids.shape
+    xs = x.float().reshape(B, Hkv, T, M, dsub)
+    cent = centroids.float()
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row.
+    dots = torch.einsum("bgtmd,gmcd->bgtmc", xs, cent)
+    dist = cent.square().sum(-1)[None, :, None] - 2.0 * dots  # (B, Hkv, T, M, C)
+    return dist.argmin(-1).to(torch.int16)
+
+
+def _bin_of_token(lengths: torch.Tensor, tcap: int, bin_edges: torch.Tensor | None) -> torch.Tensor:
+    """Bin index (B, Tcap) of each token: the number of edges <= its distance len - 1 - n."""
+    n = torch.arange(tcap, device=lengths.device)
+    dist = lengths.long()[:, None] - 1 - n[None, :]  # (B, Tcap)
+    if bin_edges is None or bin_edges.numel() == 0:
+        return torch.zeros_like(dist)
+    return (dist[..., None] >= bin_edges.long()).sum(-1)
+
+
+def lut_scores(q: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
+               lengths: torch.Tensor, *, bin_edges: torch.Tensor | None = None) -> torch.Tensor:
+    """Approximate attention scores from codes.
+
+    q (B, Hq, D) or, distance-binned, (B, Hq, NB, D) with bin_edges (NB - 1,) ascending;
+    centroids (Hkv, M, C, D/M); codes (B, Hkv, Tcap, M); lengths (B,).
+    Returns scores (B, Hq, Tcap) f32 with s(n) = sum_m q'_m . centroids[g, m, code(n, m)] / sqrt(D)
+    and -inf at and past each row's length.
+    """
+    binned = q.dim() == 4
+    qb = q if binned else q[:, :, None]
+    B, Hq, NB, D = qb.shape
+    Hkv, M, C, dsub = centroids.shape
+    G = Hq // Hkv
+    Tcap = codes.shape[2]
+    qs = qb.float().reshape(B, Hkv, G, NB, M, dsub)
+    lut = torch.einsum("bgjnmd,gmcd->bgjnmc", qs, centroids.float()) / math.sqrt(D)
+    idx = codes.long().permute(0, 1, 3, 2)[:, :, None, None]  # (B, Hkv, 1, 1, M, Tcap)
+    idx = idx.expand(B, Hkv, G, NB, M, Tcap)
+    per_bin = lut.gather(-1, idx).sum(-2)  # (B, Hkv, G, NB, Tcap)
+    which = _bin_of_token(lengths, Tcap, bin_edges)  # (B, Tcap)
+    which = which[:, None, None, None, :].expand(B, Hkv, G, 1, Tcap)
+    scores = per_bin.gather(3, which).reshape(B, Hq, Tcap)
+    past = torch.arange(Tcap, device=scores.device)[None, :] >= lengths.long()[:, None]
+    return scores.masked_fill(past[:, None, :], float("-inf"))
+
+
+def select_topk(scores: torch.Tensor, k: int, lengths: torch.Tensor, *, group_size: int,
+                sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows to attend over per (batch, KV head).
+
+    scores (B, Hq, Tcap). Candidates of row b are tokens [sink, lengths[b] - window); each query
+    head takes its top ``k`` candidates (all of them when there are <= k), the G heads of a KV
+    head are united, and the first ``sink`` and last ``window`` tokens are added.
+    Returns indices (B, Hkv, G*k + sink + window) int32, ascending, padded with -1, and
+    counts (B, Hkv) int32.
+    """
+    B, Hq, _ = scores.shape
+    Hkv = Hq // group_size
+    kmax = group_size * k + sink + window
+    indices = torch.full((B, Hkv, kmax), -1, dtype=torch.int32)
+    counts = torch.zeros((B, Hkv), dtype=torch.int32)
+    for b in range(B):
+        length = int(lengths[b])
+        keep = torch.zeros(Hkv, length, dtype=torch.bool)
+        keep[:, :min(sink, length)] = True
+        keep[:, max(length - window, 0):] = True
+        lo, hi = sink, length - window
+        take = min(k, hi - lo)
+        if take > 0:
+            top = scores[b, :, lo:hi].float().topk(take, dim=-1).indices + lo  # (Hq, take)
+            kv_head = torch.arange(Hq) // group_size
+            keep[kv_head[:, None].expand_as(top), top.cpu()] = True
+        for g in range(Hkv):
+            rows = keep[g].nonzero().flatten()
+            counts[b, g] = rows.numel()
+            indices[b, g, :rows.numel()] = rows.to(torch.int32)
+    return indices.to(scores.device), counts.to(scores.device)
+
+
+def gather(store: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of ``store`` (B, Hkv, T, D) at ``indices`` (B, Hkv, Kmax); rows past counts are zero."""
+    B, Hkv, kmax = indices.shape
+    valid = torch.arange(kmax, device=indices.device)[None, None, :] < counts[..., None].long()
+    safe = torch.where(valid, indices.long(), torch.zeros_like(indices, dtype=torch.long))
+    rows = store.gather(2, safe[..., None].expand(B, Hkv, kmax, store.shape[-1]))
+    return rows * valid[..., None].to(rows.dtype)
