@@ -7,47 +7,80 @@
 namespace a2ats {
 namespace {
 
-// Rotates one (D,) row; cos/sin hold the R/2 angles of this token.
+// sin and cos of a float32 angle, correctly rounded in practice: the quadrant reduction and
+// the polynomials run in double (|angle| < 2^31), so the loop over frequencies vectorises,
+// unlike libm's sinf/cosf whose large-argument path dominated un-rotating long prompts.
+A2ATS_INLINE void sincos_angle(float angle, float* sin_out, float* cos_out) {
+  const double x = angle;
+  const double quadrant = std::nearbyint(x * 0.63661977236758134308);  // x / (pi/2)
+  const double r = (x - quadrant * 1.5707963267948966) - quadrant * 6.123233995736766e-17;
+  const double r2 = r * r;
+  const double s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 +
+                   r2 * (-1.0 / 39916800 + r2 * (1.0 / 6227020800.0))))));
+  const double c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 +
+                   r2 * (-1.0 / 3628800 + r2 * (1.0 / 479001600.0))))));
+  const int q = int(int64_t(quadrant) & 3);
+  const double sv = (q & 1) ? c : s;
+  const double cv = (q & 1) ? s : c;
+  *sin_out = float((q & 2) ? -sv : sv);
+  *cos_out = float(((q + 1) & 2) ? -cv : cv);
+}
+
 template <typename T>
-inline void rotate_row(const T* x, T* out, const float* cos_t, const float* sin_t, int64_t half,
-                       int64_t head_dim, bool interleaved) {
+A2ATS_INLINE void rotate_token(const T* x, int64_t x_head_stride, T* out, int64_t out_head_stride, int64_t num_heads,
+                         float position, const float* inv_freq, int64_t half, int64_t head_dim, bool interleaved) {
+  float cos_t[kMaxHeadDim / 2], sin_t[kMaxHeadDim / 2];
+  for (int64_t i = 0; i < half; ++i) sincos_angle(position * inv_freq[i], &sin_t[i], &cos_t[i]);
   const int64_t rot = 2 * half;
-  if (interleaved) {
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = to_float(x[2 * i]), x2 = to_float(x[2 * i + 1]);
-      out[2 * i] = from_float<T>(x1 * cos_t[i] - x2 * sin_t[i]);
-      out[2 * i + 1] = from_float<T>(x2 * cos_t[i] + x1 * sin_t[i]);
+  for (int64_t h = 0; h < num_heads; ++h, x += x_head_stride, out += out_head_stride) {
+    if (interleaved) {
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = to_float(x[2 * i]), x2 = to_float(x[2 * i + 1]);
+        out[2 * i] = from_float<T>(x1 * cos_t[i] - x2 * sin_t[i]);
+        out[2 * i + 1] = from_float<T>(x2 * cos_t[i] + x1 * sin_t[i]);
+      }
+    } else {
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+        out[i] = from_float<T>(x1 * cos_t[i] - x2 * sin_t[i]);
+        out[i + half] = from_float<T>(x2 * cos_t[i] + x1 * sin_t[i]);
+      }
     }
-  } else {
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
-      out[i] = from_float<T>(x1 * cos_t[i] - x2 * sin_t[i]);
-      out[i + half] = from_float<T>(x2 * cos_t[i] + x1 * sin_t[i]);
-    }
+    if (out != x)
+      for (int64_t i = rot; i < head_dim; ++i) out[i] = x[i];
   }
-  if (out != x)
-    for (int64_t i = rot; i < head_dim; ++i) out[i] = x[i];
+}
+
+// One multiversioned entry per element type (target_clones does not apply to templates).
+#define A2ATS_ROTATE_TOKEN(NAME, T)                                                                         \
+  A2ATS_MULTIVERSION void NAME(const T* x, int64_t xs, T* out, int64_t os, int64_t heads, float pos,         \
+                               const float* inv_freq, int64_t half, int64_t head_dim, bool interleaved) {   \
+    rotate_token(x, xs, out, os, heads, pos, inv_freq, half, head_dim, interleaved);                         \
+  }
+A2ATS_ROTATE_TOKEN(rotate_token_f32, float)
+A2ATS_ROTATE_TOKEN(rotate_token_f16, half_t)
+A2ATS_ROTATE_TOKEN(rotate_token_bf16, bfloat16_t)
+#undef A2ATS_ROTATE_TOKEN
+
+inline void rotate_token_any(const float* x, int64_t xs, float* o, int64_t os, int64_t n, float p, const float* f,
+                             int64_t h, int64_t d, bool i) { rotate_token_f32(x, xs, o, os, n, p, f, h, d, i); }
+inline void rotate_token_any(const half_t* x, int64_t xs, half_t* o, int64_t os, int64_t n, float p, const float* f,
+                             int64_t h, int64_t d, bool i) { rotate_token_f16(x, xs, o, os, n, p, f, h, d, i); }
+inline void rotate_token_any(const bfloat16_t* x, int64_t xs, bfloat16_t* o, int64_t os, int64_t n, float p,
+                             const float* f, int64_t h, int64_t d, bool i) {
+  rotate_token_bf16(x, xs, o, os, n, p, f, h, d, i);
 }
 
 template <typename T, typename P>
 void rotary_typed(const T* x, T* out, const P* positions, const float* inv_freq, const RotaryParams& p) {
-  const int64_t half = p.rotary_dim / 2;
   // One work item per (b, t): its cos/sin are computed once and applied to all heads.
   ThreadPool::global().parallel_for(p.batch * p.num_tokens, [&](int64_t begin, int64_t end) {
-    float cos_t[kMaxHeadDim / 2], sin_t[kMaxHeadDim / 2];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.num_tokens, t = item % p.num_tokens;
       const float pos = float(positions[b * p.pos_stride[0] + t * p.pos_stride[1]]);
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = pos * inv_freq[i];
-        cos_t[i] = std::cos(angle);
-        sin_t[i] = std::sin(angle);
-      }
-      for (int64_t h = 0; h < p.num_heads; ++h) {
-        rotate_row(x + b * p.x_stride[0] + h * p.x_stride[1] + t * p.x_stride[2],
-                   out + b * p.out_stride[0] + h * p.out_stride[1] + t * p.out_stride[2],
-                   cos_t, sin_t, half, p.head_dim, p.interleaved);
-      }
+      rotate_token_any(x + b * p.x_stride[0] + t * p.x_stride[2], p.x_stride[1],
+                       out + b * p.out_stride[0] + t * p.out_stride[2], p.out_stride[1], p.num_heads, pos, inv_freq,
+                       p.rotary_dim / 2, p.head_dim, p.interleaved);
     }
   }, 4);
 }

@@ -4,43 +4,74 @@
 #include <cstring>
 #include <vector>
 
+#include "a2ats/common.h"
 #include "a2ats/thread_pool.h"
 
 namespace a2ats {
 namespace {
 
-// Radix selection of the k-th largest key, 11 + 11 + 10 bits from the top. Returns the
-// threshold key and, through take_equal, how many keys equal to it belong to the top k.
-// keys: (n,) scratch of the row's keys; work: (n,) scratch for the surviving bucket.
-uint32_t kth_largest_key(const uint32_t* keys, int64_t n, int64_t k, uint32_t* work, int64_t* take_equal) {
+// Marks the k best candidates of one row, ordered by (key descending, index ascending).
+// Radix selection on the 32-bit keys, 11 + 11 + 10 bits from the top: the first pass builds
+// the top-digit histogram; the second marks every candidate whose digit beats the bucket
+// holding the k-th best and compacts the bucket's members (key and position) so the finer
+// digits only look at those. keys/positions: (2 * n,) scratch.
+A2ATS_MULTIVERSION
+void mark_top_k(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions, uint8_t* mark) {
   static constexpr int kShift[3] = {21, 10, 0};
-  static constexpr uint32_t kMask[3] = {0x7ffu, 0x7ffu, 0x3ffu};
+  static constexpr uint32_t kDigits[3] = {2048, 2048, 1024};
   uint32_t hist[2048];
-  const uint32_t* cur = keys;
+  std::memset(hist, 0, sizeof(hist));
+  for (int64_t i = 0; i < n; ++i) keys[i] = score_key(row[i]);  // vectorises
+  for (int64_t i = 0; i < n; ++i) ++hist[keys[i] >> kShift[0]];
+  uint32_t* key_buf[2] = {keys, keys + n};
+  int32_t* pos_buf[2] = {positions, positions + n};
+  const uint32_t* cur_keys = keys;
+  const int32_t* cur_pos = nullptr;  // null at the first level: position == index
   int64_t cur_n = n;
-  uint32_t prefix = 0;
   int64_t remaining = k;  // how many of the top k are still to be found inside the current bucket
-  for (int level = 0; level < 3; ++level) {
+  for (int level = 0;; ++level) {
     const int shift = kShift[level];
-    const uint32_t mask = kMask[level];
-    std::memset(hist, 0, sizeof(uint32_t) * (mask + 1));
-    for (int64_t i = 0; i < cur_n; ++i) ++hist[(cur[i] >> shift) & mask];
+    const uint32_t mask = kDigits[level] - 1;
     uint32_t digit = mask;
-    for (;; --digit) {
-      if (int64_t(hist[digit]) >= remaining) break;
-      remaining -= hist[digit];
+    for (; int64_t(hist[digit]) < remaining; --digit) remaining -= hist[digit];
+    if (level == 2 || int64_t(hist[digit]) == remaining) {
+      // Final: digits above the bucket win; inside it the first `remaining` in position order
+      // (all of them when the whole bucket fits).
+      for (int64_t i = 0; i < cur_n; ++i) {
+        const uint32_t d = (cur_keys[i] >> shift) & mask;
+        const int32_t pos = cur_pos ? cur_pos[i] : int32_t(i);
+        const bool tie = d == digit && remaining > 0;
+        remaining -= tie;
+        mark[pos] |= uint8_t(d > digit || tie);
+      }
+      return;
     }
-    prefix |= digit << shift;
-    if (level == 2) break;
-    // Keep only keys of the chosen bucket for the next, finer digit.
+    // Mark keys whose digit beats the bucket and compact the bucket's members. The top k are
+    // a small share of the row, so almost every key fails the first test: a well-predicted branch.
+    uint32_t* next_keys = key_buf[(level + 1) % 2];
+    int32_t* next_pos = pos_buf[(level + 1) % 2];
+    const int next_shift = kShift[level + 1];
+    const uint32_t next_mask = kDigits[level + 1] - 1;
+    std::memset(hist, 0, sizeof(uint32_t) * kDigits[level + 1]);
     int64_t kept = 0;
-    for (int64_t i = 0; i < cur_n; ++i)
-      if (((cur[i] >> shift) & mask) == digit) work[kept++] = cur[i];
-    cur = work;
+    for (int64_t i = 0; i < cur_n; ++i) {
+      const uint32_t key = cur_keys[i];
+      const uint32_t d = (key >> shift) & mask;
+      if (d < digit) continue;
+      const int32_t pos = cur_pos ? cur_pos[i] : int32_t(i);
+      if (d > digit) {
+        mark[pos] = 1;
+      } else {
+        next_keys[kept] = key;
+        next_pos[kept] = pos;
+        ++hist[(key >> next_shift) & next_mask];
+        ++kept;
+      }
+    }
+    cur_keys = next_keys;
+    cur_pos = next_pos;
     cur_n = kept;
   }
-  *take_equal = remaining;
-  return prefix;
 }
 
 }  // namespace
@@ -51,11 +82,12 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
   ThreadPool::global().parallel_for(p.batch * num_kv_heads, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, grown once to the largest capacity seen.
     thread_local std::vector<uint8_t> keep;
-    thread_local std::vector<uint32_t> keys, work;
+    thread_local std::vector<uint32_t> keys;
+    thread_local std::vector<int32_t> positions;
     if (int64_t(keep.size()) < p.capacity) {
       keep.resize(size_t(p.capacity));
-      keys.resize(size_t(p.capacity));
-      work.resize(size_t(p.capacity));
+      keys.resize(size_t(2 * p.capacity));
+      positions.resize(size_t(2 * p.capacity));
     }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / num_kv_heads, g = item % num_kv_heads;
@@ -72,16 +104,7 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
         } else {
           for (int64_t h = g * p.group_size; h < (g + 1) * p.group_size; ++h) {
             const float* row = scores + b * p.scores_stride[0] + h * p.scores_stride[1] + lo;
-            uint32_t* key = keys.data();
-            for (int64_t i = 0; i < num_candidates; ++i) key[i] = score_key(row[i]);
-            int64_t take_equal = 0;
-            const uint32_t threshold = kth_largest_key(key, num_candidates, p.k, work.data(), &take_equal);
-            for (int64_t i = 0; i < num_candidates; ++i) {
-              const bool above = key[i] > threshold;
-              const bool tie = key[i] == threshold && take_equal > 0;
-              take_equal -= tie;
-              mark[lo + i] |= uint8_t(above | tie);
-            }
+            mark_top_k(row, num_candidates, p.k, keys.data(), positions.data(), mark + lo);
           }
         }
       }

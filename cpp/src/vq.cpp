@@ -13,7 +13,7 @@ namespace {
 
 constexpr int kLanes = 16;  // independent accumulators so the reduction vectorises without -ffast-math
 
-inline float dot(const float* a, const float* b, int64_t n) {
+A2ATS_INLINE float dot(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -24,7 +24,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-inline float squared_distance(const float* a, const float* b, int64_t n) {
+A2ATS_INLINE float squared_distance(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -59,29 +59,153 @@ void encode_block(const float (*x_rows)[kMaxHeadDim], int num_rows, const float*
   }
 }
 
+// Prefill-sized inputs: distances as ||c||^2 - 2 x.c with a register-blocked product. The
+// codebook is repacked into panels of kPanel centroids, (Hkv, M, C/kPanel, D/M, kPanel), so one
+// panel (8 KiB at D/M = 128) stays in L1 while every 4-row block of a chunk of rows uses it.
+// C is padded to whole panels with +inf norms, which never win.
+constexpr int kPanel = 16;
+constexpr int64_t kChunkRows = 64;  // rows of one (b, g) encoded together
+
+struct Panels {
+  std::vector<float> data;   // (Hkv, M, P, D/M, kPanel)
+  std::vector<float> norms;  // (Hkv, M, P * kPanel)
+  int64_t num_panels = 0;
+};
+
+Panels pack_panels(const float* centroids, int64_t num_heads_subspaces, int64_t num_centroids, int64_t dsub) {
+  Panels out;
+  out.num_panels = (num_centroids + kPanel - 1) / kPanel;
+  const int64_t padded = out.num_panels * kPanel;
+  out.data.assign(size_t(num_heads_subspaces * padded * dsub), 0.f);
+  out.norms.assign(size_t(num_heads_subspaces * padded), std::numeric_limits<float>::infinity());
+  for (int64_t gm = 0; gm < num_heads_subspaces; ++gm)
+    for (int64_t c = 0; c < num_centroids; ++c) {
+      const float* src = centroids + (gm * num_centroids + c) * dsub;  // (D/M,)
+      float* dst = out.data.data() + (gm * padded + (c / kPanel) * kPanel) * dsub + c % kPanel;
+      float norm = 0.f;
+      for (int64_t d = 0; d < dsub; ++d) {
+        dst[d * kPanel] = src[d];
+        norm += src[d] * src[d];
+      }
+      out.norms[size_t(gm * padded + c)] = norm;
+    }
+  return out;
+}
+
+// Codes of num_rows (<= kChunkRows) float rows x_rows (num_rows, D) against one head's panels.
+A2ATS_MULTIVERSION
+void encode_chunk_panels(const float* x_rows, int64_t num_rows, const float* panels, const float* norms,
+                         int64_t num_subspaces, int64_t num_panels, int64_t dsub, int16_t* const* code_rows) {
+  const int64_t head_dim = num_subspaces * dsub;
+  const int64_t padded = num_panels * kPanel;
+  for (int64_t m = 0; m < num_subspaces; ++m) {
+    float best[kChunkRows];
+    int32_t best_c[kChunkRows];
+    for (int64_t r = 0; r < num_rows; ++r) { best[r] = std::numeric_limits<float>::infinity(); best_c[r] = 0; }
+    for (int64_t pnl = 0; pnl < num_panels; ++pnl) {
+      const float* panel = panels + (m * padded + pnl * kPanel) * dsub;  // (D/M, kPanel)
+      const float* nm = norms + m * padded + pnl * kPanel;
+      for (int64_t r0 = 0; r0 < num_rows; r0 += kEncodeRows) {
+        // Rows past num_rows read zero padding of x_rows and are discarded.
+        const float* x0 = x_rows + r0 * head_dim + m * dsub;
+        f32x8 acc[kEncodeRows][2] = {};
+        for (int64_t d = 0; d < dsub; ++d) {
+          const f32x8 lo = load8(panel + d * kPanel), hi = load8(panel + d * kPanel + 8);
+          for (int r = 0; r < kEncodeRows; ++r) {
+            const f32x8 xv = splat8(x0[r * head_dim + d]);
+            acc[r][0] += xv * lo;
+            acc[r][1] += xv * hi;
+          }
+        }
+        const int rows = int(std::min<int64_t>(kEncodeRows, num_rows - r0));
+        for (int r = 0; r < rows; ++r)
+          for (int l = 0; l < kPanel; ++l) {
+            const float dist = nm[l] - 2.0f * acc[r][l / 8][l % 8];
+            if (dist < best[r0 + r]) { best[r0 + r] = dist; best_c[r0 + r] = int32_t(pnl * kPanel + l); }
+          }
+      }
+    }
+    for (int64_t r = 0; r < num_rows; ++r) code_rows[r][m] = int16_t(best_c[r]);
+  }
+}
+
+// Rows per call above which repacking the codebook pays for itself.
+constexpr int64_t kPanelMinRows = 64;
+
 template <typename T>
 void vq_encode_typed(const T* x, const float* centroids, int16_t* codes, const VQEncodeParams& p) {
   const int64_t dsub = p.head_dim / p.num_subspaces;
-  const int64_t blocks_per_head = (p.num_tokens + kEncodeRows - 1) / kEncodeRows;
-  const int64_t num_items = p.batch * p.num_kv_heads * blocks_per_head;
-  ThreadPool::global().parallel_for(num_items, [&](int64_t begin, int64_t end) {
-    float x_rows[kEncodeRows][kMaxHeadDim];
-    int16_t* code_rows[kEncodeRows];
+  const int64_t per_head = p.num_subspaces * p.num_centroids * dsub;
+  if (p.batch * p.num_tokens < kPanelMinRows) {
+    // Decode-sized: compare against the codebook as stored, no repacking.
+    const int64_t blocks_per_head = (p.num_tokens + kEncodeRows - 1) / kEncodeRows;
+    ThreadPool::global().parallel_for(p.batch * p.num_kv_heads * blocks_per_head, [&](int64_t begin, int64_t end) {
+      float x_rows[kEncodeRows][kMaxHeadDim];
+      int16_t* code_rows[kEncodeRows];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t block = item % blocks_per_head, bg = item / blocks_per_head;
+        const int64_t b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+        const int64_t t0 = block * kEncodeRows;
+        const int num_rows = int(std::min<int64_t>(kEncodeRows, p.num_tokens - t0));
+        for (int r = 0; r < num_rows; ++r) {
+          const T* row = x + b * p.x_stride[0] + g * p.x_stride[1] + (t0 + r) * p.x_stride[2];
+          for (int64_t d = 0; d < p.head_dim; ++d) x_rows[r][d] = to_float(row[d]);
+          code_rows[r] = codes + b * p.codes_stride[0] + g * p.codes_stride[1] + (t0 + r) * p.codes_stride[2];
+        }
+        encode_block(x_rows, num_rows, centroids + g * per_head, p.num_subspaces, p.num_centroids, dsub, code_rows);
+      }
+    });
+    return;
+  }
+  const Panels panels = pack_panels(centroids, p.num_kv_heads * p.num_subspaces, p.num_centroids, dsub);
+  const int64_t padded = panels.num_panels * kPanel;
+  const int64_t chunks_per_head = (p.num_tokens + kChunkRows - 1) / kChunkRows;
+  ThreadPool::global().parallel_for(p.batch * p.num_kv_heads * chunks_per_head, [&](int64_t begin, int64_t end) {
+    // (kChunkRows + kEncodeRows, D): the extra zero rows feed the last partial 4-row block.
+    std::vector<float> x_rows(size_t((kChunkRows + kEncodeRows) * p.head_dim), 0.f);
+    int16_t* code_rows[kChunkRows];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t block = item % blocks_per_head;
-      const int64_t bg = item / blocks_per_head;
+      const int64_t chunk = item % chunks_per_head, bg = item / chunks_per_head;
       const int64_t b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
-      const int64_t t0 = block * kEncodeRows;
-      const int num_rows = int(std::min<int64_t>(kEncodeRows, p.num_tokens - t0));
-      for (int r = 0; r < num_rows; ++r) {
+      const int64_t t0 = chunk * kChunkRows;
+      const int64_t num_rows = std::min<int64_t>(kChunkRows, p.num_tokens - t0);
+      for (int64_t r = 0; r < num_rows; ++r) {
         const T* row = x + b * p.x_stride[0] + g * p.x_stride[1] + (t0 + r) * p.x_stride[2];
-        for (int64_t d = 0; d < p.head_dim; ++d) x_rows[r][d] = to_float(row[d]);
+        for (int64_t d = 0; d < p.head_dim; ++d) x_rows[size_t(r * p.head_dim + d)] = to_float(row[d]);
         code_rows[r] = codes + b * p.codes_stride[0] + g * p.codes_stride[1] + (t0 + r) * p.codes_stride[2];
       }
-      encode_block(x_rows, num_rows, centroids + g * p.num_subspaces * p.num_centroids * dsub, p.num_subspaces,
-                   p.num_centroids, dsub, code_rows);
+      encode_chunk_panels(x_rows.data(), num_rows, panels.data.data() + g * p.num_subspaces * padded * dsub,
+                          panels.norms.data() + g * p.num_subspaces * padded, p.num_subspaces, panels.num_panels,
+                          dsub, code_rows);
     }
   });
+}
+
+// LUT rows of HB heads against centroids (C, dsub): out[h][c] = q[h] . cent[c] * scale.
+// Four centroids at a time share each load of q, and each centroid load serves HB heads;
+// the 8-lane accumulators let the reduction vectorise without reassociation flags.
+template <int HB>
+A2ATS_INLINE void lut_rows(const float* const* q, const float* cent, int64_t num_centroids, int64_t dsub, float scale,
+                           float* const* out) {
+  constexpr int kCB = 4;
+  int64_t c = 0;
+  if (dsub % 8 == 0) {
+    for (; c + kCB <= num_centroids; c += kCB) {
+      f32x8 acc[HB][kCB] = {};
+      for (int64_t i = 0; i < dsub; i += 8) {
+        f32x8 qv[HB];
+        for (int h = 0; h < HB; ++h) qv[h] = load8(q[h] + i);
+        for (int cc = 0; cc < kCB; ++cc) {
+          const f32x8 cv = load8(cent + (c + cc) * dsub + i);
+          for (int h = 0; h < HB; ++h) acc[h][cc] += qv[h] * cv;
+        }
+      }
+      for (int h = 0; h < HB; ++h)
+        for (int cc = 0; cc < kCB; ++cc) out[h][c + cc] = sum8(acc[h][cc]) * scale;
+    }
+  }
+  for (; c < num_centroids; ++c)
+    for (int h = 0; h < HB; ++h) out[h][c] = dot(q[h], cent + c * dsub, dsub) * scale;
 }
 
 // Builds LUT[h][m][c] (G, M, C) for the group's query heads at one bin.
@@ -91,9 +215,16 @@ void build_lut(const float* const* q_heads, int64_t group_size, const float* cen
   const int64_t table = num_subspaces * num_centroids;
   for (int64_t m = 0; m < num_subspaces; ++m) {
     const float* cent = centroids_g + m * num_centroids * dsub;  // (C, D/M)
-    for (int64_t c = 0; c < num_centroids; ++c) {
-      for (int64_t h = 0; h < group_size; ++h)
-        lut[h * table + m * num_centroids + c] = dot(q_heads[h] + m * dsub, cent + c * dsub, dsub) * scale;
+    int64_t h = 0;
+    for (; h + 2 <= group_size; h += 2) {
+      const float* q[2] = {q_heads[h] + m * dsub, q_heads[h + 1] + m * dsub};
+      float* out[2] = {lut + h * table + m * num_centroids, lut + (h + 1) * table + m * num_centroids};
+      lut_rows<2>(q, cent, num_centroids, dsub, scale, out);
+    }
+    if (h < group_size) {
+      const float* q[1] = {q_heads[h] + m * dsub};
+      float* out[1] = {lut + h * table + m * num_centroids};
+      lut_rows<1>(q, cent, num_centroids, dsub, scale, out);
     }
   }
 }

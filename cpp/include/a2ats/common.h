@@ -20,10 +20,31 @@
 #define A2ATS_MULTIVERSION
 #endif
 
+// Helpers called from multiversioned loops must be inlined into each clone to benefit.
+#if defined(__GNUC__)
+#define A2ATS_INLINE inline __attribute__((always_inline))
+#else
+#define A2ATS_INLINE inline
+#endif
+
 namespace a2ats {
 
 // Largest head_dim the kernels accept; lets per-row scratch live on the stack.
 constexpr int64_t kMaxHeadDim = 1024;
+
+// Eight float lanes as a GCC/Clang vector: one AVX register in the AVX2/AVX-512 clones, two
+// SSE registers in the baseline one. Used for register-blocked micro-kernels, where plain
+// arrays of accumulators end up spilled to the stack.
+// They are only ever inlined, so the AVX argument-passing ABI note (-Wpsabi) does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float f32x8 __attribute__((vector_size(32)));
+A2ATS_INLINE f32x8 load8(const float* p) { f32x8 v; std::memcpy(&v, p, sizeof(v)); return v; }
+A2ATS_INLINE f32x8 splat8(float x) { return f32x8{} + x; }
+A2ATS_INLINE float sum8(f32x8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt16 = 3, kInt32 = 4, kInt64 = 5 };
 
@@ -55,12 +76,23 @@ inline const char* dtype_name(DType t) {
 struct half_t { uint16_t bits; };
 struct bfloat16_t { uint16_t bits; };
 
-inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+A2ATS_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+A2ATS_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
-inline float to_float(float x) { return x; }
-inline float to_float(bfloat16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
-inline float to_float(half_t x) {
+A2ATS_INLINE float to_float(float x) { return x; }
+A2ATS_INLINE float to_float(bfloat16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
+#if defined(__FLT16_MAX__) && !defined(__CUDACC__)
+// The compiler's _Float16 converts exactly (F16C instructions where the target has them,
+// e.g. in the AVX2 clones of multiversioned loops; a correctly rounded libgcc call otherwise).
+#define A2ATS_HAVE_FLOAT16 1
+#endif
+
+A2ATS_INLINE float to_float(half_t x) {
+#ifdef A2ATS_HAVE_FLOAT16
+  _Float16 h;
+  std::memcpy(&h, &x.bits, 2);
+  return float(h);
+#else
   // IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, nan).
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
@@ -70,17 +102,24 @@ inline float to_float(half_t x) {
   uint32_t u = float_to_bits(f);
   if (exp_mant >= 0x0f800000u) u = exp_mant | 0x7f800000u;
   return bits_to_float(u | sign);
+#endif
 }
 
 template <typename T> inline T from_float(float f);
-template <> inline float from_float<float>(float f) { return f; }
-template <> inline bfloat16_t from_float<bfloat16_t>(float f) {
+template <> A2ATS_INLINE float from_float<float>(float f) { return f; }
+template <> A2ATS_INLINE bfloat16_t from_float<bfloat16_t>(float f) {
   uint32_t u = float_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16_t{uint16_t((u >> 16) | 0x40u)};  // quiet nan
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return bfloat16_t{uint16_t(u >> 16)};
 }
-template <> inline half_t from_float<half_t>(float f) {
+template <> A2ATS_INLINE half_t from_float<half_t>(float f) {
+#ifdef A2ATS_HAVE_FLOAT16
+  const _Float16 h = _Float16(f);
+  half_t out;
+  std::memcpy(&out.bits, &h, 2);
+  return out;
+#else
   // binary32 -> binary16 with round-to-nearest-even, overflow to inf, subnormals, nan kept.
   const uint32_t u = float_to_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
@@ -100,6 +139,7 @@ template <> inline half_t from_float<half_t>(float f) {
     out = uint16_t(r >> 13);
   }
   return half_t{uint16_t(out | sign)};
+#endif
 }
 
 }  // namespace a2ats

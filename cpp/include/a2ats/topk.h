@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "a2ats/common.h"
+
 namespace a2ats {
 
 struct SelectTopkParams {
@@ -27,7 +29,7 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
 
 // Order-preserving map of a float32 score to an unsigned key (larger score, larger key);
 // NaN maps to 0 so it ranks below -inf. Shared by the CPU and CUDA radix selections.
-inline uint32_t score_key(float s) {
+A2ATS_INLINE uint32_t score_key(float s) {
   uint32_t u;
   __builtin_memcpy(&u, &s, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
