@@ -48,8 +48,33 @@ struct Output {
 
 #ifdef A2ATS_WITH_CUDA
 void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so later calls start clean
+    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
+  }
 }
+
+// Makes the device of `t` current for one call (kernels, scratch memory and the stream belong
+// to it) and restores the caller's device afterwards.
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(const TensorArg& t) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != t.device().index) {
+      check_cuda(cudaSetDevice(t.device().index), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~CudaDeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
+  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
 #endif
 
 void expect_nonnegative(int64_t value, const char* name) {
@@ -58,7 +83,8 @@ void expect_nonnegative(int64_t value, const char* name) {
 
 // lengths (B,) int32 with 0 <= lengths[b] <= capacity; checked on the host for CPU arrays.
 void check_lengths(const TensorArg& lengths, int64_t batch, int64_t capacity, const TensorArg& like) {
-  lengths.expect_dtype({DType::kInt32}).expect_shape({batch}, "one length per batch row");
+  // The kernels index lengths[b] directly, so it must be contiguous (it is tiny: copy it).
+  lengths.expect_dtype({DType::kInt32}).expect_shape({batch}, "one length per batch row").expect_contiguous();
   lengths.expect_device(like.device(), like);
   if (lengths.is_cuda()) return;
   for (int64_t b = 0; b < batch; ++b) {
@@ -98,6 +124,7 @@ py::object rotary(py::handle x_obj, py::handle positions_obj, py::handle inv_fre
   p.pos_stride[0] = positions.stride(0); p.pos_stride[1] = positions.stride(1);
   if (x.is_cuda()) {
 #ifdef A2ATS_WITH_CUDA
+    CudaDeviceGuard guard(x);
     const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, x));
     check_cuda(rotary_cuda(x.data(), out.view.data(), positions.data(), inv_freq.data<float>(), p, stream), "rotary");
 #else
@@ -137,6 +164,7 @@ py::object vq_encode(py::handle x_obj, py::handle centroids_obj, py::handle out_
   for (int d = 0; d < 3; ++d) { p.x_stride[d] = x.stride(d); p.codes_stride[d] = out.view.stride(d); }
   if (x.is_cuda()) {
 #ifdef A2ATS_WITH_CUDA
+    CudaDeviceGuard guard(x);
     const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, x));
     check_cuda(vq_encode_cuda(x.data(), centroids.data<float>(), out.view.data<int16_t>(), p, stream), "vq_encode");
 #else
@@ -196,6 +224,8 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
   bool ok = true;
   if (q.is_cuda()) {
 #ifdef A2ATS_WITH_CUDA
+    // Codes outside [0, C) give NaN scores here instead of an error (see a2ats_cuda.h).
+    CudaDeviceGuard guard(q);
     const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, q));
     check_cuda(lut_scores_cuda(q.data<float>(), centroids.data<float>(), codes.data<int16_t>(), lengths.data<int32_t>(),
                                edges, out.view.data<float>(), p, stream), "lut_scores");
@@ -239,6 +269,7 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
   p.counts_stride[0] = counts.view.stride(0); p.counts_stride[1] = counts.view.stride(1);
   if (scores.is_cuda()) {
 #ifdef A2ATS_WITH_CUDA
+    CudaDeviceGuard guard(scores);
     const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, scores));
     check_cuda(select_topk_cuda(scores.data<float>(), lengths.data<int32_t>(), indices.view.data<int32_t>(),
                                 counts.view.data<int32_t>(), p, stream), "select_topk");
@@ -296,10 +327,11 @@ class PyKVStore {
     }
     const int32_t* counts = num_tokens ? num_tokens->data<int32_t>() : nullptr;
     RowsView kv{k.data(), {k.stride(0), k.stride(1), k.stride(2)}}, vv{v.data(), {v.stride(0), v.stride(1), v.stride(2)}};
-    std::lock_guard<std::mutex> lock(mutex_);
+    auto lock = acquire();
     try {
       if (k.is_cuda()) {
 #ifdef A2ATS_WITH_CUDA
+        CudaDeviceGuard guard(k);
         const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, k));
         s.check_append(layer, num_new, counts);
         py::gil_scoped_release release;
@@ -336,10 +368,12 @@ class PyKVStore {
     const int64_t cnt_stride[2] = {counts.stride(0), counts.stride(1)};
     RowsView kv{out_k.data(), {out_k.stride(0), out_k.stride(1), out_k.stride(2)}};
     RowsView vv{out_v.data(), {out_v.stride(0), out_v.stride(1), out_v.stride(2)}};
-    std::lock_guard<std::mutex> lock(mutex_);
+    auto lock = acquire();
     try {
       if (out_k.is_cuda()) {
 #ifdef A2ATS_WITH_CUDA
+        if (indices.is_cuda()) indices.expect_device(out_k.device(), out_k);
+        CudaDeviceGuard guard(out_k);
         const auto stream = reinterpret_cast<cudaStream_t>(resolve_stream(stream_obj, out_k));
         py::gil_scoped_release release;
         check_cuda(kv_gather_cuda(s, layer, indices.data<int32_t>(), idx_stride, indices.is_cuda(),
@@ -360,7 +394,7 @@ class PyKVStore {
   }
 
   py::array_t<int64_t> lengths() {
-    std::lock_guard<std::mutex> lock(mutex_);
+    auto lock = acquire();
     KVStore& s = *store_;
     py::array_t<int64_t> out({s.num_layers(), s.batch()});
     auto view = out.mutable_unchecked<2>();
@@ -370,13 +404,23 @@ class PyKVStore {
   }
 
   void reset() {
-    std::lock_guard<std::mutex> lock(mutex_);
+    auto lock = acquire();
     store_->reset();
   }
 
   const KVStore& store() const { return *store_; }
 
  private:
+  // Takes the store's lock with the GIL released. A thread holding the lock may be waiting to get
+  // the GIL back (at the end of its gil_scoped_release), so waiting for the lock while holding the
+  // GIL would deadlock two Python threads using one store.
+  std::unique_lock<std::mutex> acquire() {
+    std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
+    py::gil_scoped_release release;
+    lock.lock();
+    return lock;
+  }
+
   std::unique_ptr<KVStore> store_;
   std::mutex mutex_;
 };
@@ -429,7 +473,8 @@ Dims >= R pass through. Pairs are (x[i], x[i + R/2]) as in transformers' rotate_
 
 q (B, Hq, D) f32 in the dual space, or (B, Hq, NB, D) with bin_edges (NB - 1,) int32 ascending:
 token n of row b at distance d = lengths[b] - 1 - n uses bin j = #{edges <= d}. lengths (B,) int32.
-Scores are -inf at and past each length.)doc");
+Scores are -inf at and past each length. A code outside [0, C) raises ValueError on CPU inputs; on
+CUDA inputs (not read back to the host) it gives that token a NaN score, which select_topk ranks lowest.)doc");
   m.def("select_topk", &select_topk, py::arg("scores"), py::arg("k"), py::arg("lengths"), py::kw_only(),
         py::arg("group_size"), py::arg("sink"), py::arg("window"), py::arg("out_indices") = py::none(),
         py::arg("out_counts") = py::none(), py::arg("stream") = py::none(),

@@ -1,0 +1,312 @@
+"""a2ats_core.KVStore: host K/V storage, append and gather, against reference.gather."""
+from __future__ import annotations
+
+import faulthandler
+from concurrent.futures import ThreadPoolExecutor
+
+import a2ats_core
+import numpy as np
+import pytest
+import torch
+from a2ats import reference
+
+requires_cuda = pytest.mark.skipif(
+    not (a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0 and torch.cuda.is_available()),
+    reason="needs a CUDA build of a2ats_core, a CUDA device and torch with CUDA")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f32", "f16", "bf16"]
+NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().contiguous()
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]) if t.is_floating_point() else t
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_selection(B, Hkv, kmax, row_lengths, *, full_rows=True):
+    """indices (B, Hkv, kmax) int32 and counts (B, Hkv) int32: valid random rows before each
+    count, garbage (negative and far out of range) after it. Counts include 0 and kmax."""
+    counts = torch.randint(0, kmax + 1, (B, Hkv), dtype=torch.int32)
+    if full_rows:
+        counts.view(-1)[0] = kmax
+        counts.view(-1)[-1] = 0 if B * Hkv > 1 else kmax
+    indices = torch.empty(B, Hkv, kmax, dtype=torch.int32)
+    for b in range(B):
+        length = int(row_lengths[b])
+        if length == 0:
+            counts[b] = 0
+        indices[b] = torch.randint(0, max(length, 1), (Hkv, kmax), dtype=torch.int32)
+    garbage = torch.tensor([-5, 10**9, -(2**31), 2**31 - 1], dtype=torch.int32)
+    past = torch.arange(kmax)[None, None, :] >= counts[..., None]
+    indices[past] = garbage.repeat(int(past.sum()) // 4 + 1)[: int(past.sum())]
+    return indices, counts
+
+
+def check_gathered(out, before, rows, indices, counts):
+    """out (B, Hkv, Kmax, D) holds rows[b, g, indices[b, g, i]] for i < counts[b, g] bit-exactly
+    (checked against reference.gather) and its slots past counts are untouched (== before)."""
+    out, before = out.detach().cpu(), before.detach().cpu()
+    kmax = indices.shape[-1]
+    valid = torch.arange(kmax)[None, None, :] < counts.long()[..., None]
+    ref = reference.gather(rows, indices, counts)
+    assert torch.equal(bits(out)[valid], bits(ref)[valid]), "gathered rows differ from reference.gather"
+    assert torch.equal(bits(out)[~valid], bits(before)[~valid]), "gather wrote slots past counts"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype_form", ["torch", "str"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_append_pieces_then_gather(device, dtype, dtype_form, threads):
+    L, B, Hkv, D, cap = 2, 3, 2, 64, 900
+    store = a2ats_core.KVStore(L, B, Hkv, D, cap, dtype if dtype_form == "torch" else NAMES[dtype], threads=threads)
+    assert store.dtype == NAMES[dtype]
+    assert (store.num_layers, store.batch, store.num_kv_heads, store.head_dim, store.capacity) == (L, B, Hkv, D, cap)
+    assert store.num_threads == threads
+    assert store.nbytes == 2 * L * B * Hkv * cap * D * torch.tensor([], dtype=dtype).element_size()
+    lengths = store.lengths()
+    assert isinstance(lengths, np.ndarray) and lengths.dtype == np.int64 and lengths.shape == (L, B)
+    assert (lengths == 0).all()
+
+    pieces = {0: [5, 1, 0, 300, 17], 1: [2, 40]}
+    all_k, all_v = {}, {}
+    for layer, sizes in pieces.items():
+        ks, vs = [], []
+        for t in sizes:
+            k, v = torch.randn(B, Hkv, t, D).to(dtype), torch.randn(B, Hkv, t, D).to(dtype)
+            store.append(layer, k.to(device), v.to(device))
+            ks.append(k)
+            vs.append(v)
+        all_k[layer], all_v[layer] = torch.cat(ks, 2), torch.cat(vs, 2)
+    sync(device)
+    assert store.lengths().tolist() == [[sum(pieces[0])] * B, [sum(pieces[1])] * B]
+
+    for layer, kmax in [(0, 600), (1, 9)]:
+        n = all_k[layer].shape[2]
+        indices, counts = random_selection(B, Hkv, kmax, [n] * B)
+        out_k = torch.randn(B, Hkv, kmax, D).to(dtype)
+        out_v = torch.randn(B, Hkv, kmax, D).to(dtype)
+        before_k, before_v = out_k.clone(), out_v.clone()
+        out_k, out_v = out_k.to(device), out_v.to(device)
+        store.gather(layer, indices.to(device), counts.to(device), out_k, out_v)
+        sync(device)
+        check_gathered(out_k, before_k, all_k[layer], indices, counts)
+        check_gathered(out_v, before_v, all_v[layer], indices, counts)
+    # Gathering leaves the store alone.
+    assert store.lengths().tolist() == [[sum(pieces[0])] * B, [sum(pieces[1])] * B]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_appends(device, dtype):
+    """num_tokens appends only the first num_tokens[b] rows of each batch row."""
+    L, B, Hkv, D, cap = 1, 3, 2, 128, 200
+    store = a2ats_core.KVStore(L, B, Hkv, D, cap, dtype)
+    rows_k = [[] for _ in range(B)]
+    rows_v = [[] for _ in range(B)]
+    for t, num in [(7, [7, 0, 3]), (1, [1, 1, 0]), (20, [0, 20, 11]), (4, [2, 4, 4])]:
+        k, v = torch.randn(B, Hkv, t, D).to(dtype), torch.randn(B, Hkv, t, D).to(dtype)
+        num_tokens = torch.tensor(num, dtype=torch.int32)
+        store.append(0, k.to(device), v.to(device), num_tokens=num_tokens)
+        for b in range(B):
+            rows_k[b].append(k[b, :, :num[b]])
+            rows_v[b].append(v[b, :, :num[b]])
+    sync(device)
+    lens = [sum(r.shape[1] for r in rows_k[b]) for b in range(B)]
+    assert store.lengths().tolist() == [lens]
+    assert lens == [10, 25, 18]
+    padded_k = torch.zeros(B, Hkv, max(lens), D, dtype=dtype)
+    padded_v = torch.zeros(B, Hkv, max(lens), D, dtype=dtype)
+    for b in range(B):
+        padded_k[b, :, :lens[b]] = torch.cat(rows_k[b], 1)
+        padded_v[b, :, :lens[b]] = torch.cat(rows_v[b], 1)
+    kmax = 30
+    indices, counts = random_selection(B, Hkv, kmax, lens)
+    out_k = torch.zeros(B, Hkv, kmax, D, dtype=dtype, device=device)
+    out_v = torch.zeros(B, Hkv, kmax, D, dtype=dtype, device=device)
+    store.gather(0, indices.to(device), counts.to(device), out_k, out_v)
+    sync(device)
+    check_gathered(out_k, torch.zeros_like(out_k), padded_k, indices, counts)
+    check_gathered(out_v, torch.zeros_like(out_v), padded_v, indices, counts)
+    # Every stored row, in order: the exact concatenation of what was appended.
+    all_idx = torch.arange(max(lens), dtype=torch.int32).expand(B, Hkv, max(lens)).contiguous()
+    all_cnt = torch.tensor(lens, dtype=torch.int32)[:, None].expand(B, Hkv).contiguous()
+    full_k = torch.zeros(B, Hkv, max(lens), D, dtype=dtype, device=device)
+    full_v = torch.zeros_like(full_k)
+    store.gather(0, all_idx.to(device), all_cnt.to(device), full_k, full_v)
+    sync(device)
+    assert torch.equal(bits(full_k), bits(padded_k)) and torch.equal(bits(full_v), bits(padded_v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_strided_sources_and_outputs(device, dtype):
+    L, B, Hkv, D, cap, t = 1, 2, 3, 64, 64, 40
+    store = a2ats_core.KVStore(L, B, Hkv, D, cap, dtype)
+    k_dense = torch.randn(B, Hkv, t, D).to(dtype)
+    v_dense = torch.randn(B, Hkv, t, D).to(dtype)
+    k_base = torch.randn(B, t, Hkv, D).to(dtype)  # k: (B, t, Hkv, D) transposed
+    k_base.transpose(1, 2).copy_(k_dense)
+    v_base = torch.randn(B, 2 * Hkv, 2 * t, D + 8).to(dtype)  # v: every other head and token, padded rows
+    v_base[:, ::2, ::2, :D] = v_dense
+    k = k_base.to(device).transpose(1, 2)
+    v = v_base.to(device)[:, ::2, ::2, :D]
+    assert not k.is_contiguous() and not v.is_contiguous()
+    store.append(0, k[:, :, :25], v[:, :, :25])
+    store.append(0, k[:, :, 25:], v[:, :, 25:])
+    kmax = 50
+    indices, counts = random_selection(B, Hkv, kmax, [t] * B)
+    idx_base = torch.full((B, Hkv, kmax + 3), -9, dtype=torch.int32)
+    idx_base[..., 2:2 + kmax] = indices
+    cnt_base = counts.t().contiguous()  # counts as a transposed (Hkv, B) array
+    ok_base = torch.randn(B, Hkv, kmax + 4, D + 8).to(dtype)
+    ov_base = torch.randn(B, kmax, Hkv, D).to(dtype)
+    ok_before, ov_before = ok_base.clone(), ov_base.clone()
+    ok_based, ov_based = ok_base.to(device), ov_base.to(device)
+    out_k = ok_based[:, :, 2:2 + kmax, :D]
+    out_v = ov_based.transpose(1, 2)
+    idx = idx_base.to(device)[..., 2:2 + kmax]
+    cnt = cnt_base.to(device).t()
+    assert not idx.is_contiguous() and not cnt.is_contiguous() and not out_k.is_contiguous()
+    store.gather(0, idx, cnt, out_k, out_v)
+    sync(device)
+    check_gathered(out_k, ok_before[:, :, 2:2 + kmax, :D], k_dense, indices, counts)
+    check_gathered(out_v, ov_before.transpose(1, 2), v_dense, indices, counts)
+    # Nothing outside the output views was written.
+    outside = torch.ones(ok_base.shape, dtype=torch.bool)
+    outside[:, :, 2:2 + kmax, :D] = False
+    assert torch.equal(bits(ok_based.cpu()[outside]), bits(ok_before[outside]))
+
+
+def test_threads_agree(device):
+    """threads=1 and threads=3 stores give bit-identical results (and match the reference)."""
+    L, B, Hkv, D, cap = 1, 2, 4, 128, 3000
+    stores = [a2ats_core.KVStore(L, B, Hkv, D, cap, torch.bfloat16, threads=n) for n in (1, 3)]
+    assert [s.num_threads for s in stores] == [1, 3]
+    k = torch.randn(B, Hkv, cap, D).to(torch.bfloat16)
+    v = torch.randn(B, Hkv, cap, D).to(torch.bfloat16)
+    for s in stores:
+        s.append(0, k.to(device), v.to(device))
+    kmax = 1100  # several gather chunks per row
+    indices, counts = random_selection(B, Hkv, kmax, [cap] * B)
+    outs = []
+    for s in stores:
+        out_k = torch.zeros(B, Hkv, kmax, D, dtype=torch.bfloat16, device=device)
+        out_v = torch.zeros_like(out_k)
+        s.gather(0, indices.to(device), counts.to(device), out_k, out_v)
+        sync(device)
+        check_gathered(out_k, torch.zeros_like(out_k), k, indices, counts)
+        check_gathered(out_v, torch.zeros_like(out_v), v, indices, counts)
+        outs.append((bits(out_k), bits(out_v)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_concurrent_python_threads():
+    """Several Python threads gathering from one store at once see whole, correct results."""
+    B, Hkv, D, cap = 2, 2, 64, 500
+    store = a2ats_core.KVStore(1, B, Hkv, D, cap, "float16", threads=2)
+    k = torch.randn(B, Hkv, cap, D).half()
+    v = torch.randn(B, Hkv, cap, D).half()
+    store.append(0, k, v)
+    selections = [random_selection(B, Hkv, 300, [cap] * B) for _ in range(8)]
+
+    def work(sel):
+        out_k = torch.zeros(B, Hkv, 300, D, dtype=torch.float16)
+        out_v = torch.zeros_like(out_k)
+        for _ in range(5):
+            store.gather(0, sel[0], sel[1], out_k, out_v)
+        return out_k, out_v
+
+    # A lock-order deadlock would hang the whole process with the GIL held; the watchdog turns
+    # that into a crash with every thread's traceback instead of a silent hang.
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(work, selections))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    for (indices, counts), (out_k, out_v) in zip(selections, results):
+        check_gathered(out_k, torch.zeros_like(out_k), k, indices, counts)
+        check_gathered(out_v, torch.zeros_like(out_v), v, indices, counts)
+
+
+def test_reset_and_layers(device):
+    L, B, Hkv, D, cap = 3, 2, 1, 64, 16
+    store = a2ats_core.KVStore(L, B, Hkv, D, cap, torch.float32)
+    nbytes = store.nbytes
+    k1, v1 = torch.randn(B, Hkv, 10, D), torch.randn(B, Hkv, 10, D)
+    store.append(1, k1.to(device), v1.to(device))
+    sync(device)
+    assert store.lengths().tolist() == [[0, 0], [10, 10], [0, 0]]  # layers are independent
+    store.reset()
+    assert store.lengths().tolist() == [[0] * B] * L
+    assert store.nbytes == nbytes
+    # After a reset, the full capacity is available again and rows restart at 0.
+    k2, v2 = torch.randn(B, Hkv, cap, D), torch.randn(B, Hkv, cap, D)
+    store.append(1, k2.to(device), v2.to(device))
+    sync(device)
+    assert store.lengths().tolist() == [[0, 0], [cap, cap], [0, 0]]
+    indices = torch.arange(cap, dtype=torch.int32).flip(0).expand(B, Hkv, cap).contiguous()
+    counts = torch.full((B, Hkv), cap, dtype=torch.int32)
+    out_k = torch.zeros(B, Hkv, cap, D, device=device)
+    out_v = torch.zeros_like(out_k)
+    store.gather(1, indices.to(device), counts.to(device), out_k, out_v)
+    sync(device)
+    assert torch.equal(out_k.cpu(), k2.flip(2)) and torch.equal(out_v.cpu(), v2.flip(2))
+    # Layer 0 is empty after the reset: any index there is out of range.
+    with pytest.raises(ValueError, match="indices"):
+        store.gather(0, indices[..., :1].contiguous().to(device), torch.ones(B, Hkv, dtype=torch.int32).to(device),
+                     out_k[:, :, :1], out_v[:, :, :1])
+        sync(device)
+
+
+def test_pinned_flag():
+    cuda_usable = a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0
+    store = a2ats_core.KVStore(1, 1, 2, 64, 32, "bfloat16", pinned=True)
+    if not cuda_usable:
+        assert store.pinned is False  # falls back to ordinary memory
+    assert a2ats_core.KVStore(1, 1, 2, 64, 32, "bfloat16", pinned=False).pinned is False
+    # Either way the store works.
+    k = torch.randn(1, 2, 32, 64).bfloat16()
+    store.append(0, k, k)
+    out = torch.zeros(1, 2, 3, 64, dtype=torch.bfloat16)
+    store.gather(0, torch.tensor([[[31, 0, 5]] * 2], dtype=torch.int32), torch.tensor([[3, 2]], dtype=torch.int32),
+                 out, out.clone())
+    assert torch.equal(bits(out[0, 0]), bits(k[0, 0, [31, 0, 5]]))
+    assert torch.equal(bits(out[0, 1, :2]), bits(k[0, 1, [31, 0]])) and (out[0, 1, 2] == 0).all()
+
+
+def test_numpy_arrays():
+    B, Hkv, D = 2, 2, 64
+    store = a2ats_core.KVStore(1, B, Hkv, D, 20, "float16")
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((B, Hkv, 12, D)).astype(np.float16)
+    v = rng.standard_normal((B, Hkv, 12, D)).astype(np.float16)
+    store.append(0, k, v)
+    indices = np.array([[[11, 3, 0], [5, 5, 7]], [[1, 2, -1], [0, 0, 0]]], dtype=np.int32)
+    counts = np.array([[3, 3], [2, 0]], dtype=np.int32)
+    out_k = np.zeros((B, Hkv, 3, D), dtype=np.float16)
+    out_v = np.zeros((B, Hkv, 3, D), dtype=np.float16)
+    store.gather(0, indices, counts, out_k, out_v)
+    assert np.array_equal(out_k[0, 0], k[0, 0, [11, 3, 0]]) and np.array_equal(out_v[0, 1], v[0, 1, [5, 5, 7]])
+    assert np.array_equal(out_k[1, 0, :2], k[1, 0, [1, 2]]) and not out_k[1, 0, 2].any() and not out_k[1, 1].any()
+
+
+@requires_cuda
+def test_cuda_outputs_with_host_indices():
+    """Gather into CUDA outputs with indices and counts on the host, from a host-appended store."""
+    B, Hkv, D, cap = 2, 2, 128, 300
+    store = a2ats_core.KVStore(1, B, Hkv, D, cap, torch.float16)
+    k = torch.randn(B, Hkv, cap, D).half()
+    v = torch.randn(B, Hkv, cap, D).half()
+    store.append(0, k, v)
+    indices, counts = random_selection(B, Hkv, 100, [cap] * B)
+    out_k = torch.zeros(B, Hkv, 100, D, dtype=torch.float16, device="cuda")
+    out_v = torch.zeros_like(out_k)
+    store.gather(0, indices, counts, out_k, out_v)
+    torch.cuda.synchronize()
+    check_gathered(out_k, torch.zeros_like(out_k), k, indices, counts)
+    check_gathered(out_v, torch.zeros_like(out_v), v, indices, counts)
