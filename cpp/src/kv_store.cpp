@@ -44,6 +44,7 @@ KVStore::KVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_
 }
 
 KVStore::~KVStore() {
+  accel_state_.reset();  // waits for in-flight copies from its staging buffers
   if (pinned_)
     pinned_free(k_);
   else

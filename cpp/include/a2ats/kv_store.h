@@ -69,7 +69,14 @@ class KVStore {
 
   ThreadPool& pool() { return *pool_; }
 
+  // Opaque per-store state of an accelerator path (the CUDA gather's staging buffers and
+  // events), created lazily by that path and released first thing in ~KVStore via `deleter`.
+  void* accel_state() const { return accel_state_.get(); }
+  void set_accel_state(void* state, void (*deleter)(void*)) { accel_state_ = AccelState(state, deleter); }
+
  private:
+  using AccelState = std::unique_ptr<void, void (*)(void*)>;
+
   size_t block_offset(int64_t layer, int64_t b, int64_t g) const {
     return size_t(((layer * batch_ + b) * num_kv_heads_ + g) * capacity_) * size_t(row_bytes());
   }
@@ -82,6 +89,7 @@ class KVStore {
   char* v_ = nullptr;
   std::vector<int64_t> lengths_;  // (num_layers, batch)
   std::unique_ptr<ThreadPool> pool_;
+  AccelState accel_state_{nullptr, nullptr};
 };
 
 // Page-locked host memory through the CUDA runtime; both are no-ops returning

@@ -1,0 +1,372 @@
+// Runs the CUDA kernels and launchers of cuda/*.cu under the CPU emulation in include/ and
+// compares them with the CPU implementations of cpp/src. Built and run by run.sh; exits 1 on a
+// mismatch. "Device" memory is host memory here, so inputs are shared by both paths.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "a2ats_cuda.h"
+#include "cuda_common.cuh"
+
+namespace a2ats::cuda_detail {
+cudaError_t scratch_alloc(void** ptr, size_t bytes, cudaStream_t) {
+  // Poisoned, so a kernel relying on zeroed scratch would fail.
+  *ptr = std::malloc(bytes);
+  std::memset(*ptr, 0xa5, bytes);
+  return cudaSuccess;
+}
+cudaError_t scratch_free(void* ptr, cudaStream_t) {
+  std::free(ptr);
+  return cudaSuccess;
+}
+}  // namespace a2ats::cuda_detail
+
+using namespace a2ats;
+
+static int g_failures = 0;
+static std::mt19937 rng(1234);
+
+#define CHECK(cond, ...)                                         \
+  do {                                                           \
+    if (!(cond)) {                                               \
+      ++g_failures;                                              \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);           \
+      std::printf(__VA_ARGS__);                                  \
+      std::printf("\n");                                         \
+    }                                                            \
+  } while (0)
+
+#define CUDA_OK(expr) CHECK((expr) == cudaSuccess, "%s", #expr)
+
+static double seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+static double g_t0 = seconds();
+static void section(const char* name) {
+  const double now = seconds();
+  std::printf("%s (%.1f s so far)\n", name, now - g_t0);
+  std::fflush(stdout);
+}
+
+static float randn() { return std::normal_distribution<float>(0.f, 1.f)(rng); }
+static int randint(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+
+template <typename T> static T to_t(float f) { return from_float<T>(f); }
+template <typename T> static float as_f(T v) { return to_float(v); }
+
+// ---- rotary --------------------------------------------------------------------------------
+template <typename T>
+static void test_rotary(bool interleaved, bool in_place, int64_t R, bool pos32) {
+  const int64_t B = 2, H = 3, T_ = 5, D = 16;
+  // Strided x: token stride D + 3 (padding), head stride T*(D+3).
+  const int64_t ts = D + 3, hs = T_ * ts, bs = H * hs;
+  std::vector<T> x(size_t(B * bs)), out_cpu(x.size()), out_emu(x.size());
+  for (auto& v : x) v = to_t<T>(randn());
+  std::vector<int64_t> pos64(size_t(B * T_));
+  std::vector<int32_t> pos32v(pos64.size());
+  const int64_t specials[] = {0, -1, 7, -300000, 123456, 2000000, -5};
+  for (size_t i = 0; i < pos64.size(); ++i) pos64[i] = specials[i % 7] + int64_t(i);
+  for (size_t i = 0; i < pos64.size(); ++i) pos32v[i] = int32_t(pos64[i]);
+  std::vector<float> inv_freq(size_t(R / 2));
+  for (int64_t i = 0; i < R / 2; ++i) inv_freq[size_t(i)] = float(1.0 / std::pow(10000.0, 2.0 * double(i) / double(R)));
+  RotaryParams p;
+  p.batch = B; p.num_heads = H; p.num_tokens = T_; p.head_dim = D; p.rotary_dim = R; p.interleaved = interleaved;
+  p.dtype = std::is_same<T, float>::value ? DType::kFloat32 : std::is_same<T, half_t>::value ? DType::kFloat16 : DType::kBFloat16;
+  p.pos_dtype = pos32 ? DType::kInt32 : DType::kInt64;
+  p.x_stride[0] = bs; p.x_stride[1] = hs; p.x_stride[2] = ts;
+  p.out_stride[0] = bs; p.out_stride[1] = hs; p.out_stride[2] = ts;
+  p.pos_stride[0] = T_; p.pos_stride[1] = 1;
+  const void* pos = pos32 ? static_cast<const void*>(pos32v.data()) : pos64.data();
+  out_cpu = x;
+  out_emu = x;
+  if (in_place) {
+    rotary_cpu(out_cpu.data(), out_cpu.data(), pos, inv_freq.data(), p);
+    CUDA_OK(rotary_cuda(out_emu.data(), out_emu.data(), pos, inv_freq.data(), p, nullptr));
+  } else {
+    std::fill(out_cpu.begin(), out_cpu.end(), to_t<T>(-77.f));
+    std::fill(out_emu.begin(), out_emu.end(), to_t<T>(-77.f));
+    rotary_cpu(x.data(), out_cpu.data(), pos, inv_freq.data(), p);
+    CUDA_OK(rotary_cuda(x.data(), out_emu.data(), pos, inv_freq.data(), p, nullptr));
+  }
+  // The CPU's FMA clones may round x1*c - x2*s differently by an ulp of the f32 result.
+  double worst = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double a = as_f(out_cpu[i]), b = as_f(out_emu[i]);
+    const double tol = std::is_same<T, float>::value ? 1e-6 * (1 + std::fabs(a)) : 1e-2 * (1 + std::fabs(a));
+    worst = std::max(worst, std::fabs(a - b));
+    bad += !(std::fabs(a - b) <= tol);
+  }
+  CHECK(bad == 0, "rotary dtype=%s interleaved=%d in_place=%d R=%lld: %zu mismatches, max diff %g",
+        dtype_name(p.dtype), interleaved, in_place, (long long)R, bad, worst);
+}
+
+// ---- vq_encode -----------------------------------------------------------------------------
+template <typename T>
+static void test_vq_encode(int64_t D, int64_t M, int64_t C, int64_t T_, bool duplicate_centroids) {
+  const int64_t B = 2, Hkv = 2, dsub = D / M;
+  std::vector<T> x(size_t(B * Hkv * T_ * D));
+  for (auto& v : x) v = to_t<T>(randn());
+  std::vector<float> cent(size_t(Hkv * M * C * dsub));
+  for (auto& v : cent) v = randn();
+  if (duplicate_centroids)  // every odd centroid equals its predecessor: ties must go to the lower index
+    for (int64_t gm = 0; gm < Hkv * M; ++gm)
+      for (int64_t c = 1; c < C; c += 2)
+        std::memcpy(&cent[size_t((gm * C + c) * dsub)], &cent[size_t((gm * C + c - 1) * dsub)], size_t(dsub) * 4);
+  // Some rows equal a centroid exactly.
+  for (int64_t r = 0; r < std::min<int64_t>(T_, 5); ++r)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t d = 0; d < dsub; ++d)
+        x[size_t(r * D + m * dsub + d)] = to_t<T>(cent[size_t((m * C + (r * 7) % C) * dsub + d)]);
+  VQEncodeParams p;
+  p.batch = B; p.num_kv_heads = Hkv; p.num_tokens = T_; p.head_dim = D; p.num_subspaces = M; p.num_centroids = C;
+  p.dtype = std::is_same<T, float>::value ? DType::kFloat32 : std::is_same<T, half_t>::value ? DType::kFloat16 : DType::kBFloat16;
+  p.x_stride[0] = Hkv * T_ * D; p.x_stride[1] = T_ * D; p.x_stride[2] = D;
+  // Codes with a padded token stride.
+  const int64_t cts = M + 1;
+  p.codes_stride[0] = Hkv * T_ * cts; p.codes_stride[1] = T_ * cts; p.codes_stride[2] = cts;
+  std::vector<int16_t> c_cpu(size_t(B * Hkv * T_ * cts), -9), c_emu(c_cpu.size(), -9);
+  vq_encode_cpu(x.data(), cent.data(), c_cpu.data(), p);
+  CUDA_OK(vq_encode_cuda(x.data(), cent.data(), c_emu.data(), p, nullptr));
+  size_t differ = 0, bad = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t t = 0; t < T_; ++t) {
+        for (int64_t m = 0; m < cts; ++m) {
+          const size_t i = size_t(b * p.codes_stride[0] + g * p.codes_stride[1] + t * cts + m);
+          if (m == M) { bad += c_emu[i] != -9; continue; }  // padding untouched
+          if (c_cpu[i] == c_emu[i]) continue;
+          ++differ;
+          // A different code is fine only for a near-tie (distances computed in double).
+          auto dist = [&](int c) {
+            double s = 0;
+            for (int64_t d = 0; d < dsub; ++d) {
+              const double diff = double(as_f(x[size_t(b * p.x_stride[0] + g * p.x_stride[1] + t * D + m * dsub + d)])) -
+                                  cent[size_t(((g * M + m) * C + c) * dsub + d)];
+              s += diff * diff;
+            }
+            return s;
+          };
+          const double a = dist(c_cpu[i]), e = dist(c_emu[i]);
+          if (c_emu[i] < 0 || c_emu[i] >= C || std::fabs(a - e) > 1e-5 * (1 + a)) ++bad;
+        }
+      }
+  CHECK(bad == 0, "vq_encode D=%lld M=%lld C=%lld T=%lld dup=%d: %zu bad codes (%zu differ)", (long long)D,
+        (long long)M, (long long)C, (long long)T_, duplicate_centroids, bad, differ);
+  if (differ) std::printf("  note: vq_encode D=%lld M=%lld C=%lld: %zu near-tie codes differ\n", (long long)D, (long long)M, (long long)C, differ);
+}
+
+// ---- lut_scores ----------------------------------------------------------------------------
+static void test_lut_scores(int64_t B, int64_t D, int64_t M, int64_t C, int64_t NB, int64_t Tcap, bool bad_codes) {
+  const int64_t Hkv = 2, G = 3, Hq = Hkv * G, dsub = D / M;
+  std::vector<float> q(size_t(B * Hq * NB * D));
+  for (auto& v : q) v = randn();
+  std::vector<float> cent(size_t(Hkv * M * C * dsub));
+  for (auto& v : cent) v = randn();
+  const int64_t cts = M;  // codes contiguous
+  std::vector<int16_t> codes(size_t(B * Hkv * Tcap * cts));
+  for (auto& v : codes) v = int16_t(randint(0, int(C - 1)));
+  std::vector<int32_t> lengths = {int32_t(Tcap), int32_t(Tcap * 2 / 3 + 1), 0};
+  lengths.resize(size_t(B));
+  std::vector<int32_t> edges;
+  for (int64_t j = 1; j < NB; ++j) edges.push_back(int32_t(j * j * 37));
+  if (bad_codes) {
+    codes[size_t(5 * cts)] = int16_t(C);           // b = 0, g = 0, t = 5
+    codes[size_t((Tcap + 9) * cts)] = int16_t(-3);  // b = 0, g = 1, t = 9
+  }
+  LutScoresParams p;
+  p.batch = B; p.num_q_heads = Hq; p.num_kv_heads = Hkv; p.head_dim = D; p.num_subspaces = M; p.num_centroids = C;
+  p.capacity = Tcap; p.num_bins = NB;
+  p.q_stride[0] = Hq * NB * D; p.q_stride[1] = NB * D; p.q_stride[2] = NB > 1 ? D : 0;
+  p.codes_stride[0] = Hkv * Tcap * cts; p.codes_stride[1] = Tcap * cts; p.codes_stride[2] = cts;
+  const int64_t ss = Tcap + 5;  // padded rows
+  p.scores_stride[0] = Hq * ss; p.scores_stride[1] = ss;
+  std::vector<float> s_cpu(size_t(B * Hq * ss), 42.f), s_emu(s_cpu.size(), 42.f);
+  const bool ok = lut_scores_cpu(q.data(), cent.data(), codes.data(), lengths.data(), edges.empty() ? nullptr : edges.data(),
+                                 s_cpu.data(), p);
+  CHECK(ok == !bad_codes, "lut_scores_cpu ok=%d", ok);
+  CUDA_OK(lut_scores_cuda(q.data(), cent.data(), codes.data(), lengths.data(), edges.empty() ? nullptr : edges.data(),
+                          s_emu.data(), p, nullptr));
+  size_t exact = 0, close = 0, bad = 0, nan_ok = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t t = 0; t < ss; ++t) {
+        const size_t i = size_t(b * p.scores_stride[0] + h * ss + t);
+        const float a = s_cpu[i], e = s_emu[i];
+        const bool bad_token = bad_codes && b == 0 && ((h / G == 0 && t == 5) || (h / G == 1 && t == 9));
+        if (bad_token) { if (std::isnan(e)) ++nan_ok; else ++bad; continue; }
+        if (std::memcmp(&a, &e, 4) == 0) ++exact;
+        else if (std::fabs(a - e) <= 1e-5f * (1 + std::fabs(a))) ++close;
+        else ++bad;
+      }
+  CHECK(bad == 0, "lut_scores D=%lld M=%lld C=%lld NB=%lld Tcap=%lld: %zu bad, %zu exact, %zu close", (long long)D,
+        (long long)M, (long long)C, (long long)NB, (long long)Tcap, bad, exact, close);
+  if (bad_codes) CHECK(nan_ok == size_t(2 * G), "lut_scores: %zu NaN scores for bad codes, expected %lld", nan_ok, (long long)(2 * G));
+  if (close) std::printf("  note: lut_scores D=%lld M=%lld C=%lld NB=%lld: %zu scores differ in the last bits (%zu bit-equal)\n",
+                         (long long)D, (long long)M, (long long)C, (long long)NB, close, exact);
+}
+
+// ---- select_topk ---------------------------------------------------------------------------
+enum class ScoreKind { kRandom, kFewValues, kAllEqual, kSpecials };
+
+static void test_select_topk(int64_t B, int64_t Hkv, int64_t G, int64_t Tcap, int64_t k, int64_t sink, int64_t window,
+                             ScoreKind kind, const std::vector<int32_t>& lengths) {
+  const int64_t Hq = Hkv * G;
+  const int64_t ss = Tcap + 3;
+  std::vector<float> scores(size_t(B * Hq * ss));
+  for (auto& v : scores) {
+    switch (kind) {
+      case ScoreKind::kRandom: v = randn(); break;
+      case ScoreKind::kFewValues: v = float(randint(0, 6)) * 0.5f - 1.f; break;
+      case ScoreKind::kAllEqual: v = 0.25f; break;
+      case ScoreKind::kSpecials: {
+        const int r = randint(0, 9);
+        v = r == 0 ? NAN : r == 1 ? -INFINITY : r == 2 ? INFINITY : r == 3 ? -0.f : r == 4 ? 0.f : randn();
+        break;
+      }
+    }
+  }
+  SelectTopkParams p;
+  p.batch = B; p.num_q_heads = Hq; p.group_size = G; p.capacity = Tcap; p.k = k; p.sink = sink; p.window = window;
+  p.max_selected = G * k + sink + window;
+  p.scores_stride[0] = Hq * ss; p.scores_stride[1] = ss;
+  const int64_t is = p.max_selected + 2;  // padded index rows
+  p.indices_stride[0] = Hkv * is; p.indices_stride[1] = is;
+  p.counts_stride[0] = Hkv * 2; p.counts_stride[1] = 2;
+  std::vector<int32_t> i_cpu(size_t(B * Hkv * is), -5), i_emu(i_cpu.size(), -5), c_cpu(size_t(B * Hkv * 2), -5),
+      c_emu(c_cpu.size(), -5);
+  select_topk_cpu(scores.data(), lengths.data(), i_cpu.data(), c_cpu.data(), p);
+  CUDA_OK(select_topk_cuda(scores.data(), lengths.data(), i_emu.data(), c_emu.data(), p, nullptr));
+  const bool same = i_cpu == i_emu && c_cpu == c_emu;
+  CHECK(same, "select_topk B=%lld Hkv=%lld G=%lld Tcap=%lld k=%lld sink=%lld window=%lld kind=%d differs", (long long)B,
+        (long long)Hkv, (long long)G, (long long)Tcap, (long long)k, (long long)sink, (long long)window, int(kind));
+  if (!same) {
+    for (size_t i = 0; i < c_cpu.size(); ++i)
+      if (c_cpu[i] != c_emu[i]) std::printf("  counts[%zu]: cpu %d emu %d\n", i, c_cpu[i], c_emu[i]);
+    int shown = 0;
+    for (size_t i = 0; i < i_cpu.size() && shown < 10; ++i)
+      if (i_cpu[i] != i_emu[i]) { std::printf("  indices[%zu]: cpu %d emu %d\n", i, i_cpu[i], i_emu[i]); ++shown; }
+  }
+}
+
+// ---- KV store ------------------------------------------------------------------------------
+static void test_kv_store(DType dtype, int64_t D) {
+  const int64_t L = 2, B = 2, Hkv = 3, cap = 700;
+  const int64_t elem = dtype_size(dtype);
+  KVStore cpu(L, B, Hkv, D, cap, dtype, false, 2), emu(L, B, Hkv, D, cap, dtype, true, 3);
+  // Append twice from "device" tensors with a padded token stride, the second with num_tokens.
+  for (int step = 0; step < 2; ++step) {
+    const int64_t t = step == 0 ? 500 : 130;
+    const int64_t ts = D + 8;
+    std::vector<uint16_t> kb(size_t(B * Hkv * t * ts * elem / 2)), vb(kb.size());
+    for (auto& v : kb) v = uint16_t(randint(0, 65535));
+    for (auto& v : vb) v = uint16_t(randint(0, 65535));
+    RowsView k{kb.data(), {Hkv * t * ts, t * ts, ts}}, v{vb.data(), {Hkv * t * ts, t * ts, ts}};
+    std::vector<int32_t> num_tokens = {int32_t(t), int32_t(t / 2)};
+    const int32_t* nt = step == 0 ? nullptr : num_tokens.data();
+    for (int64_t layer = 0; layer < L; ++layer) {
+      cpu.append(layer, k, v, t, nt);
+      emu.check_append(layer, t, nt);
+      CUDA_OK(kv_append_cuda(emu, layer, k, v, t, nt, nullptr));
+      emu.commit_append(layer, t, nt);
+    }
+  }
+  for (int64_t layer = 0; layer < L; ++layer)
+    for (int64_t b = 0; b < B; ++b) {
+      CHECK(cpu.length(layer, b) == emu.length(layer, b), "append lengths");
+      for (int64_t g = 0; g < Hkv; ++g)
+        CHECK(std::memcmp(cpu.k_rows(layer, b, g), emu.k_rows(layer, b, g), size_t(cpu.length(layer, b) * cpu.row_bytes())) == 0 &&
+              std::memcmp(cpu.v_rows(layer, b, g), emu.v_rows(layer, b, g), size_t(cpu.length(layer, b) * cpu.row_bytes())) == 0,
+              "append rows differ at layer %lld b %lld g %lld", (long long)layer, (long long)b, (long long)g);
+    }
+  // Gathers: ragged counts (one empty row), strided indices and outputs, several calls in a row.
+  for (int rep = 0; rep < 3; ++rep) {
+    const int64_t kmax = 300, is = kmax + 4;
+    std::vector<int32_t> idx(size_t(B * Hkv * is), -1), cnt(size_t(B * Hkv));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int64_t c = (b == 1 && g == 1) ? 0 : randint(1, int(kmax));
+        cnt[size_t(b * Hkv + g)] = int32_t(c);
+        for (int64_t i = 0; i < c; ++i) idx[size_t((b * Hkv + g) * is + i)] = randint(0, int(cpu.length(1, b) - 1));
+      }
+    const int64_t istride[2] = {Hkv * is, is}, cstride[2] = {Hkv, 1};
+    const int64_t os = D + 2;  // padded output rows
+    std::vector<char> ok_cpu(size_t(B * Hkv * kmax * os * elem), 3), ov_cpu(ok_cpu.size(), 3), ok_emu(ok_cpu.size(), 3),
+        ov_emu(ok_cpu.size(), 3);
+    RowsView okc{ok_cpu.data(), {Hkv * kmax * os, kmax * os, os}}, ovc{ov_cpu.data(), {Hkv * kmax * os, kmax * os, os}};
+    RowsView oke{ok_emu.data(), {Hkv * kmax * os, kmax * os, os}}, ove{ov_emu.data(), {Hkv * kmax * os, kmax * os, os}};
+    cpu.check_gather(1, idx.data(), istride, cnt.data(), cstride, kmax);
+    cpu.gather(1, idx.data(), istride, cnt.data(), cstride, okc, ovc);
+    CUDA_OK(kv_gather_cuda(emu, 1, idx.data(), istride, rep != 1, cnt.data(), cstride, oke, ove, kmax, nullptr));
+    CHECK(ok_cpu == ok_emu && ov_cpu == ov_emu, "gather dtype=%s D=%lld rep=%d differs", dtype_name(dtype), (long long)D, rep);
+  }
+  // Out-of-range index: std::invalid_argument, outputs untouched.
+  {
+    std::vector<int32_t> idx = {0, 1, int32_t(cap + 5)}, cnt(size_t(B * Hkv), 0);
+    cnt[0] = 3;
+    const int64_t istride[2] = {0, 0}, cstride[2] = {Hkv, 1};
+    std::vector<char> o(size_t(B * Hkv * 3 * D * elem), 7);
+    RowsView ov{o.data(), {Hkv * 3 * D, 3 * D, D}};
+    bool threw = false;
+    try {
+      kv_gather_cuda(emu, 0, idx.data(), istride, true, cnt.data(), cstride, ov, ov, 3, nullptr);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    CHECK(threw, "gather with an index past the length must throw");
+    CHECK(std::all_of(o.begin(), o.end(), [](char c) { return c == 7; }), "rejected gather wrote output");
+  }
+}
+
+int main() {
+  setenv("A2ATS_GATHER_CHUNK_BYTES", "8192", 1);  // many chunks, so both slots are reused
+  section("rotary...");
+  for (bool inter : {false, true})
+    for (bool inplace : {false, true}) {
+      test_rotary<float>(inter, inplace, 16, false);
+      test_rotary<half_t>(inter, inplace, 12, true);
+      test_rotary<bfloat16_t>(inter, inplace, 8, false);
+    }
+  section("vq_encode...");
+  test_vq_encode<float>(64, 1, 16, 70, false);
+  test_vq_encode<float>(64, 2, 100, 9, true);
+  test_vq_encode<half_t>(48, 2, 130, 3, false);   // dsub 24: partial dim tile
+  test_vq_encode<bfloat16_t>(128, 1, 256, 65, false);
+  test_vq_encode<float>(40, 1, 7, 1, true);
+  section("lut_scores...");
+  test_lut_scores(3, 64, 1, 16, 1, 100, false);
+  test_lut_scores(2, 64, 2, 300, 1, 5000, true);      // 2 tiles, M = 2, bad codes
+  test_lut_scores(2, 128, 1, 1024, 3, 4500, false);   // binned
+  test_lut_scores(1, 24, 1, 25000, 1, 300, true);     // table past shared memory: global path; dsub % 8 == 0
+  test_lut_scores(3, 20, 2, 50, 4, 2000, false);      // dsub 10: 16-lane tail path
+  section("select_topk...");
+  test_select_topk(2, 2, 3, 10000, 100, 8, 64, ScoreKind::kRandom, {10000, 7000});
+  test_select_topk(2, 2, 3, 10000, 3000, 8, 64, ScoreKind::kFewValues, {9999, 4100});
+  test_select_topk(1, 1, 2, 9000, 37, 4, 16, ScoreKind::kAllEqual, {9000});
+  test_select_topk(2, 3, 1, 5000, 5, 0, 0, ScoreKind::kSpecials, {5000, 17});
+  test_select_topk(3, 1, 2, 300, 20, 8, 64, ScoreKind::kRandom, {0, 50, 300});      // lengths < sink + window
+  test_select_topk(2, 2, 2, 300, 1000, 8, 64, ScoreKind::kRandom, {300, 100});      // k >= candidates
+  test_select_topk(1, 2, 2, 200, 0, 8, 64, ScoreKind::kRandom, {200});              // k = 0
+  test_select_topk(1, 1, 3, 5000, 1, 0, 0, ScoreKind::kFewValues, {5000});
+  test_select_topk(1, 1, 1, 12000, 4095, 1, 1, ScoreKind::kFewValues, {12000});
+  test_select_topk(1, 1, 1, 0, 3, 2, 2, ScoreKind::kRandom, {0});                   // empty capacity
+  section("kv store...");
+  test_kv_store(DType::kFloat16, 64);
+  test_kv_store(DType::kFloat32, 6);    // 24-byte rows: 4-byte copies in the scatter kernel
+  test_kv_store(DType::kBFloat16, 3);   // 6-byte rows: 2-byte copies
+  std::printf("%lld kernel launches, %lld memcpys, %lld event syncs, %lld stream syncs\n", emu::launches,
+              emu::memcpy_calls, emu::event_syncs, emu::stream_syncs);
+  if (g_failures) {
+    std::printf("%d FAILURES\n", g_failures);
+    return 1;
+  }
+  std::printf("all emulated CUDA checks passed\n");
+  return 0;
+}
