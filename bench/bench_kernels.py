@@ -49,11 +49,11 @@ def timer(device: str):
 
 
 def copy_bandwidth(device: str, time_fn) -> float:
-    """Bytes per second of a plain 256 MiB tensor copy (read once, written once; counted once)."""
+    """Bytes per second of a plain 256 MiB tensor copy, counting reads and writes like the ops do."""
     src = torch.empty(64 << 20, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     seconds = time_fn(lambda: dst.copy_(src), 5)
-    return src.numel() * 4 / seconds
+    return 2 * src.numel() * 4 / seconds
 
 
 def bench_size(T: int, device: str, time_fn, reps: int):
@@ -71,9 +71,15 @@ def bench_size(T: int, device: str, time_fn, reps: int):
     enc_x = torch.randn(1, NUM_KV_HEADS, min(T, ENCODE_TOKENS), HEAD_DIM, generator=g).to(device)
     topk = dict(group_size=group, sink=SINK, window=WINDOW)
 
+    # The decode loop reuses its output buffers (out=), as A2ATSCache does; fresh 4 MiB outputs
+    # per call would mostly time page faults.
+    scores_out = torch.empty(1, NUM_Q_HEADS, T, device=device)
+    indices_out = torch.empty(1, NUM_KV_HEADS, group * k + SINK + WINDOW, dtype=torch.int32, device=device)
+    counts_out = torch.empty(1, NUM_KV_HEADS, dtype=torch.int32, device=device)
+
     def native_select():
-        s = a2ats_core.lut_scores(q, centroids, codes, lengths)
-        return a2ats_core.select_topk(s, k, lengths, **topk)
+        s = a2ats_core.lut_scores(q, centroids, codes, lengths, out=scores_out)
+        return a2ats_core.select_topk(s, k, lengths, **topk, out_indices=indices_out, out_counts=counts_out)
 
     def reference_select():
         s = reference.lut_scores(q, centroids, codes, lengths)
@@ -87,10 +93,11 @@ def bench_size(T: int, device: str, time_fn, reps: int):
          lambda: reference.rotary(keys, positions, inv_freq), 2 * keys.numel() * 2),
         ("vq_encode", enc_x.shape[2], lambda: a2ats_core.vq_encode(enc_x, centroids),
          lambda: reference.vq_encode(enc_x, centroids), enc_x.numel() * f32 + enc_x.shape[2] * NUM_KV_HEADS * i16),
-        ("lut_scores", T, lambda: a2ats_core.lut_scores(q, centroids, codes, lengths),
+        ("lut_scores", T, lambda: a2ats_core.lut_scores(q, centroids, codes, lengths, out=scores_out),
          lambda: reference.lut_scores(q, centroids, codes, lengths),
          codes.numel() * i16 + centroids.numel() * f32 + NUM_Q_HEADS * T * f32),
-        ("select_topk", T, lambda: a2ats_core.select_topk(scores, k, lengths, **topk),
+        ("select_topk", T, lambda: a2ats_core.select_topk(scores, k, lengths, **topk, out_indices=indices_out,
+                                                          out_counts=counts_out),
          lambda: reference.select_topk(scores, k, lengths, **topk), NUM_Q_HEADS * T * f32 + sel_idx.numel() * i32),
         ("lut_scores + select_topk", T, native_select, reference_select,
          codes.numel() * i16 + centroids.numel() * f32 + 2 * NUM_Q_HEADS * T * f32 + sel_idx.numel() * i32),
