@@ -49,3 +49,20 @@ def pytest_report_header(config):
     return (f"a2ats_core {a2ats_core.__version__}: built_with_cuda={a2ats_core.built_with_cuda()}, "
             f"cuda_device_count={a2ats_core.cuda_device_count()}, cpu threads={a2ats_core.num_threads()}; "
             f"cuda tests: {'run' if HAS_CUDA else 'skipped (' + str(CUDA_SKIP_REASON) + ')'}")
+
+
+# The real SmolLM2-135M and one small-preset codebook for it, shared by every test file that
+# needs them: loading takes ~20 s and calibrating ~1 min on two cores.
+@pytest.fixture(scope="session")
+def smollm2():
+    from a2ats.models import load_model
+
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def small_codebook(smollm2):
+    from a2ats.calibrate import calibrate
+
+    model, tokenizer = smollm2
+    return calibrate(model, tokenizer, preset="small", progress=False)

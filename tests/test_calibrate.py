@@ -20,19 +20,8 @@ from a2ats.calibrate import (PRESETS, StatisticsCollector, calibrate, kmeans, re
 from a2ats.cli import main
 from a2ats.codebook import Codebook, CodebookError, CodebookMismatchError, _checksum
 from a2ats.corpus import build_corpus, default_documents
-from a2ats.models import (SMOLLM2_INSTALL, ModelNotAvailableError, describe_model, load_model,
+from a2ats.models import (SMOLLM2_INSTALL, ModelNotAvailableError, describe_model,
                           smollm2_location)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2")
-
-
-@pytest.fixture(scope="module")
-def small_codebook(smollm2):
-    model, tokenizer = smollm2
-    return calibrate(model, tokenizer, preset="small", progress=False)
 
 
 def _tiny(kind: str, **overrides):

@@ -297,10 +297,13 @@ class A2ATSLayer(CacheLayerMixin):
         num_kv = book.num_kv_heads
         q = query.reshape(batch, num_kv, group, query.shape[-1]).float()
         logits = torch.einsum("bgqd,bgkd->bgqk", q, out_k.float()) * scaling
-        slots = torch.arange(kmax, device=logits.device)
-        logits = logits.masked_fill(slots[None, None, None, :] >= counts[:, :, None, None], float("-inf"))
+        # Slots past counts hold stale buffer bytes, possibly NaN/inf: mask logits and zero values
+        # (a zero probability times a NaN value would still be NaN).
+        valid = torch.arange(kmax, device=logits.device)[None, None, :] < counts[:, :, None]  # (B, Hkv, kmax)
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        out = torch.einsum("bgqk,bgkd->bgqd", probs, out_v.float())
+        values_f = torch.where(valid[..., None], out_v.float(), 0.0)
+        out = torch.einsum("bgqk,bgkd->bgqd", probs, values_f)
         out = out.reshape(batch, num_kv * group, 1, -1).transpose(1, 2).to(query.dtype)
         if cache.collect_stats:
             _synchronize(out.device)
