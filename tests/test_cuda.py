@@ -14,19 +14,10 @@ import a2ats_core
 import numpy as np
 import pytest
 import torch
+from conftest import CUDA_SKIP_REASON  # one definition of when CUDA tests can run
 
 
-def _skip_reason() -> str | None:
-    if not a2ats_core.built_with_cuda():
-        return "a2ats_core was built without CUDA (built_with_cuda() is False)"
-    if a2ats_core.cuda_device_count() == 0:
-        return "a2ats_core sees no CUDA device (cuda_device_count() == 0)"
-    if not torch.cuda.is_available():
-        return "torch cannot use CUDA (torch.cuda.is_available() is False)"
-    return None
-
-
-SKIP_REASON = _skip_reason()
+SKIP_REASON = CUDA_SKIP_REASON
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 
 
