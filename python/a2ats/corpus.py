@@ -70,7 +70,8 @@ def random_string_document(rng: random.Random, num_lines: int = 32) -> str:
         if kind == 1:
             return f"{rng.uniform(-1e4, 1e4):.{rng.randint(1, 6)}f}"
         if kind == 2:
-            return f"{rng.randrange(10**3):03d}-{rng.randrange(10**4):04d}-{rng.randrange(10**4):04d}"
+            area, exchange, line = rng.randrange(10**3), rng.randrange(10**4), rng.randrange(10**4)
+            return f"{area:03d}-{exchange:04d}-{line:04d}"
         return f"{rng.random():.3e}"
 
     templates = (
@@ -110,7 +111,8 @@ def _token_stream(tokenizer, documents: Iterable[str], limit: int) -> list[int]:
     for document in documents:
         if not document.strip():
             continue
-        ids.extend(tokenizer(document + "\n\n", add_special_tokens=False, verbose=False)["input_ids"])
+        encoded = tokenizer(document + "\n\n", add_special_tokens=False, verbose=False)
+        ids.extend(encoded["input_ids"])
         if len(ids) >= limit:
             break
     return ids[:limit]
