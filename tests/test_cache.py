@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import a2ats
+from a2ats import reference
 
 PROMPT_LENGTHS = (1000, 700)  # batch 2, unequal: row 1 is left-padded
 
@@ -77,6 +78,110 @@ def test_full_budget_greedy_generation_is_identical(smollm2, small_codebook, bat
         dense = model.generate(**kwargs)
         ours = model.generate(**kwargs, cache=a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=1.0)))
     assert torch.equal(dense, ours)
+
+
+@pytest.mark.parametrize("sink, window", [(8, 4), (0, 1), (3, 16)])
+def test_full_budget_short_prompts_equal_dense_attention(smollm2, small_codebook, sink, window):
+    """Prompts shorter than sink + window; the ring of resident window rows wraps while decoding."""
+    model, _ = smollm2
+    input_ids = torch.tensor([[504, 3458, 314, 260, 2099, 28], [0, 0, 0, 504, 3458, 314]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    dense = _forward_steps(model, DynamicCache(config=model.config), input_ids, attention_mask, steps=20)
+    config = a2ats.A2ATSConfig(topk=1.0, sink=sink, window=window, capacity=64)
+    ours = _forward_steps(model, a2ats.A2ATSCache(model, small_codebook, config), input_ids, attention_mask,
+                          steps=20)
+    for step, (want, got) in enumerate(zip(dense, ours)):
+        assert (want - got).abs().max().item() <= 1e-4 * want.abs().max().item(), f"step {step}"
+
+
+def _check_selection(cache, layer_idx, query, positions, indices, counts):
+    """The native selection of one decode step against reference scores, robust to ties.
+
+    query (B, Hq, 1, D) post-RoPE, positions (B, 1), indices (B, Hkv, Kmax), counts (B, Hkv).
+    Every row holds its sink and window; each query head's candidates scoring clearly above its
+    k-th reference score are selected, and every selected candidate is within round-off of the
+    k-th score of some head of its group.
+    """
+    layer, book, config = cache.retrieval[layer_idx], cache.codebook, cache.config
+    lengths = layer.lengths.cpu()
+    length = int(lengths.max())
+    k, group = config.budget(length), book.group_size
+    q_w = reference.rotary(query, cache.wrope_position - positions, cache.inv_freq)
+    chol_inv = book.chol_inv[layer_idx].repeat_interleave(group, 0)  # (Hq, D, D)
+    q_dual = torch.einsum("bhd,hed->bhe", q_w[:, :, 0].float(), chol_inv)  # q_w L^-T
+    scores = reference.lut_scores(q_dual, book.centroids[layer_idx], layer.codes[:, :, :length], lengths)
+    for b, n in enumerate(lengths.tolist()):
+        lo, hi = config.sink, n - config.window
+        assert hi - lo > k, "the budget must leave candidates out"
+        for g in range(book.num_kv_heads):
+            chosen = indices[b, g, :counts[b, g]].long()
+            assert torch.equal(chosen, chosen.unique())  # ascending, no duplicates
+            middle = chosen[(chosen >= lo) & (chosen < hi)]
+            assert set(range(lo)) | set(range(hi, n)) == set(chosen.tolist()) - set(middle.tolist())
+            head_scores = scores[b, g * group:(g + 1) * group, lo:hi]  # (G, candidates)
+            kth = head_scores.topk(k, -1).values[:, -1:]  # (G, 1)
+            slack = 1e-4 * head_scores.abs().max()
+            must = ((head_scores > kth + slack).any(0)).nonzero().flatten() + lo
+            assert set(must.tolist()) <= set(middle.tolist())
+            assert (head_scores[:, middle - lo] >= kth - slack).any(0).all()
+            assert middle.numel() <= group * k
+
+
+def _attention_over(cache, layer_idx, query, indices, counts):
+    """Attention output (B, 1, Hq, D) over the given rows of the store, in plain torch."""
+    layer, book = cache.retrieval[layer_idx], cache.codebook
+    lengths = layer.lengths.cpu()
+    batch, length = lengths.numel(), int(lengths.max())
+    everything = torch.arange(length, dtype=torch.int32).expand(batch, book.num_kv_heads, length).contiguous()
+    all_k = torch.zeros(batch, book.num_kv_heads, length, book.head_dim, dtype=query.dtype)
+    all_v = torch.zeros_like(all_k)
+    stored = lengths[:, None].expand(-1, book.num_kv_heads).to(torch.int32).contiguous()
+    cache.store.gather(layer.store_layer, everything, stored, all_k, all_v)
+    rows_k = reference.gather(all_k, indices, counts).float()
+    rows_v = reference.gather(all_v, indices, counts).float()
+    q = query.reshape(batch, book.num_kv_heads, book.group_size, -1).float()
+    logits = torch.einsum("bgqd,bgkd->bgqk", q, rows_k) / book.head_dim ** 0.5
+    valid = torch.arange(indices.shape[-1])[None, None] < counts[..., None]
+    probs = torch.softmax(logits.masked_fill(~valid[:, :, None], float("-inf")), -1)
+    out = torch.einsum("bgqk,bgkd->bgqd", probs, rows_v)
+    return out.reshape(batch, book.num_q_heads, 1, -1).transpose(1, 2)
+
+
+def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, small_codebook, batch,
+                                                                    monkeypatch):
+    """At 3%, with resident sink/window rows: the selection is a valid top-k under the reference
+    scores, and the output is exact attention over the selected rows."""
+    from a2ats import cache as cache_module
+
+    model, _ = smollm2
+    input_ids, attention_mask = batch
+    cache = a2ats.A2ATSCache(model, small_codebook,
+                             a2ats.A2ATSConfig(topk=0.03, sink=5, window=24, capacity=1100))
+    _prefill(model, cache, input_ids, attention_mask)
+    seen = {}
+    decode = cache_module.A2ATSLayer.decode
+
+    def recording_decode(self, query, scaling, position_ids):
+        out = decode(self, query, scaling, position_ids)
+        length = max(self.lengths_host)
+        kmax = self.cache.codebook.group_size * self.cache.config.budget(length) + 5 + 24
+        batch = query.shape[0]
+        seen[self.layer_idx] = (query.detach().clone(), position_ids.clone(), out,
+                                self.cache.indices_buffer(batch, kmax).clone(),
+                                self.cache.counts_buffer[:batch].clone())
+        return out
+
+    monkeypatch.setattr(cache_module.A2ATSLayer, "decode", recording_decode)
+    for layer_idx in (0, 7, 29):
+        seen.clear()
+        _decode(model, cache, attention_mask, steps=1)
+        attention_mask = torch.cat([attention_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        query, positions, got, indices, counts = seen[layer_idx]
+        _check_selection(cache, layer_idx, query, positions, indices, counts)
+        want = _attention_over(cache, layer_idx, query, indices, counts)
+        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-5)
+    summary = cache.summary()
+    assert 0 < summary["rows_fetched_share"] < summary["rows_read_share"]
 
 
 def test_small_budget_reads_few_rows(smollm2, small_codebook, batch):

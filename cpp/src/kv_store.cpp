@@ -92,7 +92,7 @@ void KVStore::append(int64_t layer, const RowsView& k, const RowsView& v, int64_
         std::memcpy(dst_v + t * int64_t(row), src_v + t * v.stride[2] * elem, row);
       }
     }
-  });
+  }, ThreadPool::min_chunk_for(2 * num_new * int64_t(row)));
   commit_append(layer, num_new, num_tokens);
 }
 
@@ -147,7 +147,7 @@ void KVStore::gather(int64_t layer, const int32_t* indices, const int64_t indice
         std::memcpy(dst_v + i * out_v.stride[2] * elem, src_v + size_t(idx[i]) * row, row);
       }
     }
-  });
+  }, ThreadPool::min_chunk_for(2 * kGatherChunkRows * int64_t(row)));
 }
 
 }  // namespace a2ats

@@ -82,7 +82,7 @@ void rotary_typed(const T* x, T* out, const P* positions, const float* inv_freq,
                        out + b * p.out_stride[0] + t * p.out_stride[2], p.out_stride[1], p.num_heads, pos, inv_freq,
                        p.rotary_dim / 2, p.head_dim, p.interleaved);
     }
-  }, 4);
+  }, ThreadPool::min_chunk_for(p.num_heads * p.head_dim * 4));
 }
 
 template <typename T>

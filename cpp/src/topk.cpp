@@ -115,7 +115,7 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
       std::fill(out + count, out + p.max_selected, -1);
       counts[b * p.counts_stride[0] + g * p.counts_stride[1]] = int32_t(count);
     }
-  });
+  }, ThreadPool::min_chunk_for(p.group_size * p.capacity * 2));
 }
 
 }  // namespace a2ats

@@ -154,7 +154,7 @@ void vq_encode_typed(const T* x, const float* centroids, int16_t* codes, const V
         }
         encode_block(x_rows, num_rows, centroids + g * per_head, p.num_subspaces, p.num_centroids, dsub, code_rows);
       }
-    });
+    }, ThreadPool::min_chunk_for(kEncodeRows * p.num_centroids * p.head_dim));
     return;
   }
   const Panels panels = pack_panels(centroids, p.num_kv_heads * p.num_subspaces, p.num_centroids, dsub);
@@ -178,7 +178,7 @@ void vq_encode_typed(const T* x, const float* centroids, int16_t* codes, const V
                           panels.norms.data() + g * p.num_subspaces * padded, p.num_subspaces, panels.num_panels,
                           dsub, code_rows);
     }
-  });
+  }, ThreadPool::min_chunk_for(kChunkRows * p.num_centroids * p.head_dim));
 }
 
 // LUT rows of HB heads against centroids (C, dsub): out[h][c] = q[h] . cent[c] * scale.
@@ -309,7 +309,7 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
         std::fill(row + length, row + p.capacity, -std::numeric_limits<float>::infinity());
       }
     }
-  });
+  }, ThreadPool::min_chunk_for(group_size * (table * dsub + p.capacity * p.num_subspaces)));
   return ok.load();
 }
 

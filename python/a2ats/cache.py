@@ -98,7 +98,8 @@ class _Stats:
 
     decode_calls: int = 0           # retrieval-layer decode steps (layers x steps)
     attention_seconds: float = 0.0  # time inside the decode attention path, all layers
-    rows_read: int = 0              # KV rows gathered, summed over batch rows and KV heads
+    rows_read: int = 0              # KV rows attended, summed over batch rows and KV heads
+    rows_fetched: int = 0           # of those, rows copied from the host store (not resident)
     rows_cached: int = 0            # KV rows stored at those steps, same sum
 
 
@@ -140,6 +141,11 @@ class A2ATSLayer(CacheLayerMixin):
         self.lengths_host: list[int] = []  # valid rows stored per batch row
         self.lengths: torch.Tensor | None = None  # (B,) int32 on the compute device
         self.codes: torch.Tensor | None = None    # (B, Hkv, capacity, M) int16
+        # Copies of the always-attended rows on the compute device, so that only the selected
+        # middle rows cross from host memory: (B, Hkv, sink + window, D), slots [0, sink) hold
+        # positions [0, sink), slots [sink, sink + window) a ring with position p at
+        # sink + p % window.
+        self.resident_k = self.resident_v = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- transformers' CacheLayerMixin protocol --------------------------------------------
@@ -151,6 +157,11 @@ class A2ATSLayer(CacheLayerMixin):
         book = self.cache.codebook
         self.codes = torch.zeros(batch, book.num_kv_heads, self.cache.capacity, book.num_subspaces,
                                  dtype=torch.int16, device=key_states.device)
+        config = self.cache.config
+        resident = dict(dtype=key_states.dtype, device=key_states.device)
+        self.resident_k, self.resident_v = (
+            torch.zeros(batch, book.num_kv_heads, config.sink + config.window, book.head_dim, **resident)
+            for _ in range(2))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -216,16 +227,35 @@ class A2ATSLayer(CacheLayerMixin):
         """Codes (B, Hkv, t, M) of post-RoPE keys (B, Hkv, t, D) at positions (B, t)."""
         book = self.cache
         k_pre = a2ats_core.rotary(keys, (-positions).to(torch.int64), book.inv_freq)
-        whitened = torch.einsum("bgtd,gde->bgte", k_pre.float(), book.chol[self.layer_idx])
+        whitened = torch.matmul(k_pre.float(), book.chol[self.layer_idx])  # (B, Hkv, t, D) @ (Hkv, D, D)
         return a2ats_core.vq_encode(whitened, book.centroids[self.layer_idx])
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, counts: list[int]) -> None:
         """Stores the first counts[b] rows of each batch row; all checks happened before."""
         counts_t = torch.tensor(counts, dtype=torch.int32)
         self.cache.store.append(self.store_layer, keys, values, num_tokens=counts_t)
+        sink, window = self.cache.config.sink, self.cache.config.window
+        if keys.shape[2] == 1 and min(self.lengths_host) >= sink:
+            # Decode: one row per sequence, past the sink; codes and ring slot in one indexed copy.
+            rows = torch.arange(len(counts), device=keys.device)
+            starts = self.lengths.long()
+            self.codes[rows, :, starts] = codes[:, :, 0]
+            slots = sink + starts % window
+            self.resident_k[rows, :, slots] = keys[:, :, 0]
+            self.resident_v[rows, :, slots] = values[:, :, 0]
+            self.lengths_host = [n + 1 for n in self.lengths_host]
+            self.lengths += 1
+            return
         for b, n in enumerate(counts):
             start = self.lengths_host[b]
             self.codes[b, :, start:start + n] = codes[b, :, :n]
+            in_sink = max(0, min(sink, start + n) - start)
+            self.resident_k[b, :, start:start + in_sink] = keys[b, :, :in_sink]
+            self.resident_v[b, :, start:start + in_sink] = values[b, :, :in_sink]
+            in_window = min(window, n)
+            slots = sink + torch.arange(start + n - in_window, start + n, device=keys.device) % window
+            self.resident_k[b][:, slots] = keys[b, :, n - in_window:n]
+            self.resident_v[b][:, slots] = values[b, :, n - in_window:n]
             self.lengths_host[b] = start + n
         self.lengths.copy_(torch.tensor(self.lengths_host, dtype=torch.int32))
 
@@ -282,28 +312,47 @@ class A2ATSLayer(CacheLayerMixin):
         group = book.group_size
         # WRoPE query R(b - m) q, then the dual space q L^-T of its KV head.
         q_w = a2ats_core.rotary(query, (cache.wrope_position - positions).to(torch.int64), cache.inv_freq)
-        q_dual = torch.einsum("bhd,hde->bhe", q_w[:, :, 0].float(), cache.dual[self.layer_idx]).contiguous()
+        q_dual = torch.matmul(q_w.float(), cache.dual[self.layer_idx])[:, :, 0].contiguous()  # (B, Hq, D)
         scores = a2ats_core.lut_scores(q_dual, cache.centroids[self.layer_idx],
                                        self.codes[:, :, :length], self.lengths,
                                        out=cache.scores_buffer[:batch, :, :length])
         k = cache.config.budget(length)
-        kmax = group * k + cache.config.sink + cache.config.window
+        sink, window = cache.config.sink, cache.config.window
+        kmax = group * k + sink + window
         indices, counts = a2ats_core.select_topk(
-            scores, k, self.lengths, group_size=group, sink=cache.config.sink, window=cache.config.window,
+            scores, k, self.lengths, group_size=group, sink=sink, window=window,
             out_indices=cache.indices_buffer(batch, kmax), out_counts=cache.counts_buffer[:batch])
-        out_k, out_v = cache.rows_buffers(batch, kmax)
-        cache.store.gather(self.store_layer, indices, counts, out_k, out_v)
-        # Exact attention over the selected rows with the model's own RoPE query.
+        # Each row of indices is ascending: its sink rows, the selected middle rows, its window
+        # rows. Sink and window are resident, so only the middle crosses from the host store;
+        # a row with any middle rows has all `sink` sink rows, so the middle starts at `sink`.
+        lengths = self.lengths.long()[:, None]  # (B, 1)
+        sink_valid = torch.arange(sink, device=lengths.device) < lengths  # (B, sink)
+        # Position held by each ring slot j: the latest p < length with p ≡ j (mod window);
+        # it counts when it is not a sink row (and exists).
+        slot = torch.arange(window, device=lengths.device)
+        window_positions = lengths - 1 - (lengths - 1 - slot).remainder(window)  # (B, window)
+        resident_valid = torch.cat([sink_valid, window_positions >= sink], 1)  # (B, sink + window)
+        middle_counts = counts - resident_valid.sum(1, dtype=torch.int32)[:, None]  # (B, Hkv)
+        middle = group * k
+        middle_k, middle_v = cache.rows_buffers(batch, middle)
+        cache.store.gather(self.store_layer, indices[:, :, sink:sink + middle], middle_counts,
+                           middle_k, middle_v)
+        # Exact attention over resident + middle rows with the model's own RoPE query; one
+        # softmax over both parts' logits, so the rows are never concatenated.
         num_kv = book.num_kv_heads
-        q = query.reshape(batch, num_kv, group, query.shape[-1]).float()
-        logits = torch.einsum("bgqd,bgkd->bgqk", q, out_k.float()) * scaling
-        # Slots past counts hold stale buffer bytes, possibly NaN/inf: mask logits and zero values
-        # (a zero probability times a NaN value would still be NaN).
-        valid = torch.arange(kmax, device=logits.device)[None, None, :] < counts[:, :, None]  # (B, Hkv, kmax)
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        q = query.reshape(batch, num_kv, group, query.shape[-1]).float()  # (B, Hkv, G, D)
+        middle_valid = torch.arange(middle, device=lengths.device) < middle_counts[..., None]
+        valid = torch.cat([resident_valid[:, None].expand(-1, num_kv, -1), middle_valid], 2)
+        logits = torch.cat([torch.matmul(q, self.resident_k.float().transpose(2, 3)),
+                            torch.matmul(q, middle_k.float().transpose(2, 3))], 3) * scaling
+        # Middle slots past the counts hold stale bytes, possibly NaN/inf: mask the logits and
+        # zero the values (a zero probability times a NaN value would still be NaN). Resident
+        # slots only ever hold zeros or real rows.
+        logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        values_f = torch.where(valid[..., None], out_v.float(), 0.0)
-        out = torch.einsum("bgqk,bgkd->bgqd", probs, values_f)
+        resident = sink + window
+        out = torch.matmul(probs[..., :resident], self.resident_v.float()) + torch.matmul(
+            probs[..., resident:], torch.where(middle_valid[..., None], middle_v.float(), 0.0))
         out = out.reshape(batch, num_kv * group, 1, -1).transpose(1, 2).to(query.dtype)
         if cache.collect_stats:
             _synchronize(out.device)
@@ -311,6 +360,7 @@ class A2ATSLayer(CacheLayerMixin):
             stats.decode_calls += 1
             stats.attention_seconds += time.perf_counter() - started
             stats.rows_read += int(counts.sum())
+            stats.rows_fetched += int(middle_counts.sum())
             stats.rows_cached += sum(self.lengths_host) * num_kv
         return out
 
@@ -423,6 +473,7 @@ class A2ATSCache(Cache):
         return {
             "decode_steps": steps,
             "rows_read_share": s.rows_read / s.rows_cached if s.rows_cached else float("nan"),
+            "rows_fetched_share": s.rows_fetched / s.rows_cached if s.rows_cached else float("nan"),
             "attention_seconds_per_step": s.attention_seconds / steps if steps else float("nan"),
             "kv_location": ("pinned host memory" if self.store is not None and self.store.pinned else "host memory"),
             "compute_device": str(self.device),

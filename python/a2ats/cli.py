@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "add_model_arguments",
-           "add_calibrate_arguments", "run_calibrate"]
+           "add_calibrate_arguments", "run_calibrate", "add_demo_arguments", "run_demo"]
 
 
 class Command(NamedTuple):
@@ -139,11 +139,61 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- demo ----------------------------------------------------------------------------------------
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--preset", default=None, choices=["default", "small"],
+                        help="calibration preset when no codebook is cached (default: 'default' "
+                             "with a GPU, 'small' on CPU)")
+    parser.add_argument("--codebook", default=None, metavar="FILE",
+                        help="use this codebook file instead of the cached one")
+    parser.add_argument("--context", type=int, default=4096, help="prompt length in tokens")
+    parser.add_argument("--topk", type=_budget, default=0.03,
+                        help="tokens each query head selects: a share like 0.03 or a count")
+    parser.add_argument("--window", type=int, default=64, help="most recent tokens always read")
+    parser.add_argument("--sink", type=int, default=8, help="first tokens always read")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0, help="which facts and question")
+
+
+def _budget(text: str) -> float | int:
+    """--topk: '0.03' is a share of the context, '128' a token count."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .codebook import Codebook
+    from .demo import load_or_calibrate, run_demo as demo
+
+    if args.context < 256:
+        raise ValueError(f"--context must be >= 256 tokens, got {args.context}")
+    model, tokenizer = _load_model(args)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    print(f"model: {model.a2ats_model_name} on {'CUDA' if on_gpu else f'CPU ({torch.get_num_threads()} threads)'}")
+    if args.codebook:
+        codebook = Codebook.load(args.codebook)
+        codebook.check_compatible(model)
+    else:
+        codebook = load_or_calibrate(model, tokenizer, args.preset or ("default" if on_gpu else "small"))
+    print(f"codebook: {codebook}")
+    demo(model, tokenizer, codebook, num_tokens=args.context, topk=args.topk, window=args.window,
+         sink=args.sink, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return 0
+
+
 # -- registry and entry point --------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
     Command("calibrate", "build a query-aware codebook file for a model",
             add_calibrate_arguments, run_calibrate),
+    Command("demo", "answer a long needle prompt with dense attention and with A²ATS",
+            add_demo_arguments, run_demo),
 ]
 
 

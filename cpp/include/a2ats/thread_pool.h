@@ -6,6 +6,7 @@
 // from inside a task) runs serially in the caller instead of waiting, so it never deadlocks.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -28,6 +29,14 @@ class ThreadPool {
 
   // fn(begin, end) over chunks of at least min_chunk items.
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk = 1);
+
+  // min_chunk for items of ops_per_item scalar operations (or bytes copied): waking a worker
+  // costs microseconds (far more on a busy machine), more than a decode step's whole work for
+  // one layer, so chunks carry at least kMinOpsPerChunk and small calls run inline.
+  static constexpr int64_t kMinOpsPerChunk = int64_t(1) << 17;
+  static int64_t min_chunk_for(int64_t ops_per_item) {
+    return std::max<int64_t>(1, kMinOpsPerChunk / std::max<int64_t>(1, ops_per_item));
+  }
 
   // Process-wide pool used by the kernels; its size is A2ATS_NUM_THREADS or the core count.
   static ThreadPool& global();
