@@ -1,6 +1,8 @@
 """A²ATS inside transformers on the real SmolLM2-135M: exactness at full budget, budgets,
 ragged batches, errors that leave the cache intact."""
+import gc
 import pydoc_data.topics
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from transformers import DynamicCache
 
 import a2ats
 from a2ats import reference
+from tiny_models import tiny_model
 
 PROMPT_LENGTHS = (1000, 700)  # batch 2, unequal: row 1 is left-padded
 
@@ -189,11 +192,16 @@ def test_small_budget_reads_few_rows(smollm2, small_codebook, batch):
     input_ids, attention_mask = batch
     cache = a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=0.03, capacity=1100))
     _prefill(model, cache, input_ids, attention_mask)
-    # Gather buffers are reused between steps; stale NaN bytes past the selected rows must not leak.
+    # Gather buffers are reused between steps: stale rows past the selected ones must get no
+    # weight. Huge finite stand-ins would swamp the output if they did.
+    reference_cache = a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=0.03, capacity=1100))
+    _prefill(model, reference_cache, input_ids, attention_mask)
+    want = _decode(model, reference_cache, attention_mask, steps=2)
     for buffer in cache.rows_buffers(2, 2048):
-        buffer.fill_(float("nan"))
+        buffer.fill_(1e30)
     logits = _decode(model, cache, attention_mask, steps=2)
-    assert all(torch.isfinite(step).all() for step in logits)
+    for step, got in zip(want, logits):
+        torch.testing.assert_close(got, step, rtol=1e-5, atol=1e-5)
     summary = cache.summary()
     # 3 query heads x 3% + 8 sink + 64 window of ~850 tokens: well under a fifth of the rows.
     assert 0.05 < summary["rows_read_share"] < 0.2
@@ -227,3 +235,89 @@ def test_cache_rejects_wrong_codebook_type(smollm2):
     model, _ = smollm2
     with pytest.raises(TypeError, match="codebook"):
         a2ats.A2ATSCache(model, object())
+
+
+# -- other architectures, errors, long runs (tiny random models) ---------------------------------
+
+def _tiny_setup(smollm2, kind, **overrides):
+    """A tiny random model of ``kind`` (SmolLM2's vocabulary) and a codebook calibrated for it."""
+    from a2ats.calibrate import calibrate
+
+    _, tokenizer = smollm2
+    model = tiny_model(kind, vocab_size=49152, **overrides)
+    codebook = calibrate(model, tokenizer, num_centroids=16, num_tokens=512, holdout_tokens=0,
+                         chunk_len=256, baseline=False, progress=False)
+    return model, codebook
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "mistral", "gemma3", "llama-yarn"])
+def test_other_architectures_full_budget_equal_dense_attention(smollm2, kind):
+    """Qwen3 (q/k norms), Mistral, Gemma 3 (sliding layers keep their own cache), YaRN RoPE."""
+    model, codebook = _tiny_setup(smollm2, kind)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(49152, (2, 40), generator=generator)
+    attention_mask = torch.ones(2, 40, dtype=torch.long)
+    attention_mask[1, :9] = 0  # left padding
+    dense = _forward_steps(model, DynamicCache(config=model.config), input_ids, attention_mask, steps=5)
+    cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=1.0, sink=2, window=4, capacity=64))
+    ours = _forward_steps(model, cache, input_ids, attention_mask, steps=5)
+    for step, (want, got) in enumerate(zip(dense, ours)):
+        assert (want - got).abs().max().item() <= 1e-4 * want.abs().max().item(), f"step {step}"
+    assert sorted(cache.retrieval) == list(codebook.layers)
+    if kind == "gemma3":
+        assert list(codebook.layers) == [1, 3]  # the global layers; sliding ones stay dense
+
+
+def test_unsupported_models_and_inputs_fail_before_any_work(smollm2, small_codebook):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from a2ats.codebook import CodebookMismatchError
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256))
+    with pytest.raises(ValueError, match="no rotary position embedding"):
+        a2ats.A2ATSCache(gpt2, small_codebook)
+    llama, codebook = _tiny_setup(smollm2, "llama")
+    with pytest.raises(CodebookMismatchError):
+        a2ats.A2ATSCache(llama, small_codebook)  # SmolLM2's codebook for another model
+    with pytest.raises(TypeError, match="model dtype torch.float64"):
+        a2ats.A2ATSCache(llama.to(torch.float64), codebook)
+    llama.to(torch.float32)
+    with pytest.raises(TypeError, match="codebook"):
+        a2ats.A2ATSCache(llama, {"centroids": None})
+    # A prompt longer than the store: refused before the store holds anything.
+    cache = a2ats.A2ATSCache(llama, codebook, a2ats.A2ATSConfig(capacity=16))
+    with pytest.raises(ValueError, match="capacity"), torch.no_grad():
+        llama(input_ids=torch.arange(20)[None] + 5, cache=cache, use_cache=True)
+    assert (cache.store.lengths() == 0).all()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc (Linux)")
+def test_memory_stays_flat_over_2000_decode_steps(smollm2):
+    model, codebook = _tiny_setup(smollm2, "llama")
+    steps, prompt = 2000, 64
+    cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=0.03, sink=4, window=16,
+                                                                capacity=prompt + steps))
+    token = torch.tensor([[17], [23]])
+    resident = {}
+    with torch.inference_mode():
+        model(input_ids=torch.arange(2 * prompt).view(2, prompt) + 100, cache=cache, use_cache=True)
+        for step in range(steps):
+            out = model(input_ids=token, position_ids=torch.full((2, 1), prompt + step), cache=cache,
+                        use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            if step + 1 in (200, steps):
+                gc.collect()
+                resident[step + 1] = (_resident_bytes(), len(gc.get_objects()))
+    assert cache.store.lengths()[0].tolist() == [prompt + steps] * 2
+    assert cache.summary()["decode_steps"] == steps
+    # Everything per step is preallocated or reused. Between step 200 and step 2000 a buffer
+    # leaked per step would add megabytes of RSS, and any object kept per step (a tensor, a
+    # stats record) would add 1,800 live objects; allow allocator and interpreter noise.
+    (bytes_early, objects_early), (bytes_late, objects_late) = resident[200], resident[steps]
+    assert bytes_late - bytes_early < 4 * 2**20, resident
+    assert objects_late - objects_early < 500, resident

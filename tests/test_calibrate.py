@@ -22,34 +22,7 @@ from a2ats.codebook import Codebook, CodebookError, CodebookMismatchError, _chec
 from a2ats.corpus import build_corpus, default_documents
 from a2ats.models import (SMOLLM2_INSTALL, ModelNotAvailableError, describe_model,
                           smollm2_location)
-
-
-def _tiny(kind: str, **overrides):
-    """A small random-weight causal LM of the given architecture."""
-    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PhiConfig,
-                              Qwen3Config)
-
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    common.update(overrides)
-    if kind == "qwen3":
-        config = Qwen3Config(head_dim=32, **common)
-    elif kind == "gemma3":
-        common["num_hidden_layers"] = 4
-        config = Gemma3TextConfig(head_dim=32, sliding_window=16, layer_types=[
-            "sliding_attention", "full_attention", "sliding_attention", "full_attention"], **common)
-    elif kind == "phi":
-        config = PhiConfig(partial_rotary_factor=0.5, **common)
-    elif kind == "llama-yarn":
-        config = LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                              "rope_theta": 10000.0,
-                                              "original_max_position_embeddings": 128}, **common)
-    elif kind == "llama":
-        config = LlamaConfig(**common)
-    else:
-        raise AssertionError(kind)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+from tiny_models import tiny_model
 
 
 # -- the real model --------------------------------------------------------------------------
@@ -186,14 +159,14 @@ def test_codebook_for_another_model_is_refused(small_codebook, smollm2, tmp_path
     path = tmp_path / "smollm2.safetensors"
     small_codebook.save(path)
     # Same geometry and RoPE, other weights: only the fingerprint can tell.
-    twin = _tiny("llama", hidden_size=576, intermediate_size=32, num_hidden_layers=30,
+    twin = tiny_model("llama", hidden_size=576, intermediate_size=32, num_hidden_layers=30,
                  num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                  max_position_embeddings=8192, rope_parameters={"rope_type": "default",
                                                                 "rope_theta": 100000.0})
     with pytest.raises(CodebookMismatchError, match="fingerprint"):
         Codebook.load(path, twin)
     with pytest.raises(CodebookMismatchError, match="num_layers"):
-        Codebook.load(path, _tiny("llama"))
+        Codebook.load(path, tiny_model("llama"))
     # An altered fingerprint in an otherwise valid file is refused for SmolLM2 itself.
     altered = copy.deepcopy(small_codebook.metadata)
     altered["fingerprint"][7][2] += 0.5 * altered["fingerprint"][7][0]
@@ -289,7 +262,7 @@ def test_statistics_match_the_models_attention(kind):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("a2ats_test_spy", spy)
-    model = _tiny(kind)
+    model = tiny_model(kind)
     model.config._attn_implementation = "a2ats_test_spy"
     layout = describe_model(model)
     if kind == "gemma3":
@@ -320,7 +293,7 @@ def test_statistics_match_the_models_attention(kind):
 
 
 def test_calibrate_qwen3_end_to_end(smollm2, tmp_path):
-    model = _tiny("qwen3", vocab_size=49152)
+    model = tiny_model("qwen3", vocab_size=49152)
     _, tokenizer = smollm2
     codebook = calibrate(model, tokenizer, num_centroids=16, num_subspaces=4, num_tokens=512,
                          holdout_tokens=256, chunk_len=256, progress=False)
@@ -329,7 +302,7 @@ def test_calibrate_qwen3_end_to_end(smollm2, tmp_path):
     codebook.save(tmp_path / "qwen3.safetensors")
     Codebook.load(tmp_path / "qwen3.safetensors", model)
     with pytest.raises(CodebookMismatchError):
-        Codebook.load(tmp_path / "qwen3.safetensors", _tiny("llama"))
+        Codebook.load(tmp_path / "qwen3.safetensors", tiny_model("llama"))
 
 
 def test_model_without_rope_is_refused():

@@ -345,14 +345,14 @@ class A2ATSLayer(CacheLayerMixin):
         valid = torch.cat([resident_valid[:, None].expand(-1, num_kv, -1), middle_valid], 2)
         logits = torch.cat([torch.matmul(q, self.resident_k.float().transpose(2, 3)),
                             torch.matmul(q, middle_k.float().transpose(2, 3))], 3) * scaling
-        # Middle slots past the counts hold stale bytes, possibly NaN/inf: mask the logits and
-        # zero the values (a zero probability times a NaN value would still be NaN). Resident
-        # slots only ever hold zeros or real rows.
+        # Slots past the counts hold zeros or rows of earlier steps (the buffers are zeroed when
+        # allocated and only ever receive real rows), always finite: masked logits give them
+        # a zero probability, and zero times a finite value adds nothing.
         logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         resident = sink + window
         out = torch.matmul(probs[..., :resident], self.resident_v.float()) + torch.matmul(
-            probs[..., resident:], torch.where(middle_valid[..., None], middle_v.float(), 0.0))
+            probs[..., resident:], middle_v.float())
         out = out.reshape(batch, num_kv * group, 1, -1).transpose(1, 2).to(query.dtype)
         if cache.collect_stats:
             _synchronize(out.device)
@@ -382,6 +382,16 @@ class A2ATSCache(Cache):
             raise TypeError(f"config must be an a2ats.A2ATSConfig, got {type(self.config).__name__}")
         layout = describe_model(model)  # raises for models without RoPE
         codebook.check_compatible(model)
+        parameter = next(model.parameters())
+        if parameter.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"model dtype {parameter.dtype} is not supported: the KV store holds "
+                            "float32, float16 or bfloat16 rows; convert the model with .to(dtype)")
+        if parameter.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"model device {parameter.device} is not supported: A²ATS runs on "
+                             "cpu or cuda")
+        if parameter.device.type == "cuda" and not a2ats_core.built_with_cuda():
+            raise RuntimeError("the model is on CUDA but a2ats_core was built without CUDA; "
+                               "reinstall with nvcc available (see README)")
         text_config = getattr(model.config, "get_text_config", lambda: model.config)()
         self.capacity = int(self.config.capacity or getattr(text_config, "max_position_embeddings", 0) or 0)
         if self.capacity < 1:
@@ -409,6 +419,34 @@ class A2ATSCache(Cache):
         self.layout = layout
         register_attention()
         _use_a2ats_attention(model)
+
+    @classmethod
+    def from_dense(cls, model, codebook: Codebook, dense: Cache, config: A2ATSConfig | None = None) -> "A2ATSCache":
+        """An A²ATS cache holding the rows of ``dense``, a transformers cache filled by any prefill.
+
+        Every row of ``dense`` is taken as valid (no padding), token n at position n; its keys are
+        post-RoPE as transformers caches them. The dense cache is left unchanged.
+        """
+        cache = cls(model, codebook, config)
+        lengths = {dense.layers[index].get_seq_length() for index in cache.retrieval}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"dense must hold the same non-zero number of rows in every retrieval "
+                             f"layer, got lengths {sorted(lengths)}")
+        for index, layer in enumerate(cache.layers):
+            source = dense.layers[index]
+            keys, values = source.keys, source.values  # (B, Hkv, T, D)
+            if index not in cache.retrieval:
+                if keys is not None:
+                    layer.update(keys, values)
+                continue
+            batch, _, length, _ = keys.shape
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys, values)
+            layer._check_room([length] * batch)
+            positions = torch.arange(length, device=keys.device).expand(batch, length)
+            layer._append(keys, values, layer._encode(keys, positions), [length] * batch)
+            layer.seq_length = length
+        return cache
 
     # ---- shared state -------------------------------------------------------------------------
     def _initialize(self, key_states: torch.Tensor) -> None:
@@ -450,7 +488,7 @@ class A2ATSCache(Cache):
         book = self.codebook
         need = batch * book.num_kv_heads * kmax * book.head_dim
         if self._rows[0].numel() < need:
-            self._rows = tuple(torch.empty(2 * need, dtype=self._rows[0].dtype, device=self.device) for _ in range(2))
+            self._rows = tuple(torch.zeros(2 * need, dtype=self._rows[0].dtype, device=self.device) for _ in range(2))
         shape = (batch, book.num_kv_heads, kmax, book.head_dim)
         return self._rows[0][:need].view(shape), self._rows[1][:need].view(shape)
 
