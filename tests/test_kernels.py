@@ -787,6 +787,49 @@ def test_select_topk_larger(device, G):
     assert torch.equal(idx.cpu(), ref_idx) and torch.equal(cnt.cpu(), ref_cnt)
 
 
+LONG_KINDS = ["normal", "low_bits", "few_values", "two_levels", "with_neg_inf", "sample_fooled"]
+
+
+@pytest.mark.parametrize("kind", LONG_KINDS)
+@pytest.mark.parametrize("k", [1, 40, 600])
+@pytest.mark.parametrize("G", [1, 4])
+def test_select_topk_long_rows(device, G, k, kind):
+    """Rows long enough for the CPU's sampled-threshold path, including data that fools the
+    sample (its probe positions hold the largest values, so too few keys pass the threshold
+    and the radix path must take over)."""
+    B, Hkv, Tcap, sink, window = 2, 2, 20000, 8, 64
+    Hq = Hkv * G
+    lengths = torch.tensor([Tcap, 9000], dtype=torch.int32)
+    if kind == "normal":
+        scores = torch.randn(B, Hq, Tcap)
+    elif kind == "low_bits":
+        scores = distinct_scores(B, Hq, Tcap, lengths, close=True)
+    elif kind == "few_values":
+        scores = torch.randint(0, 4, (B, Hq, Tcap)).float()
+    elif kind == "two_levels":
+        scores = torch.zeros(B, Hq, Tcap)
+        scores[torch.rand(B, Hq, Tcap) < 0.01] = 1.0
+    elif kind == "with_neg_inf":
+        scores = torch.randn(B, Hq, Tcap)
+        scores[torch.rand(B, Hq, Tcap) < 0.9] = float("-inf")
+    else:
+        scores = torch.zeros(B, Hq, Tcap)
+        for b, length in enumerate(lengths.tolist()):
+            n = length - sink - window
+            stride = -(-n // 2048)  # the sampler reads candidate s * stride + stride // 2
+            probes = sink + torch.arange(n // stride) * stride + stride // 2
+            scores[b, :, probes] = 1.0 + torch.rand(Hq, probes.numel())
+    for b, length in enumerate(lengths.tolist()):
+        scores[b, :, length:] = float("-inf")
+    idx, cnt = a2ats_core.select_topk(scores.to(device), k, lengths.to(device), group_size=G, sink=sink,
+                                      window=window)
+    sync(device)
+    check_selection(scores, k, lengths, G, sink, window, idx, cnt)
+    if kind in ("normal", "low_bits", "sample_fooled"):  # no ties at the threshold: one answer
+        ref_idx, ref_cnt = reference.select_topk(scores, k, lengths, group_size=G, sink=sink, window=window)
+        assert torch.equal(idx.cpu(), ref_idx) and torch.equal(cnt.cpu(), ref_cnt)
+
+
 def test_select_topk_numpy():
     rng = np.random.default_rng(3)
     scores = rng.standard_normal((2, 4, 50)).astype(np.float32)

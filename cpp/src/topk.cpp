@@ -1,7 +1,9 @@
 #include "a2ats/topk.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "a2ats/common.h"
@@ -74,6 +76,43 @@ void mark_top_k(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t*
   }
 }
 
+// Rows at least this long, with k at most this share of them, take the sampled path below.
+constexpr int64_t kSampledMinRow = 4096;
+constexpr int64_t kSampledMaxShare = 16;  // k <= n / 16
+constexpr int64_t kSampleSize = 2048;
+
+// The same marks as mark_top_k, faster for long rows and small k. A threshold key below the
+// k-th best is read off a strided sample; one pass collects the keys at or above it (a few
+// percent more than k), and the exact top k are chosen among those. When the sample
+// misjudges (fewer than k at or above the threshold) it returns false and marks nothing.
+// Correct whenever it returns true: the k-th best key is >= the threshold, so every member of
+// the top k, ties at the k-th key included, is among the candidates.
+// candidates: (n,) scratch.
+A2ATS_MULTIVERSION
+bool mark_top_k_sampled(const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark) {
+  const int64_t stride = (n + kSampleSize - 1) / kSampleSize;  // so that samples <= kSampleSize
+  const int64_t samples = n / stride;
+  uint32_t sample[kSampleSize];
+  for (int64_t s = 0; s < samples; ++s) sample[s] = score_key(row[s * stride + stride / 2]);
+  // Rank of the threshold in the sample: the expected rank of the k-th best plus 20% and four
+  // standard deviations, so that the whole top k falls above it except with tiny probability.
+  const double expected = double(k) * double(samples) / double(n);
+  const int64_t rank = std::min<int64_t>(samples - 1, int64_t(1.2 * expected + 4.0 * std::sqrt(expected) + 4.0));
+  std::nth_element(sample, sample + rank, sample + samples, std::greater<uint32_t>());
+  const uint32_t threshold = sample[rank];
+  if (threshold == 0) return false;  // the sample is mostly NaN: leave such rows to the radix path
+  int64_t found = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = score_key(row[i]);
+    // Key descending, then position ascending: one integer comparison orders both.
+    if (key >= threshold) candidates[found++] = (uint64_t(key) << 32) | uint64_t(0xffffffffu - uint32_t(i));
+  }
+  if (found < k) return false;
+  std::nth_element(candidates, candidates + (k - 1), candidates + found, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) mark[0xffffffffu - uint32_t(candidates[j] & 0xffffffffu)] = 1;
+  return true;
+}
+
 }  // namespace
 
 void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indices, int32_t* counts,
@@ -84,10 +123,12 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
     thread_local std::vector<uint8_t> keep;
     thread_local std::vector<uint32_t> keys;
     thread_local std::vector<int32_t> positions;
+    thread_local std::vector<uint64_t> candidates;
     if (int64_t(keep.size()) < p.capacity) {
       keep.resize(size_t(p.capacity));
       keys.resize(size_t(2 * p.capacity));
       positions.resize(size_t(2 * p.capacity));
+      candidates.resize(size_t(p.capacity));
     }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / num_kv_heads, g = item % num_kv_heads;
@@ -104,14 +145,20 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
         } else {
           for (int64_t h = g * p.group_size; h < (g + 1) * p.group_size; ++h) {
             const float* row = scores + b * p.scores_stride[0] + h * p.scores_stride[1] + lo;
-            mark_top_k(row, num_candidates, p.k, keys.data(), positions.data(), mark + lo);
+            const bool sampled = num_candidates >= kSampledMinRow && p.k * kSampledMaxShare <= num_candidates &&
+                                 mark_top_k_sampled(row, num_candidates, p.k, candidates.data(), mark + lo);
+            if (!sampled) mark_top_k(row, num_candidates, p.k, keys.data(), positions.data(), mark + lo);
           }
         }
       }
       int32_t* out = indices + b * p.indices_stride[0] + g * p.indices_stride[1];
       int64_t count = 0;
-      for (int64_t t = 0; t < length; ++t)
-        if (mark[t]) out[count++] = int32_t(t);
+      // Branch-free compaction; at most max_selected rows are marked, so stopping there loses
+      // nothing and never writes past the row.
+      for (int64_t t = 0; t < length && count < p.max_selected; ++t) {
+        out[count] = int32_t(t);
+        count += mark[t];
+      }
       std::fill(out + count, out + p.max_selected, -1);
       counts[b * p.counts_stride[0] + g * p.counts_stride[1]] = int32_t(count);
     }
