@@ -81,6 +81,38 @@ constexpr int64_t kSampledMinRow = 4096;
 constexpr int64_t kSampledMaxShare = 16;  // k <= n / 16
 constexpr int64_t kSampleSize = 2048;
 
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// Appends (key << 32 | ~position) of every score of row (n,) whose key is >= threshold to
+// candidates, in position order; returns how many. Keys of eight scores at a time (score_key
+// on vector lanes), a bit mask of the hits, one store per hit: a few percent of the scores hit,
+// too many for a per-score branch to predict well.
+A2ATS_INLINE int64_t collect_at_or_above(const float* row, int64_t n, uint32_t threshold, uint64_t* candidates) {
+  // Key descending, then position ascending: one integer comparison orders both.
+  const auto entry = [](uint32_t key, int64_t i) { return (uint64_t(key) << 32) | uint64_t(0xffffffffu - uint32_t(i)); };
+  const u32x8 lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  int64_t found = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    u32x8 bits;
+    std::memcpy(&bits, row + i, sizeof(bits));
+    const u32x8 negative = u32x8(i32x8(bits) >> 31);
+    const u32x8 nan = u32x8((bits & 0x7fffffffu) > 0x7f800000u);
+    const u32x8 key = (bits ^ (negative | 0x80000000u)) & ~nan;  // score_key, lane-wise
+    const u32x8 hit = u32x8(key >= threshold) & lane_bit;
+    uint32_t mask = hit[0] | hit[1] | hit[2] | hit[3] | hit[4] | hit[5] | hit[6] | hit[7];
+    for (; mask; mask &= mask - 1) {
+      const int lane = __builtin_ctz(mask);
+      candidates[found++] = entry(key[lane], i + lane);
+    }
+  }
+  for (; i < n; ++i) {
+    const uint32_t key = score_key(row[i]);
+    if (key >= threshold) candidates[found++] = entry(key, i);
+  }
+  return found;
+}
+
 // The same marks as mark_top_k, faster for long rows and small k. A threshold key below the
 // k-th best is read off a strided sample; one pass collects the keys at or above it (a few
 // percent more than k), and the exact top k are chosen among those. When the sample
@@ -101,12 +133,7 @@ bool mark_top_k_sampled(const float* row, int64_t n, int64_t k, uint64_t* candid
   std::nth_element(sample, sample + rank, sample + samples, std::greater<uint32_t>());
   const uint32_t threshold = sample[rank];
   if (threshold == 0) return false;  // the sample is mostly NaN: leave such rows to the radix path
-  int64_t found = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t key = score_key(row[i]);
-    // Key descending, then position ascending: one integer comparison orders both.
-    if (key >= threshold) candidates[found++] = (uint64_t(key) << 32) | uint64_t(0xffffffffu - uint32_t(i));
-  }
+  const int64_t found = collect_at_or_above(row, n, threshold, candidates);
   if (found < k) return false;
   std::nth_element(candidates, candidates + (k - 1), candidates + found, std::greater<uint64_t>());
   for (int64_t j = 0; j < k; ++j) mark[0xffffffffu - uint32_t(candidates[j] & 0xffffffffu)] = 1;

@@ -43,7 +43,8 @@ import a2ats_core
 from .codebook import Codebook
 from .models import decoder_layers, describe_model
 
-__all__ = ["A2ATSConfig", "A2ATSCache", "A2ATSLayer", "ATTENTION_NAME", "register_attention", "attention_timer"]
+__all__ = ["A2ATSConfig", "A2ATSCache", "A2ATSLayer", "ATTENTION_NAME", "register_attention", "attention_timer",
+           "encode_keys", "dual_queries"]
 
 ATTENTION_NAME = "a2ats"
 
@@ -121,6 +122,24 @@ attention_timer = _AttentionTimer()
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def encode_keys(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, chol: torch.Tensor,
+                centroids: torch.Tensor) -> torch.Tensor:
+    """Codes (B, Hkv, t, M) int16 of post-RoPE keys (B, Hkv, t, D) at positions (B, t): rotated
+    back to pre-RoPE form, whitened by chol (Hkv, D, D), nearest of centroids (Hkv, M, C, D/M)."""
+    k_pre = a2ats_core.rotary(keys, (-positions).to(torch.int64), inv_freq)
+    whitened = torch.matmul(k_pre.float(), chol)  # (B, Hkv, t, D) @ (Hkv, D, D)
+    return a2ats_core.vq_encode(whitened, centroids)
+
+
+def dual_queries(query: torch.Tensor, positions: torch.Tensor, wrope_position: int, inv_freq: torch.Tensor,
+                 dual: torch.Tensor) -> torch.Tensor:
+    """Scoring queries (B, Hq, D) f32 for post-RoPE queries (B, Hq, 1, D) at positions (B, 1):
+    moved to the WRoPE distance, R(b - m) q, then into the dual space of their KV head with
+    dual (Hq, D, D) = L⁻ᵀ per query head."""
+    q_w = a2ats_core.rotary(query, (wrope_position - positions).to(torch.int64), inv_freq)
+    return torch.matmul(q_w.float(), dual)[:, :, 0].contiguous()
 
 
 class A2ATSLayer(CacheLayerMixin):
@@ -225,10 +244,9 @@ class A2ATSLayer(CacheLayerMixin):
 
     def _encode(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Codes (B, Hkv, t, M) of post-RoPE keys (B, Hkv, t, D) at positions (B, t)."""
-        book = self.cache
-        k_pre = a2ats_core.rotary(keys, (-positions).to(torch.int64), book.inv_freq)
-        whitened = torch.matmul(k_pre.float(), book.chol[self.layer_idx])  # (B, Hkv, t, D) @ (Hkv, D, D)
-        return a2ats_core.vq_encode(whitened, book.centroids[self.layer_idx])
+        cache = self.cache
+        return encode_keys(keys, positions, cache.inv_freq, cache.chol[self.layer_idx],
+                           cache.centroids[self.layer_idx])
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, counts: list[int]) -> None:
         """Stores the first counts[b] rows of each batch row; all checks happened before."""
@@ -310,9 +328,7 @@ class A2ATSLayer(CacheLayerMixin):
         length = max(self.lengths_host)
         book = cache.codebook
         group = book.group_size
-        # WRoPE query R(b - m) q, then the dual space q L^-T of its KV head.
-        q_w = a2ats_core.rotary(query, (cache.wrope_position - positions).to(torch.int64), cache.inv_freq)
-        q_dual = torch.matmul(q_w.float(), cache.dual[self.layer_idx])[:, :, 0].contiguous()  # (B, Hq, D)
+        q_dual = dual_queries(query, positions, cache.wrope_position, cache.inv_freq, cache.dual[self.layer_idx])
         scores = a2ats_core.lut_scores(q_dual, cache.centroids[self.layer_idx],
                                        self.codes[:, :, :length], self.lengths,
                                        out=cache.scores_buffer[:batch, :, :length])

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "add_model_arguments",
-           "add_calibrate_arguments", "run_calibrate", "add_demo_arguments", "run_demo"]
+           "add_calibrate_arguments", "run_calibrate", "add_demo_arguments", "run_demo",
+           "add_eval_arguments", "run_eval"]
 
 
 class Command(NamedTuple):
@@ -187,6 +188,77 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval ----------------------------------------------------------------------------------------
+
+QUICK = dict(tasks=None, lengths=[2048], budgets=[0.015, 0.03, 0.06], samples=1)
+METHODS = ("dense", "streaming", "oracle", "quest", "pqcache", "a2ats")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluation.tasks import HAYSTACKS, TASKS
+
+    add_model_arguments(parser)
+    parser.add_argument("--quick", action="store_true",
+                        help="SmolLM2 preset: every task at 2k tokens, budgets 1.5%%, 3%%, 6%%, one sample")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: all")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4096], help="context tokens")
+    parser.add_argument("--budgets", nargs="+", type=_budget, default=[0.015, 0.03, 0.06],
+                        help="tokens per query head: shares like 0.03 or counts")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--samples", type=int, default=1, help="seeds per task and length")
+    parser.add_argument("--haystack", choices=HAYSTACKS, default="repeat")
+    parser.add_argument("--sink", type=int, default=8)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--codebook", default=None, metavar="FILE",
+                        help="A²ATS codebook (default: the cached one, calibrated when missing)")
+    parser.add_argument("--preset", default="small", choices=["default", "small"],
+                        help="calibration preset when no codebook is cached")
+    parser.add_argument("-o", "--output", default="a2ats-eval", help="directory for CSV/JSON/PNG")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .codebook import Codebook
+    from .demo import load_or_calibrate
+    from .evaluation import (A2ATS, Budget, Dense, Oracle, PQCache, Quest, StreamingLLM, TASKS, evaluate,
+                             write_results)
+    from .evaluation.report import format_table, summarize
+
+    if args.quick:
+        args.lengths, args.budgets, args.samples = QUICK["lengths"], QUICK["budgets"], QUICK["samples"]
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    for length in args.lengths:
+        if length < 256:
+            raise ValueError(f"--lengths must be >= 256 tokens, got {length}")
+    args.model_device = args.model_device or "cpu"  # the harness runs its attention in plain torch
+    model, tokenizer = _load_model(args)
+    budgets = [Budget(topk, sink=args.sink, window=args.window) for topk in args.budgets]
+    factories = {"dense": Dense, "streaming": StreamingLLM, "oracle": Oracle, "quest": Quest, "pqcache": PQCache}
+    methods = []
+    for name in args.methods:
+        if name == "a2ats":
+            if args.codebook:
+                codebook = Codebook.load(args.codebook)
+                codebook.check_compatible(model)
+            else:
+                codebook = load_or_calibrate(model, tokenizer, args.preset, progress=not args.quiet)
+            selector = A2ATS(codebook)
+        else:
+            selector = factories[name]()
+        methods.append((selector, budgets[:1] if selector.reads_all else budgets))
+    tasks = args.tasks or list(TASKS)
+    print(f"model {model.a2ats_model_name}: tasks {', '.join(tasks)}; lengths {args.lengths}; budgets "
+          f"{', '.join(b.label for b in budgets)} (+ {args.sink} sink, {args.window} window); "
+          f"{args.samples} sample(s) each")
+    results = evaluate(model, tokenizer, tasks, args.lengths, methods, samples=args.samples,
+                       haystack=args.haystack, progress=not args.quiet)
+    print(format_table(summarize(results)))
+    for path in write_results(results, args.output):
+        print(f"wrote {path}")
+    return 0
+
+
 # -- registry and entry point --------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -194,6 +266,8 @@ COMMANDS: list[Command] = [
             add_calibrate_arguments, run_calibrate),
     Command("demo", "answer a long needle prompt with dense attention and with A²ATS",
             add_demo_arguments, run_demo),
+    Command("eval", "accuracy, attention recall and rows read of A²ATS and baseline selectors",
+            add_eval_arguments, run_eval),
 ]
 
 

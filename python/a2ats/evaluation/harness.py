@@ -1,0 +1,208 @@
+"""Running selectors on tasks: one dense prefill per sample, then greedy decoding per method and
+budget with attention restricted to the rows the selector picks, measuring accuracy, attention
+recall and rows read.
+
+Every method decodes through the same attention function (registered as ``"a2ats_eval"``): at
+each step and retrieval layer it computes the true attention probabilities over the whole cache
+(for the recall), asks the selector for scores, turns them into rows with
+``a2ats_core.select_topk`` (the shared budget rule, see :mod:`.selectors.base`) and attends
+exactly over those rows. Prompts are prefilled once, densely, and the cache is copied for each
+run, so every method answers from identical prompt states. Batch 1.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import a2ats_core
+
+from ..models import describe_model
+from .selectors import Selector
+from .tasks import Sample, make_sample, score_answer
+
+__all__ = ["ATTENTION_NAME", "Budget", "RunResult", "prompt_ids", "run_sample", "evaluate"]
+
+ATTENTION_NAME = "a2ats_eval"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tokens each query head selects: ``topk`` a share of the length (float) or a count (int)."""
+
+    topk: float | int
+    sink: int = 8
+    window: int = 64
+
+    def tokens(self, length: int) -> int:
+        return int(self.topk * length) if isinstance(self.topk, float) else int(self.topk)
+
+    @property
+    def label(self) -> str:
+        return f"{self.topk:.1%}" if isinstance(self.topk, float) else str(self.topk)
+
+
+@dataclass
+class RunResult:
+    task: str
+    method: str
+    budget: str
+    context_tokens: int
+    seed: int
+    answer: str
+    score: float
+    recall: float      # mean over decode steps, retrieval layers and query heads
+    rows_read: float   # mean share of cached rows attended per KV head
+    seconds: float
+
+
+class _Recorder:
+    """What the attention function needs during one run, and what it measures."""
+
+    def __init__(self, selector: Selector, budget: Budget, layers: Sequence[int]):
+        self.selector, self.budget, self.layers = selector, budget, set(layers)
+        self.recall_sum = self.rows_sum = 0.0
+        self.calls = 0
+
+
+_active: _Recorder | None = None
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def selected_rows(selector: Selector, budget: Budget, layer: int, query: torch.Tensor, keys: torch.Tensor,
+                  position: int) -> torch.Tensor:
+    """Mask (Hkv, T) of the rows attended for query (Hq, D) over keys (Hkv, T, D)."""
+    num_kv, length, _ = keys.shape
+    if selector.reads_all:
+        return torch.ones(num_kv, length, dtype=torch.bool)
+    group = query.shape[0] // num_kv
+    if selector.scores_tokens:
+        scores, k = selector.scores(layer, query, keys, position), budget.tokens(length)
+    else:
+        scores, k = torch.zeros(query.shape[0], length), 0
+    lengths = torch.tensor([length], dtype=torch.int32)
+    indices, counts = a2ats_core.select_topk(scores.float()[None].contiguous(), k, lengths, group_size=group,
+                                             sink=budget.sink, window=budget.window)
+    mask = torch.zeros(num_kv, length + 1, dtype=torch.bool)
+    valid = torch.arange(indices.shape[-1])[None] < counts[0][:, None]
+    rows = torch.where(valid, indices[0].long(), length)  # padding goes to a spare column
+    mask.scatter_(1, rows, True)
+    return mask[:, :length]
+
+
+def _eval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    recorder = _active
+    layer = getattr(module, "layer_idx", None)
+    if recorder is None or layer not in recorder.layers:
+        return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("the evaluation harness runs batch 1")
+    if query.shape[2] > 1:
+        out = _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        recorder.selector.prefill(layer, key[0])
+        return out
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    keys, values = key[0], value[0]  # (Hkv, T, D), the new token included
+    num_kv, length, _ = keys.shape
+    position = length - 1
+    recorder.selector.append(layer, keys[:, -1:], position)
+    q = query[0, :, 0]  # (Hq, D)
+    group = q.shape[0] // num_kv
+    logits = torch.einsum("hd,htd->ht", q.float(), keys.float().repeat_interleave(group, 0)) * scaling
+    mask = selected_rows(recorder.selector, recorder.budget, layer, q, keys, position)
+    head_mask = mask.repeat_interleave(group, 0)  # (Hq, T)
+    recorder.recall_sum += float((torch.softmax(logits, -1) * head_mask).sum(-1).mean())
+    recorder.rows_sum += float(mask.float().mean())
+    recorder.calls += 1
+    probs = torch.softmax(logits.masked_fill(~head_mask, float("-inf")), -1)
+    out = torch.einsum("ht,htd->hd", probs, values.float().repeat_interleave(group, 0))
+    return out.to(query.dtype)[None, None], None
+
+
+def register() -> None:
+    AttentionInterface.register(ATTENTION_NAME, _eval_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def prompt_ids(tokenizer, sample: Sample) -> torch.Tensor:
+    """(1, T) token ids: the chat template when the tokenizer has one, then the answer prefix."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.message}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = sample.message + "\n"
+    return tokenizer(text + sample.answer_prefix, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def run_sample(model, tokenizer, sample: Sample, methods: Sequence[tuple[Selector, Sequence[Budget]]], *,
+               seed: int = 0) -> list[RunResult]:
+    """Prefill ``sample`` once, then decode it greedily with each selector at each budget."""
+    global _active
+    register()
+    layout = describe_model(model)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    ids = prompt_ids(tokenizer, sample)
+    length = ids.shape[1]
+    results = []
+    try:
+        with torch.inference_mode():
+            prefill_cache = DynamicCache(config=model.config)
+            logits = model(input_ids=ids, cache=prefill_cache, use_cache=True).logits[:, -1]
+            first = int(logits.argmax(-1))
+            for selector, budgets in methods:
+                selector.reset()
+                for layer in layout.layers:  # the prompt's keys, as a prefill would show them
+                    selector.prefill(layer, prefill_cache.layers[layer].keys[0])
+                for budget in budgets:
+                    started = time.perf_counter()
+                    cache = copy.deepcopy(prefill_cache)
+                    state = selector.fork()  # each budget's decode appends start from the prompt
+                    _active = _Recorder(state, budget, layout.layers)
+                    tokens = [first]
+                    for step in range(sample.max_new_tokens - 1):
+                        if tokens[-1] == tokenizer.eos_token_id:
+                            break
+                        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True,
+                                    position_ids=torch.tensor([[length + step]]))
+                        tokens.append(int(out.logits[0, -1].argmax()))
+                    recorder, _active = _active, None
+                    answer = tokenizer.decode(tokens, skip_special_tokens=True)
+                    results.append(RunResult(
+                        task=sample.task, method=selector.name, budget="all" if selector.reads_all else budget.label,
+                        context_tokens=length, seed=seed, answer=answer.strip(),
+                        score=score_answer(answer, sample.expected),
+                        recall=recorder.recall_sum / max(1, recorder.calls),
+                        rows_read=recorder.rows_sum / max(1, recorder.calls),
+                        seconds=time.perf_counter() - started))
+    finally:
+        _active = None
+        model.set_attn_implementation(previous)
+    return results
+
+
+def evaluate(model, tokenizer, tasks: Iterable[str], lengths: Iterable[int], methods, *, samples: int = 1,
+             haystack: str = "repeat", progress: bool = True,
+             on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+    """Every task x length x seed, each sample run with every method (see :func:`run_sample`)."""
+    from tqdm.auto import tqdm
+
+    jobs = [(task, length, seed) for length in lengths for task in tasks for seed in range(samples)]
+    results = []
+    for task, length, seed in tqdm(jobs, desc="samples", disable=not progress):
+        sample = make_sample(task, tokenizer, length, haystack=haystack, seed=seed)
+        for result in run_sample(model, tokenizer, sample, methods, seed=seed):
+            results.append(result)
+            if on_result:
+                on_result(result)
+    return results

@@ -1,0 +1,133 @@
+"""The evaluation suite: tasks, the shared budget rule, each selector on hand-checkable cases,
+and the harness end to end on the real SmolLM2."""
+from collections import Counter
+
+import pytest
+import torch
+
+from a2ats.evaluation import (A2ATS, Budget, Dense, Oracle, PQCache, Quest, StreamingLLM, TASKS, make_sample,
+                              run_sample, score_answer)
+from a2ats.evaluation.harness import prompt_ids, selected_rows
+from a2ats.evaluation.report import summarize
+from a2ats.evaluation.selectors import page_bound_scores
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("haystack", ["repeat", "natural"])
+def test_tasks_place_their_answers_and_are_deterministic(smollm2, task, haystack):
+    _, tokenizer = smollm2
+    sample = make_sample(task, tokenizer, 1024, haystack=haystack, seed=3)
+    assert sample == make_sample(task, tokenizer, 1024, haystack=haystack, seed=3)
+    assert sample != make_sample(task, tokenizer, 1024, haystack=haystack, seed=4)
+    length = prompt_ids(tokenizer, sample).shape[1]
+    assert 0.75 * 1024 < length < 1.25 * 1024, length
+    if task.startswith("niah") or task == "vt":
+        needles = [sample.message[offset:].split(".")[0] for offset in sample.needle_offsets]
+        for value in sample.expected:  # every expected string sits in a needle
+            assert any(value in needle for needle in needles), (value, needles)
+        depths = [offset / len(sample.message) for offset in sample.needle_offsets]
+        assert all(0.02 < depth < 0.98 for depth in depths)
+    if task in ("niah_single_number", "niah_single_uuid", "niah_single_word"):
+        assert len(sample.expected) == 1 and len(sample.needle_offsets) == 1
+    if task == "niah_multikey":
+        assert len(sample.expected) == 1 and len(sample.needle_offsets) == 4  # three distractors
+    if task in ("niah_multivalue", "niah_multiquery"):
+        assert len(set(sample.expected)) == 4
+    if task == "vt":  # the chain is assigned in order through the text
+        positions = [sample.message.index(f"VAR {name} =") for name in sample.expected]
+        assert positions == sorted(positions)
+    if task in ("cwe", "fwe"):
+        listing = sample.message.split("\n")[1] if task == "cwe" else sample.message.split("... ")[1].split("\n")[0]
+        words = [w for w in listing.split() if not w.rstrip(".").isdigit()]
+        counts = Counter(words)
+        threshold = min(counts[w] for w in sample.expected)
+        assert all(count < threshold for word, count in counts.items() if word not in sample.expected)
+
+
+def test_score_answer_is_rulers_share():
+    assert score_answer("The numbers are 12 and 34.", ("12", "34")) == 1.0
+    assert score_answer("only 12", ("12", "34")) == 0.5
+    assert score_answer("Nothing", ("x1",)) == 0.0
+    assert score_answer("APPLE pie", ("apple",)) == 1.0
+    with pytest.raises(ValueError):
+        score_answer("x", ())
+
+
+def _keys(num_kv=2, length=300, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_kv, length, dim, generator=generator)
+
+
+@pytest.mark.parametrize("selector", [StreamingLLM(), Oracle(), Quest(), Dense()], ids=lambda s: s.name)
+@pytest.mark.parametrize("length", [5, 60, 300])
+def test_budget_accounting_is_the_same_for_every_selector(selector, length):
+    keys = _keys(length=length)
+    query = torch.randn(6, 16)  # G = 3
+    budget = Budget(0.05, sink=4, window=16)
+    mask = selected_rows(selector, budget, 0, query, keys, length - 1)
+    if selector.reads_all:
+        assert mask.all()
+        return
+    assert mask[:, :min(4, length)].all() and mask[:, max(0, length - 16):].all()  # sink and window
+    k = int(0.05 * length) if selector.scores_tokens else 0
+    middle = mask[:, 4:max(4, length - 16)].sum(1)
+    assert (middle <= 3 * k).all() and (middle <= max(0, length - 20)).all()
+    if selector.scores_tokens and length - 20 > 3 * k:
+        assert (middle >= k).all()
+    if not selector.scores_tokens:
+        assert (middle == 0).all()
+
+
+def test_oracle_selects_the_true_top_keys():
+    keys = torch.zeros(1, 100, 4)
+    keys[0, 50, 0] = 5.0
+    keys[0, 70, 0] = 3.0
+    mask = selected_rows(Oracle(), Budget(2, sink=0, window=1), 0, torch.tensor([[1.0, 0, 0, 0]]), keys, 99)
+    assert mask[0].nonzero().flatten().tolist() == [50, 70, 99]
+
+
+def test_quest_page_bounds_by_hand():
+    # Two pages of 2 tokens, head dim 2: page 0 keys (1, -1), (3, 2); page 1 keys (-2, 4), (0, 0).
+    keys = torch.tensor([[[1.0, -1.0], [3.0, 2.0], [-2.0, 4.0], [0.0, 0.0]]])
+    query = torch.tensor([[1.0, -1.0]])
+    # page 0: max(1*1, 1*3) + max(-1*-1, -1*2) = 3 + 1 = 4; page 1: max(-2, 0) + max(-4, 0) = 0
+    scores = page_bound_scores(query, keys, page_size=2)
+    assert scores.tolist() == [[4.0, 4.0, 0.0, 0.0]]
+    # A partial last page: one token (5, 5) -> 5 - 5 = 0; its bound comes from itself only.
+    keys3 = torch.tensor([[[1.0, -1.0], [3.0, 2.0], [5.0, 5.0]]])
+    assert page_bound_scores(query, keys3, page_size=2).tolist() == [[4.0, 4.0, 0.0]]
+
+
+def test_pqcache_codes_and_scores_by_hand():
+    # Two tight clusters per subspace; with 2 centroids the centroids are the cluster means.
+    keys = torch.zeros(1, 40, 4)
+    keys[0, :20] = torch.tensor([1.0, 1.0, -2.0, 0.0])
+    keys[0, 20:] = torch.tensor([-1.0, 0.0, 2.0, 2.0])
+    keys[0, ::7] += 0.01
+    selector = PQCache(num_subspaces=2, num_centroids=2, max_iter=50)
+    selector.prefill(0, keys)
+    query = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+    scores = selector.scores(0, query, keys, 39)
+    # q·ĉ / sqrt(D): first half 1 + 2 - 1 + 0 = 2, second half -1 + 0 + 1 - 2 = -2 (up to the jitter)
+    torch.testing.assert_close(scores[0, :20].mean(), torch.tensor(2.0 / 2), atol=0.01, rtol=0)
+    torch.testing.assert_close(scores[0, 20:].mean(), torch.tensor(-2.0 / 2), atol=0.01, rtol=0)
+    selector.append(0, torch.tensor([[[-1.0, 0.0, 2.0, 2.0]]]), 40)
+    assert selector.codes[0].shape == (1, 41, 2)
+    assert torch.equal(selector.codes[0][0, 40], selector.codes[0][0, 25])
+
+
+def test_harness_oracle_at_full_budget_equals_dense(smollm2, small_codebook):
+    model, tokenizer = smollm2
+    sample = make_sample("niah_single_number", tokenizer, 512, seed=1)
+    full = [Budget(1.0, sink=4, window=8)]
+    results = run_sample(model, tokenizer, sample, [(Dense(), full), (Oracle(), full),
+                                                    (A2ATS(small_codebook), [Budget(0.03, sink=4, window=8)]),
+                                                    (StreamingLLM(), full)])
+    dense, oracle, ours, streaming = results
+    assert oracle.answer == dense.answer
+    assert oracle.recall == pytest.approx(1.0, abs=1e-5) and oracle.rows_read == 1.0
+    assert dense.recall == pytest.approx(1.0, abs=1e-5)
+    assert 0 < ours.rows_read < 0.2 and 0 < ours.recall <= 1
+    assert streaming.rows_read < ours.rows_read
+    table = summarize(results)
+    assert {row["method"] for row in table} == {"dense", "oracle", "a2ats", "streaming"}
