@@ -131,3 +131,51 @@ def test_harness_oracle_at_full_budget_equals_dense(smollm2, small_codebook):
     assert streaming.rows_read < ours.rows_read
     table = summarize(results)
     assert {row["method"] for row in table} == {"dense", "oracle", "a2ats", "streaming"}
+
+
+@pytest.mark.parametrize("ablation", [None, "no-wrope", "no-query-awareness"])
+def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablation):
+    """Each codebook variant, through the A²ATS selector, ranks keys like the true q·k."""
+    from transformers import DynamicCache
+
+    from a2ats import A2ATSCache
+    from a2ats.calibrate import calibrate
+    from a2ats.demo import ABLATIONS
+    from tiny_models import tiny_model
+
+    model, tokenizer = smollm2[0], smollm2[1]
+    tiny = tiny_model("llama", vocab_size=49152)
+    codebook = calibrate(tiny, tokenizer, num_centroids=64, num_tokens=2048, holdout_tokens=0, chunk_len=512,
+                         progress=False, **ABLATIONS.get(ablation, {}))
+    assert codebook.ablation == ablation
+    if ablation == "no-query-awareness":
+        assert torch.equal(codebook.chol[0][0], torch.eye(codebook.head_dim))
+    if ablation is not None:
+        with pytest.raises(ValueError, match="ablation"):
+            A2ATSCache(tiny, codebook)
+    selector = A2ATS(codebook)
+    assert selector.name == {None: "a2ats", "no-wrope": "a2ats-no-wrope", "no-query-awareness": "a2ats-no-qa"}[ablation]
+    ids = tokenizer("Attention is what you need, and keys are what you keep. " * 30, return_tensors="pt").input_ids
+    cache = DynamicCache(config=tiny.config)
+    with torch.no_grad():
+        tiny(input_ids=ids, cache=cache, use_cache=True)
+    keys = cache.layers[1].keys[0]  # (Hkv, T, D) post-RoPE
+    selector.prefill(1, keys)
+    query = torch.randn(4, codebook.head_dim) * keys.std()
+    true = torch.einsum("hd,htd->ht", query, keys.repeat_interleave(2, 0)) / codebook.head_dim ** 0.5
+    approx = selector.scores(1, query, keys, keys.shape[1] - 1)
+    if ablation == "no-wrope":  # scored as cached: the approximation is of the true scores
+        correlation = torch.corrcoef(torch.stack([true.flatten(), approx.flatten()]))[0, 1]
+        assert correlation > 0.5, correlation
+    else:  # WRoPE: the approximation is of q_w · k_pre, the query moved to distance b
+        from a2ats import reference
+
+        position = keys.shape[1] - 1
+        q_w = reference.rotary(query[None, :, None], torch.tensor([[codebook.relative_position - position]]),
+                               codebook.inv_freq)[0, :, 0]
+        k_pre = reference.rotary(keys[None], -torch.arange(keys.shape[1])[None], codebook.inv_freq)[0]
+        true = torch.einsum("hd,htd->ht", q_w, k_pre.repeat_interleave(2, 0)) / codebook.head_dim ** 0.5
+        # 64 centroids for random (not the model's) queries: a loose fit, but far from the
+        # ~0.1 of scores taken at the wrong positions.
+        correlation = torch.corrcoef(torch.stack([true.flatten(), approx.flatten()]))[0, 1]
+        assert correlation > 0.5, correlation

@@ -398,6 +398,9 @@ class A2ATSCache(Cache):
             raise TypeError(f"config must be an a2ats.A2ATSConfig, got {type(self.config).__name__}")
         layout = describe_model(model)  # raises for models without RoPE
         codebook.check_compatible(model)
+        if codebook.ablation is not None:
+            raise ValueError(f"this codebook is the {codebook.ablation!r} ablation, made for a2ats eval; "
+                             "A2ATSCache needs a codebook from plain a2ats.calibrate")
         parameter = next(model.parameters())
         if parameter.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"model dtype {parameter.dtype} is not supported: the KV store holds "

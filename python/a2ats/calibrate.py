@@ -57,6 +57,11 @@ class CalibrationSettings:
     seed: int = 0
     chol_eps: float = 1e-6
     baseline: bool = True  # also fit plain k-means, for the quality report
+    # Ablations for ``a2ats eval`` (A2ATSCache accepts only the full method): without query
+    # awareness, L = I (plain k-means on the pre-RoPE keys); without WRoPE, the codebook is fitted
+    # on post-RoPE keys with H from the queries at their own positions.
+    query_aware: bool = True
+    wrope: bool = True
 
     def validate(self, head_dim: int | None = None) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -122,10 +127,11 @@ class StatisticsCollector:
     """
 
     def __init__(self, model: torch.nn.Module, layout: ModelLayout, *, relative_position: int,
-                 keep_keys: bool = True):
+                 keep_keys: bool = True, wrope: bool = True):
         self.model = model
         self.layout = layout
         self.relative_position = relative_position
+        self.wrope = wrope  # False: post-RoPE keys and queries at their own positions (ablation)
         self.keep_keys = keep_keys
         self.keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layout.layers}
         self.query_moment: dict[int, torch.Tensor] = {}
@@ -158,6 +164,8 @@ class StatisticsCollector:
         def hook(module, inputs, output):
             keys = self._heads(attn, output, "k_norm", layout.num_kv_heads, layout.head_dim)
             keys = keys * layout.rope.attention_scaling  # (B, Hkv, T, D)
+            if not self.wrope:
+                keys = reference.rotary(keys, self._own_positions(keys), layout.rope.inv_freq.to(keys.device))
             if self.keep_keys:
                 self.keys[layer].append(keys.transpose(0, 1).flatten(1, 2).cpu())
             if layer == layout.layers[0]:
@@ -172,7 +180,7 @@ class StatisticsCollector:
             batch, _, tokens, head_dim = queries.shape
             # WRoPE: every query is scored as if its keys sat b positions behind it.
             positions = torch.full((batch, tokens), self.relative_position, dtype=torch.long,
-                                   device=queries.device)
+                                   device=queries.device) if self.wrope else self._own_positions(queries)
             q_w = reference.rotary(queries, positions, layout.rope.inv_freq.to(queries.device))
             q_w = q_w * layout.rope.attention_scaling
             grouped = q_w.view(batch, layout.num_kv_heads, layout.group_size, tokens, head_dim)
@@ -182,6 +190,12 @@ class StatisticsCollector:
             else:
                 self.query_moment[layer] = moment
         return hook
+
+    @staticmethod
+    def _own_positions(heads: torch.Tensor) -> torch.Tensor:
+        """(B, T) positions 0..T-1: each chunk is one sequence starting at position 0."""
+        batch, _, tokens, _ = heads.shape
+        return torch.arange(tokens, device=heads.device).expand(batch, tokens)
 
     @contextmanager
     def attached(self) -> Iterator["StatisticsCollector"]:
@@ -524,11 +538,13 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
     say(f"corpus: {corpus.description}; {corpus.num_calibration_tokens} calibration + "
         f"{corpus.num_holdout_tokens} held-out tokens in chunks of <= {chunk_len}")
 
-    train = StatisticsCollector(model, layout, relative_position=config.relative_position)
+    train = StatisticsCollector(model, layout, relative_position=config.relative_position,
+                                wrope=config.wrope)
     train.run(corpus.calibration, progress=progress, description="calibration text")
     holdout = None
     if corpus.holdout:
-        holdout = StatisticsCollector(model, layout, relative_position=config.relative_position)
+        holdout = StatisticsCollector(model, layout, relative_position=config.relative_position,
+                                      wrope=config.wrope)
         holdout.run(corpus.holdout, progress=progress, description="held-out text")
     say(f"statistics collected in {time.perf_counter() - started:.1f} s")
 
@@ -542,11 +558,15 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
     errors_qa, errors_plain = [], []
     bar = tqdm(layout.layers, desc="k-means", unit="layer", disable=not progress)
     for layer in bar:
-        chol, chol_inv = whitening(train.query_moment[layer], config.chol_eps)
+        if config.query_aware:
+            chol, chol_inv = whitening(train.query_moment[layer], config.chol_eps)
+        else:
+            chol = torch.eye(layout.head_dim).expand(num_kv_heads, -1, -1).contiguous()
+            chol_inv = chol.clone()
         keys = train.stacked_keys(layer).to(device)  # (Hkv, N, D)
         train.keys[layer] = []  # release host memory as layers are done
         whitened = torch.einsum("gnd,gde->gne", keys, chol.to(device))
-        spaces = [whitened, keys] if config.baseline else [whitened]
+        spaces = [whitened, keys] if config.baseline and config.query_aware else [whitened]
         # One batch of problems: (space, KV head, subspace) -> (P, N, D/M).
         problems = torch.cat([
             space.view(num_kv_heads, -1, num_subspaces, sub_dim).transpose(1, 2)

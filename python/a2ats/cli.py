@@ -191,7 +191,8 @@ def run_demo(args: argparse.Namespace) -> int:
 # -- eval ----------------------------------------------------------------------------------------
 
 QUICK = dict(tasks=None, lengths=[2048], budgets=[0.015, 0.03, 0.06], samples=1)
-METHODS = ("dense", "streaming", "oracle", "quest", "pqcache", "a2ats")
+METHODS = ("dense", "streaming", "oracle", "quest", "pqcache", "a2ats", "a2ats-no-wrope", "a2ats-no-qa")
+ABLATION_OF = {"a2ats": None, "a2ats-no-wrope": "no-wrope", "a2ats-no-qa": "no-query-awareness"}
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,12 +238,13 @@ def run_eval(args: argparse.Namespace) -> int:
     factories = {"dense": Dense, "streaming": StreamingLLM, "oracle": Oracle, "quest": Quest, "pqcache": PQCache}
     methods = []
     for name in args.methods:
-        if name == "a2ats":
-            if args.codebook:
+        if name in ABLATION_OF:
+            if args.codebook and name == "a2ats":
                 codebook = Codebook.load(args.codebook)
                 codebook.check_compatible(model)
             else:
-                codebook = load_or_calibrate(model, tokenizer, args.preset, progress=not args.quiet)
+                codebook = load_or_calibrate(model, tokenizer, args.preset, ablation=ABLATION_OF[name],
+                                             progress=not args.quiet)
             selector = A2ATS(codebook)
         else:
             selector = factories[name]()

@@ -128,6 +128,17 @@ class Codebook:
         return int(self.metadata["relative_position"])
 
     @property
+    def ablation(self) -> str | None:
+        """None for an A²ATS codebook; "no-wrope" or "no-query-awareness" for the ablations
+        ``a2ats eval`` compares (fitted on post-RoPE keys, or with L = I)."""
+        settings = self.metadata.get("calibration", {}).get("settings", {})
+        if not settings.get("wrope", True):
+            return "no-wrope"
+        if not settings.get("query_aware", True):
+            return "no-query-awareness"
+        return None
+
+    @property
     def rope(self) -> RopeSpec:
         rope = self.metadata["rope"]
         return RopeSpec(inv_freq=self.inv_freq.detach().float().cpu(),

@@ -94,34 +94,43 @@ def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, aske
     return NeedlePrompt(input_ids=ids, facts=facts, colour=asked, answer=str(facts[asked]))
 
 
-def codebook_cache_path(model_name: str, preset: str) -> Path:
+def codebook_cache_path(model_name: str, preset: str, ablation: str | None = None) -> Path:
     """Where ``a2ats demo``/``a2ats eval`` keep codebooks: $A2ATS_CACHE, else ~/.cache/a2ats."""
     root = Path(os.environ.get("A2ATS_CACHE") or
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "a2ats")
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name).strip("-")
-    return root / f"{stem or 'model'}-{preset}.a2ats.safetensors"
+    suffix = f"-{ablation}" if ablation else ""
+    return root / f"{stem or 'model'}-{preset}{suffix}.a2ats.safetensors"
 
 
-def load_or_calibrate(model, tokenizer, preset: str, *, log: Callable[[str], None] = print,
-                      progress: bool = True):
-    """The cached codebook for ``model`` and ``preset``, calibrating and saving it when missing
-    or built for another model (a stale file is replaced, never silently used)."""
+ABLATIONS = {"no-wrope": {"wrope": False}, "no-query-awareness": {"query_aware": False}}
+
+
+def load_or_calibrate(model, tokenizer, preset: str, *, ablation: str | None = None,
+                      log: Callable[[str], None] = print, progress: bool = True):
+    """The cached codebook for ``model`` and ``preset`` (or one of the :data:`ABLATIONS`),
+    calibrating and saving it when missing or built for another model (a stale file is
+    replaced, never silently used)."""
     from .calibrate import calibrate
     from .codebook import Codebook, CodebookError
     from .models import describe_model
 
-    path = codebook_cache_path(describe_model(model).model_name, preset)
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {sorted(ABLATIONS)}, got {ablation!r}")
+    path = codebook_cache_path(describe_model(model).model_name, preset, ablation)
     if path.exists():
         try:
             codebook = Codebook.load(path)
             codebook.check_compatible(model)
+            if codebook.ablation != ablation:
+                raise CodebookError(f"it is the {codebook.ablation or 'full'} method, not {ablation or 'full'}")
             log(f"codebook: {path} (cached)")
             return codebook
         except CodebookError as error:
             log(f"codebook: {path} is unusable ({error}); calibrating again")
     log(f"codebook: calibrating with the {preset!r} preset (once; cached in {path})")
     started = time.perf_counter()
-    codebook = calibrate(model, tokenizer, preset=preset, progress=progress)
+    codebook = calibrate(model, tokenizer, preset=preset, progress=progress, **ABLATIONS.get(ablation, {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     codebook.save(partial)
