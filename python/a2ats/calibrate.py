@@ -566,7 +566,8 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
         keys = train.stacked_keys(layer).to(device)  # (Hkv, N, D)
         train.keys[layer] = []  # release host memory as layers are done
         whitened = torch.einsum("gnd,gde->gne", keys, chol.to(device))
-        spaces = [whitened, keys] if config.baseline and config.query_aware else [whitened]
+        with_baseline = config.baseline and config.query_aware  # without L the two coincide
+        spaces = [whitened, keys] if with_baseline else [whitened]
         # One batch of problems: (space, KV head, subspace) -> (P, N, D/M).
         problems = torch.cat([
             space.view(num_kv_heads, -1, num_subspaces, sub_dim).transpose(1, 2)
@@ -586,7 +587,7 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
             moment = holdout.query_moment[layer]
             errors_qa.append(relative_score_error(held_keys, moment, fitted[0], chol.to(device),
                                                   chol_inv.to(device)).tolist())
-            if config.baseline:
+            if with_baseline:
                 errors_plain.append(relative_score_error(held_keys, moment, fitted[1]).tolist())
         del keys, whitened, problems, result
 
