@@ -180,3 +180,24 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
         # ~0.1 of scores taken at the wrong positions.
         correlation = torch.corrcoef(torch.stack([true.flatten(), approx.flatten()]))[0, 1]
         assert correlation > 0.5, correlation
+
+
+def test_reports_summarize_and_write_csv_json_png(tmp_path):
+    import json
+
+    from a2ats.evaluation import RunResult, write_results
+
+    def run(task, method, budget, score, recall, rows):
+        return RunResult(task, method, budget, 2048, 0, "x", score, recall, rows, 1.0)
+
+    results = [run("vt", "dense", "all", 1.0, 1.0, 1.0), run("cwe", "dense", "all", 0.5, 1.0, 1.0),
+               run("vt", "a2ats", "3.0%", 1.0, 0.9, 0.1), run("cwe", "a2ats", "3.0%", 0.0, 0.8, 0.1),
+               run("vt", "a2ats", "1.5%", 0.0, 0.7, 0.05)]
+    table = {(row["method"], row["budget"]): row for row in summarize(results)}
+    assert table[("dense", "all")]["accuracy"] == 0.75 and table[("dense", "all")]["acc_cwe"] == 0.5
+    assert table[("a2ats", "3.0%")]["recall"] == pytest.approx(0.85) and table[("a2ats", "1.5%")]["runs"] == 1
+    written = {path.name for path in write_results(results, tmp_path)}
+    assert written == {"results.csv", "summary.json", "accuracy.png", "recall.png"}
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 6
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 3
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
