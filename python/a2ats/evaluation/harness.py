@@ -118,14 +118,14 @@ def _eval_attention(module, query, key, value, attention_mask, scaling=None, dro
     recorder.selector.append(layer, keys[:, -1:], position)
     q = query[0, :, 0]  # (Hq, D)
     group = q.shape[0] // num_kv
-    logits = torch.einsum("hd,htd->ht", q.float(), keys.float().repeat_interleave(group, 0)) * scaling
-    mask = selected_rows(recorder.selector, recorder.budget, layer, q, keys, position)
-    head_mask = mask.repeat_interleave(group, 0)  # (Hq, T)
-    recorder.recall_sum += float((torch.softmax(logits, -1) * head_mask).sum(-1).mean())
+    # Grouped: (Hkv, G, D) @ (Hkv, D, T), so K and V are never repeated per query head.
+    logits = torch.matmul(q.float().view(num_kv, group, -1), keys.float().transpose(1, 2)) * scaling
+    mask = selected_rows(recorder.selector, recorder.budget, layer, q, keys, position)[:, None]  # (Hkv, 1, T)
+    recorder.recall_sum += float((torch.softmax(logits, -1) * mask).sum(-1).mean())
     recorder.rows_sum += float(mask.float().mean())
     recorder.calls += 1
-    probs = torch.softmax(logits.masked_fill(~head_mask, float("-inf")), -1)
-    out = torch.einsum("ht,htd->hd", probs, values.float().repeat_interleave(group, 0))
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    out = torch.matmul(probs, values.float()).reshape(num_kv * group, -1)  # (Hq, D)
     return out.to(query.dtype)[None, None], None
 
 
@@ -173,6 +173,8 @@ def run_sample(model, tokenizer, sample: Sample, methods: Sequence[tuple[Selecto
                     for step in range(sample.max_new_tokens - 1):
                         if tokens[-1] == tokenizer.eos_token_id:
                             break
+                        if step % 4 == 3 and score_answer(tokenizer.decode(tokens), sample.expected) == 1.0:
+                            break  # every expected string is there: more tokens cannot change the score
                         out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True,
                                     position_ids=torch.tensor([[length + step]]))
                         tokens.append(int(out.logits[0, -1].argmax()))

@@ -189,7 +189,7 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
                    f"others. Memorize the ones that appear most often.\n{listing}\nQuestion: What "
                    f"are the 10 most common words in the above list?")
         prefix = "Answer: The top 10 words that appear most often in the list are:"
-        return Sample(task, message, prefix, tuple(top), 64)
+        return Sample(task, message, prefix, tuple(top), 48)
 
     # fwe: a Zipf-distributed stream of coded words; the three most frequent are asked.
     vocabulary = [f"{w[:4]}{rng.randrange(10, 99)}" for w in rng.sample(word_list(), 200)]

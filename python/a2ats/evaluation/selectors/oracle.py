@@ -8,5 +8,6 @@ class Oracle(Selector):
     name = "oracle"
 
     def scores(self, layer, query, keys, position):
-        group = query.shape[0] // keys.shape[0]
-        return torch.einsum("hd,htd->ht", query.float(), keys.float().repeat_interleave(group, 0))
+        num_kv, length, dim = keys.shape
+        grouped = query.float().view(num_kv, -1, dim)  # (Hkv, G, D)
+        return torch.matmul(grouped, keys.float().transpose(1, 2)).reshape(-1, length)
