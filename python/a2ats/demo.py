@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .evaluation.tasks import haystack_units, insert_at_depths
+
 __all__ = ["NeedlePrompt", "needle_prompt", "codebook_cache_path", "load_or_calibrate", "run_demo"]
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
@@ -30,15 +32,6 @@ class NeedlePrompt:
     facts: dict[str, int]    # colour -> secret number, in prompt order
     colour: str              # the colour asked about
     answer: str
-
-
-def _filler_paragraphs() -> list[str]:
-    import pydoc_data.topics
-
-    paragraphs = []
-    for text in pydoc_data.topics.topics.values():
-        paragraphs.extend(p.strip() for p in text.split("\n\n") if len(p.strip()) > 40)
-    return paragraphs
 
 
 def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, asked: int | None = None,
@@ -74,21 +67,11 @@ def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, aske
             prompt = message + "\n"
         return prompt + reply_start
 
-    paragraphs = _filler_paragraphs()
-    start = rng.randrange(len(paragraphs))
     overhead = len(tokenizer(render(""), add_special_tokens=False).input_ids) + 20 * num_facts
-    body: list[str] = []
-    used = 0
-    index = start
-    while used < num_tokens - overhead:
-        paragraph = paragraphs[index % len(paragraphs)]
-        body.append(paragraph)
-        used += len(tokenizer(paragraph, add_special_tokens=False).input_ids) + 2
-        index += 1
-    for number, colour in enumerate(colours):
-        depth = first_depth + (last_depth - first_depth) * number / max(1, num_facts - 1)
-        body.insert(int(depth * len(body)) + number,
-                    f"Remember this: the secret number of the {colour} box is {facts[colour]}.")
+    sentences = [f"Remember this: the secret number of the {colour} box is {facts[colour]}." for colour in colours]
+    depths = [first_depth + (last_depth - first_depth) * number / max(1, num_facts - 1)
+              for number in range(num_facts)]
+    body = insert_at_depths(haystack_units(tokenizer, "natural", num_tokens - overhead, rng), sentences, depths)
     text = render("\n\n".join(body))
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     return NeedlePrompt(input_ids=ids, facts=facts, colour=asked, answer=str(facts[asked]))

@@ -23,7 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["TASKS", "HAYSTACKS", "Sample", "make_sample", "score_answer", "word_list"]
+__all__ = ["TASKS", "HAYSTACKS", "Sample", "make_sample", "score_answer", "word_list", "haystack_units",
+           "insert_at_depths"]
 
 TASKS = ("niah_single_number", "niah_single_uuid", "niah_single_word", "niah_multikey",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
@@ -72,7 +73,7 @@ def _value(kind: str, rng: random.Random) -> str:
     return rng.choice(word_list())
 
 
-def _haystack_units(tokenizer, haystack: str, num_tokens: int, rng: random.Random) -> list[str]:
+def haystack_units(tokenizer, haystack: str, num_tokens: int, rng: random.Random) -> list[str]:
     """Filler units whose token count adds up to about ``num_tokens``."""
     if haystack == "repeat":
         unit_tokens = len(tokenizer(_FILLER, add_special_tokens=False).input_ids) + 1
@@ -93,7 +94,7 @@ def _haystack_units(tokenizer, haystack: str, num_tokens: int, rng: random.Rando
     return units
 
 
-def _insert(units: list[str], needles: list[str], depths: list[float]) -> list[str]:
+def insert_at_depths(units: list[str], needles: list[str], depths: list[float]) -> list[str]:
     """Units with each needle inserted at its depth (a share of the units)."""
     out = list(units)
     for needle, depth in sorted(zip(needles, depths), key=lambda pair: -pair[1]):
@@ -140,7 +141,7 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
         rng.shuffle(order)
         needles = [needles[i] for i in order]
         expected = tuple(value for key, value in pairs if key in asked)
-        units = _insert(_haystack_units(tokenizer, haystack, body, rng), needles, depths)
+        units = insert_at_depths(haystack_units(tokenizer, haystack, body, rng), needles, depths)
         context = separator.join(units)
         keys_text = ", ".join(asked)
         plural = "s" if len(expected) > 1 else ""
@@ -164,7 +165,7 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
         picked = needles[:5] + needles[5:]
         interleaved = sorted(range(10), key=lambda i: (i % 5, i // 5))
         placed = [picked[i] for i in interleaved]
-        units = _insert(_haystack_units(tokenizer, haystack, body, rng), placed, depths)
+        units = insert_at_depths(haystack_units(tokenizer, haystack, body, rng), placed, depths)
         context = separator.join(units)
         message = (f"Memorize and track the chain(s) of variable assignment hidden in the following "
                    f"text.\n\n{context}\nQuestion: Find all variables that are assigned the value "
