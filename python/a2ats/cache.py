@@ -44,7 +44,7 @@ from .codebook import Codebook
 from .models import decoder_layers, describe_model
 
 __all__ = ["A2ATSConfig", "A2ATSCache", "A2ATSLayer", "ATTENTION_NAME", "register_attention", "attention_timer",
-           "encode_keys", "dual_queries"]
+           "encode_keys", "dual_matrices", "dual_queries"]
 
 ATTENTION_NAME = "a2ats"
 
@@ -131,6 +131,11 @@ def encode_keys(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     k_pre = a2ats_core.rotary(keys, (-positions).to(torch.int64), inv_freq)
     whitened = torch.matmul(k_pre.float(), chol)  # (B, Hkv, t, D) @ (Hkv, D, D)
     return a2ats_core.vq_encode(whitened, centroids)
+
+
+def dual_matrices(chol_inv: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(Hq, D, D) with [h, d, e] = L⁻¹[g(h)][e, d], from chol_inv (Hkv, D, D): q' = q_w @ dual[h]."""
+    return chol_inv.transpose(1, 2).repeat_interleave(group_size, 0).contiguous()
 
 
 def dual_queries(query: torch.Tensor, positions: torch.Tensor, wrope_position: int, inv_freq: torch.Tensor,
@@ -486,9 +491,7 @@ class A2ATSCache(Cache):
         self.inv_freq = book.inv_freq.to(dev, torch.float32).contiguous()
         self.centroids = {l: book.centroids[l].to(dev).contiguous() for l in book.layers}
         self.chol = {l: book.chol[l].to(dev) for l in book.layers}
-        # q' = q_w L^-T for each query head: (Hq, D, D) with [h, d, e] = L^-1[g(h)][e, d].
-        self.dual = {l: book.chol_inv[l].transpose(1, 2).repeat_interleave(book.group_size, 0).to(dev).contiguous()
-                     for l in book.layers}
+        self.dual = {l: dual_matrices(book.chol_inv[l], book.group_size).to(dev) for l in book.layers}
         num_q = book.num_q_heads
         self.scores_buffer = torch.empty(batch, num_q, self.capacity, dtype=torch.float32, device=dev)
         self.counts_buffer = torch.empty(batch, book.num_kv_heads, dtype=torch.int32, device=dev)

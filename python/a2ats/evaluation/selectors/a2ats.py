@@ -10,7 +10,7 @@ import torch
 
 import a2ats_core
 
-from ...cache import dual_queries, encode_keys
+from ...cache import dual_matrices, dual_queries, encode_keys
 from .base import Selector
 
 
@@ -22,8 +22,7 @@ class A2ATS(Selector):
         self.wrope = codebook.ablation != "no-wrope"
         self.wrope_position = int(wrope_position or codebook.relative_position)
         book = codebook
-        self.dual = {layer: book.chol_inv[layer].transpose(1, 2).repeat_interleave(book.group_size, 0).contiguous()
-                     for layer in book.layers}
+        self.dual = {layer: dual_matrices(book.chol_inv[layer], book.group_size) for layer in book.layers}
         self.codes: dict[int, torch.Tensor] = {}
 
     def reset(self):
