@@ -321,22 +321,29 @@ def _kmeans_plus_plus(points: torch.Tensor, num_centroids: int,
     first = torch.randint(num_points, (num_problems,), generator=generator, device=points.device)
     centroids[:, 0] = points[rows, first]
     nearest_sq = torch.full_like(point_sq, float("inf"))
+    dist = torch.empty_like(point_sq)
     uniform_cdf = torch.arange(1, num_points + 1, dtype=torch.float64, device=points.device)
     for index in range(num_centroids):
         if index:
             # Inverse-CDF draw (float64 running sum): an order of magnitude faster than
             # torch.multinomial for one sample from long rows.
-            cumulative = nearest_sq.double().cumsum(-1)  # (P, N)
+            cumulative = torch.cumsum(nearest_sq, -1, dtype=torch.float64)  # (P, N)
             degenerate = cumulative[:, -1:] <= 0
-            cumulative = torch.where(degenerate, uniform_cdf, cumulative)
+            if bool(degenerate.any()):
+                cumulative = torch.where(degenerate, uniform_cdf, cumulative)
             draw = torch.rand((num_problems, 1), generator=generator, dtype=torch.float64,
                               device=points.device) * cumulative[:, -1:]
             chosen = torch.searchsorted(cumulative, draw, right=True)[:, 0]
             centroids[:, index] = points[rows, chosen.clamp_max(num_points - 1)]
         newest = centroids[:, index]  # (P, d)
-        dist = point_sq - 2.0 * torch.bmm(points, newest[:, :, None])[..., 0] \
-            + newest.square().sum(-1, keepdim=True)
-        nearest_sq = torch.minimum(nearest_sq, dist.clamp_min(0.0))
+        newest_sq = newest.square().sum(-1)  # (P,)
+        for problem in range(num_problems):
+            # One matrix-vector product per problem: this step reads all points once per
+            # centroid, and addmv streams them about 3x faster than a batched (N, d) x (d, 1) bmm.
+            torch.addmv(point_sq[problem], points[problem], newest[problem], beta=1.0,
+                        alpha=-2.0, out=dist[problem])
+        dist.add_(newest_sq[:, None]).clamp_min_(0.0)
+        torch.minimum(nearest_sq, dist, out=nearest_sq)
     return centroids
 
 
