@@ -678,6 +678,9 @@ def test_select_topk_ties(device, G, k, kind):
         scores = torch.randint(0, 3, (B, Hq, Tcap)).float()
     elif kind == "all_equal":
         scores = torch.full((B, Hq, Tcap), 0.5)
+    elif kind == "signed_zeros":  # the threshold falls among -0 and +0, which compare equal as floats
+        scores = torch.where(torch.rand(B, Hq, Tcap) < 0.5, 0.0, -0.0)
+        scores[torch.rand(B, Hq, Tcap) < 0.01] = 1.0
     elif kind == "with_neg_inf":
         scores = torch.randint(0, 2, (B, Hq, Tcap)).float()
         scores[torch.rand(B, Hq, Tcap) < 0.6] = float("-inf")
@@ -787,7 +790,7 @@ def test_select_topk_larger(device, G):
     assert torch.equal(idx.cpu(), ref_idx) and torch.equal(cnt.cpu(), ref_cnt)
 
 
-LONG_KINDS = ["normal", "low_bits", "few_values", "two_levels", "with_neg_inf", "sample_fooled"]
+LONG_KINDS = ["normal", "low_bits", "few_values", "two_levels", "signed_zeros", "with_neg_inf", "sample_fooled"]
 
 
 @pytest.mark.parametrize("kind", LONG_KINDS)

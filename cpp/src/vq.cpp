@@ -182,78 +182,129 @@ void vq_encode_typed(const T* x, const float* centroids, int16_t* codes, const V
 }
 
 // LUT rows of HB heads against centroids (C, dsub): out[h][c] = q[h] . cent[c] * scale.
-// Four centroids at a time share each load of q, and each centroid load serves HB heads;
-// the 8-lane accumulators let the reduction vectorise without reassociation flags.
-template <int HB>
+// Each centroid load serves HB heads (the table is the largest read of a decode step: 2 MiB
+// per KV head at C = 4096, D = 128), and CB centroids share each load of q; HB * CB
+// accumulators plus the q and centroid registers fit the 16 vector registers of AVX2. The
+// 8-lane accumulators let the reduction vectorise without reassociation flags.
+template <int HB, int CB>
 A2ATS_INLINE void lut_rows(const float* const* q, const float* cent, int64_t num_centroids, int64_t dsub, float scale,
-                           float* const* out) {
-  constexpr int kCB = 4;
+                           float* const* out, int64_t out_stride) {
   int64_t c = 0;
   if (dsub % 8 == 0) {
-    for (; c + kCB <= num_centroids; c += kCB) {
-      f32x8 acc[HB][kCB] = {};
+    for (; c + CB <= num_centroids; c += CB) {
+      f32x8 acc[HB][CB] = {};
       for (int64_t i = 0; i < dsub; i += 8) {
         f32x8 qv[HB];
         for (int h = 0; h < HB; ++h) qv[h] = load8(q[h] + i);
-        for (int cc = 0; cc < kCB; ++cc) {
+        for (int cc = 0; cc < CB; ++cc) {
           const f32x8 cv = load8(cent + (c + cc) * dsub + i);
           for (int h = 0; h < HB; ++h) acc[h][cc] += qv[h] * cv;
         }
       }
       for (int h = 0; h < HB; ++h)
-        for (int cc = 0; cc < kCB; ++cc) out[h][c + cc] = sum8(acc[h][cc]) * scale;
+        for (int cc = 0; cc < CB; ++cc) out[h][(c + cc) * out_stride] = sum8(acc[h][cc]) * scale;
     }
   }
   for (; c < num_centroids; ++c)
-    for (int h = 0; h < HB; ++h) out[h][c] = dot(q[h], cent + c * dsub, dsub) * scale;
+    for (int h = 0; h < HB; ++h) out[h][c * out_stride] = dot(q[h], cent + c * dsub, dsub) * scale;
 }
 
-// Builds LUT[h][m][c] (G, M, C) for the group's query heads at one bin.
+// Where LUT entry (h, m, c) lives. With M = 1 the table is (ceil(G / 4), C, 4): the four heads
+// of a quad side by side, so that one 16-byte load per token serves four heads when scoring.
+// With M > 1 it is (G, M, C): a token's M entries of one head lie in one row.
+struct LutLayout {
+  int64_t num_subspaces, num_centroids;
+  bool quads() const { return num_subspaces == 1; }
+  float* row(float* lut, int64_t h, int64_t m) const {
+    return quads() ? lut + (h / 4) * num_centroids * 4 + h % 4 : lut + (h * num_subspaces + m) * num_centroids;
+  }
+  int64_t stride() const { return quads() ? 4 : 1; }
+  int64_t floats(int64_t group_size) const {
+    return quads() ? (group_size + 3) / 4 * 4 * num_centroids : group_size * num_subspaces * num_centroids;
+  }
+};
+
+template <int HB>
+A2ATS_INLINE void lut_block(const float* const* q_heads, int64_t h, int64_t m, int64_t dsub, const float* cent,
+                            const LutLayout& layout, float scale, float* lut) {
+  const float* q[HB];
+  float* out[HB];
+  for (int j = 0; j < HB; ++j) {
+    q[j] = q_heads[h + j] + m * dsub;
+    out[j] = layout.row(lut, h + j, m);
+  }
+  lut_rows<HB, HB == 4 ? 2 : 4>(q, cent, layout.num_centroids, dsub, scale, out, layout.stride());
+}
+
+// Builds the LUT of the group's query heads at one bin, laid out as LutLayout says.
 A2ATS_MULTIVERSION
-void build_lut(const float* const* q_heads, int64_t group_size, const float* centroids_g, int64_t num_subspaces,
-               int64_t num_centroids, int64_t dsub, float scale, float* lut) {
-  const int64_t table = num_subspaces * num_centroids;
-  for (int64_t m = 0; m < num_subspaces; ++m) {
-    const float* cent = centroids_g + m * num_centroids * dsub;  // (C, D/M)
+void build_lut(const float* const* q_heads, int64_t group_size, const float* centroids_g, const LutLayout& layout,
+               int64_t dsub, float scale, float* lut) {
+  for (int64_t m = 0; m < layout.num_subspaces; ++m) {
+    const float* cent = centroids_g + m * layout.num_centroids * dsub;  // (C, D/M)
     int64_t h = 0;
-    for (; h + 2 <= group_size; h += 2) {
-      const float* q[2] = {q_heads[h] + m * dsub, q_heads[h + 1] + m * dsub};
-      float* out[2] = {lut + h * table + m * num_centroids, lut + (h + 1) * table + m * num_centroids};
-      lut_rows<2>(q, cent, num_centroids, dsub, scale, out);
+    for (; h + 4 <= group_size; h += 4) lut_block<4>(q_heads, h, m, dsub, cent, layout, scale, lut);
+    if (h + 2 <= group_size) {
+      lut_block<2>(q_heads, h, m, dsub, cent, layout, scale, lut);
+      h += 2;
     }
-    if (h < group_size) {
-      const float* q[1] = {q_heads[h] + m * dsub};
-      float* out[1] = {lut + h * table + m * num_centroids};
-      lut_rows<1>(q, cent, num_centroids, dsub, scale, out);
-    }
+    if (h < group_size) lut_block<1>(q_heads, h, m, dsub, cent, layout, scale, lut);
   }
 }
 
-// scores[t] = sum_m lut[m][codes[t][m]] for t in [t_begin, t_end); returns false on an out-of-range code.
+typedef float f32x4 __attribute__((vector_size(16)));
+
+// scores of up to four heads (rows[0, heads)) for tokens [t_begin, t_end) from one quad (C, 4)
+// of an M = 1 table; returns false on an out-of-range code. Four tokens at a time: their
+// 4-head entries are loaded whole and transposed into one 4-token store per head.
+A2ATS_MULTIVERSION
+bool score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
+                       int64_t t_begin, int64_t t_end, float* const* rows, int heads) {
+  uint32_t bad = 0;
+  const uint32_t limit = uint32_t(num_centroids);
+  const auto entry = [&](int64_t t) {
+    uint32_t c = uint16_t(codes[t * codes_t_stride]);
+    bad |= uint32_t(c >= limit);
+    return quad + (c < limit ? c : 0) * 4;
+  };
+  int64_t t = t_begin;
+  for (; t + 4 <= t_end; t += 4) {
+    f32x4 r[4];
+    for (int j = 0; j < 4; ++j) std::memcpy(&r[j], entry(t + j), sizeof(f32x4));
+    const f32x4 lo01 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5);  // (t0 h0, t1 h0, t0 h1, t1 h1)
+    const f32x4 hi01 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
+    const f32x4 lo23 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5);
+    const f32x4 hi23 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
+    const f32x4 column[4] = {__builtin_shufflevector(lo01, lo23, 0, 1, 4, 5),
+                             __builtin_shufflevector(lo01, lo23, 2, 3, 6, 7),
+                             __builtin_shufflevector(hi01, hi23, 0, 1, 4, 5),
+                             __builtin_shufflevector(hi01, hi23, 2, 3, 6, 7)};
+    for (int h = 0; h < heads; ++h) std::memcpy(rows[h] + t, &column[h], sizeof(f32x4));
+  }
+  for (; t < t_end; ++t) {
+    const float* e = entry(t);
+    for (int h = 0; h < heads; ++h) rows[h][t] = e[h];
+  }
+  return bad == 0;
+}
+
+// M > 1: scores[t] = sum_m lut[m][codes[t][m]] for t in [t_begin, t_end) from one head's
+// (M, C) table; returns false on an out-of-range code.
 A2ATS_MULTIVERSION
 bool score_tokens(const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
                   int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores) {
   uint32_t bad = 0;
   const uint32_t limit = uint32_t(num_centroids);
-  if (num_subspaces == 1) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      uint32_t c = uint16_t(codes[t * codes_t_stride]);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int16_t* code = codes + t * codes_t_stride;
+    float s = 0.f;
+    for (int64_t m = 0; m < num_subspaces; ++m) {
+      uint32_t c = uint16_t(code[m]);
       bad |= uint32_t(c >= limit);
       c = c < limit ? c : 0;
-      scores[t] = lut[c];
+      s += lut[m * num_centroids + c];
     }
-  } else {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int16_t* code = codes + t * codes_t_stride;
-      float s = 0.f;
-      for (int64_t m = 0; m < num_subspaces; ++m) {
-        uint32_t c = uint16_t(code[m]);
-        bad |= uint32_t(c >= limit);
-        c = c < limit ? c : 0;
-        s += lut[m * num_centroids + c];
-      }
-      scores[t] = s;
-    }
+    scores[t] = s;
   }
   return bad == 0;
 }
@@ -279,7 +330,9 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
   ThreadPool::global().parallel_for(p.batch * p.num_kv_heads, [&](int64_t begin, int64_t end) {
     // Grows once per thread to the largest group's table; no allocation in steady state.
     thread_local std::vector<float> lut;
-    if (int64_t(lut.size()) < group_size * table) lut.resize(size_t(group_size * table));
+    const LutLayout layout{p.num_subspaces, p.num_centroids};
+    if (int64_t(lut.size()) < layout.floats(std::min<int64_t>(group_size, 64)))
+      lut.resize(size_t(layout.floats(std::min<int64_t>(group_size, 64))));
     const float* q_heads[64];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.num_kv_heads, g = item % p.num_kv_heads;
@@ -295,13 +348,25 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
           const int64_t heads = std::min<int64_t>(64, group_size - h0);
           for (int64_t h = 0; h < heads; ++h)
             q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h0 + h) * p.q_stride[1] + j * p.q_stride[2];
-          build_lut(q_heads, heads, centroids_g, p.num_subspaces, p.num_centroids, dsub, scale, lut.data());
-          for (int64_t h = 0; h < heads; ++h) {
-            float* row = scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
-            if (!score_tokens(lut.data() + h * table, codes_bg, p.codes_stride[2], p.num_subspaces, p.num_centroids,
-                              t_begin, t_end, row))
-              ok.store(false, std::memory_order_relaxed);
+          build_lut(q_heads, heads, centroids_g, layout, dsub, scale, lut.data());
+          const auto row = [&](int64_t h) {
+            return scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
+          };
+          bool good = true;
+          if (layout.quads()) {
+            for (int64_t h = 0; h < heads; h += 4) {
+              float* rows[4] = {row(h), nullptr, nullptr, nullptr};
+              const int quad_heads = int(std::min<int64_t>(4, heads - h));
+              for (int j = 1; j < quad_heads; ++j) rows[j] = row(h + j);
+              good &= score_tokens_quad(layout.row(lut.data(), h, 0), codes_bg, p.codes_stride[2], p.num_centroids,
+                                        t_begin, t_end, rows, quad_heads);
+            }
+          } else {
+            for (int64_t h = 0; h < heads; ++h)
+              good &= score_tokens(layout.row(lut.data(), h, 0), codes_bg, p.codes_stride[2], p.num_subspaces,
+                                   p.num_centroids, t_begin, t_end, row(h));
           }
+          if (!good) ok.store(false, std::memory_order_relaxed);
         }
       }
       for (int64_t h = 0; h < group_size; ++h) {
