@@ -112,6 +112,12 @@ def bench_size(T: int, device: str, time_fn, reps: int):
         cases.append(("KVStore.gather (K+V, f16)", T, lambda: store.gather(0, sel_idx, sel_cnt, out_k, out_v),
                       lambda: (reference.gather(keys, sel_idx, sel_cnt), reference.gather(values, sel_idx, sel_cnt)),
                       2 * 2 * rows * HEAD_DIM * 2))  # read + write of K and V rows
+        valid = torch.arange(sel_idx.shape[2]) < sel_cnt[..., None]
+        scale = HEAD_DIM ** -0.5
+        cases.append(("KVStore.attend (K+V, f16)", T, lambda: store.attend(0, q, sel_idx, sel_cnt, scale=scale),
+                      lambda: reference.attend(q, reference.gather(keys, sel_idx, sel_cnt),
+                                               reference.gather(values, sel_idx, sel_cnt), valid, scale=scale),
+                      2 * rows * HEAD_DIM * 2))  # K and V rows read once, in place
     results = []
     for op, tokens, native, ref, nbytes in cases:
         t_native = time_fn(native, reps)

@@ -393,6 +393,48 @@ class PyKVStore {
     }
   }
 
+  py::tuple attend(int64_t layer, py::handle q_obj, py::handle indices_obj, py::handle counts_obj, double scale,
+                   py::handle out_obj, py::handle out_lse_obj) {
+    KVStore& s = *store_;
+    TensorArg q(q_obj, "q"), indices(indices_obj, "indices"), counts(counts_obj, "counts");
+    q.expect_dtype({DType::kFloat32}).expect_ndim(3).expect_last_dim_contiguous();
+    if (q.is_cuda())
+      throw_value("q is on " + q.device().str() + ": KVStore.attend reads the rows in host memory and runs on the "
+                  "CPU; with CUDA tensors, gather the rows to the device and attend there");
+    q.expect_size(0, s.batch(), "batch of the store").expect_size(2, s.head_dim(), "head_dim of the store");
+    const int64_t num_q_heads = q.size(1);
+    if (num_q_heads % s.num_kv_heads() != 0)
+      throw_value("q has " + std::to_string(num_q_heads) + " heads, not a multiple of the store's num_kv_heads " +
+                  std::to_string(s.num_kv_heads()));
+    if (!std::isfinite(scale)) throw_value("scale must be finite, got " + std::to_string(scale));
+    indices.expect_dtype({DType::kInt32}).expect_ndim(3).expect_last_dim_contiguous();
+    indices.expect_size(0, s.batch(), "batch of the store").expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
+    indices.expect_cpu("KVStore.attend runs on the CPU");
+    counts.expect_dtype({DType::kInt32}).expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
+    counts.expect_cpu("KVStore.attend runs on the CPU");
+    Output out(out_obj, "out", q, {s.batch(), num_q_heads, s.head_dim()}, DType::kFloat32);
+    Output lse(out_lse_obj, "out_lse", q, {s.batch(), num_q_heads}, DType::kFloat32);
+    KVStore::AttendParams p;
+    p.group_size = num_q_heads / s.num_kv_heads();
+    p.scale = float(scale);
+    p.q_stride[0] = q.stride(0), p.q_stride[1] = q.stride(1);
+    p.indices_stride[0] = indices.stride(0), p.indices_stride[1] = indices.stride(1);
+    p.counts_stride[0] = counts.stride(0), p.counts_stride[1] = counts.stride(1);
+    p.out_stride[0] = out.view.stride(0), p.out_stride[1] = out.view.stride(1);
+    p.lse_stride[0] = lse.view.stride(0), p.lse_stride[1] = lse.view.stride(1);
+    auto lock = acquire();
+    try {
+      py::gil_scoped_release release;
+      s.check_gather(layer, indices.data<int32_t>(), p.indices_stride, counts.data<int32_t>(), p.counts_stride,
+                     indices.size(2));
+      s.attend(layer, q.data<float>(), indices.data<int32_t>(), counts.data<int32_t>(), out.view.data<float>(),
+               lse.view.data<float>(), p);
+    } catch (const std::invalid_argument& e) {
+      throw_value(e.what());
+    }
+    return py::make_tuple(out.object, lse.object);
+  }
+
   py::array_t<int64_t> lengths() {
     auto lock = acquire();
     KVStore& s = *store_;
@@ -498,6 +540,15 @@ num_tokens[b] of the t rows of batch row b. Raises ValueError, storing nothing, 
       .def("gather", &PyKVStore::gather, py::arg("layer"), py::arg("indices"), py::arg("counts"), py::arg("out_k"),
            py::arg("out_v"), py::kw_only(), py::arg("stream") = py::none(),
            R"doc(Copy rows indices[b, g, :counts[b, g]] of `layer` into out_k, out_v (B, Hkv, Kmax, D); slots past counts are untouched.)doc")
+      .def("attend", &PyKVStore::attend, py::arg("layer"), py::arg("q"), py::arg("indices"), py::arg("counts"),
+           py::kw_only(), py::arg("scale"), py::arg("out") = py::none(), py::arg("out_lse") = py::none(),
+           R"doc(Exact attention over the selected rows of `layer`, read in place (CPU only; no copy).
+
+q (B, Hq, D) float32 with Hq a multiple of num_kv_heads (head h reads KV head h // (Hq / Hkv));
+indices (B, Hkv, Kmax) int32 and counts (B, Hkv) int32 as for gather. Returns (out, lse):
+out (B, Hq, D) float32 = softmax(scale * q K_S^T) V_S over S = indices[b, g, :counts[b, g]], and
+lse (B, Hq) float32 = log sum exp(scale * q K_S^T), the state that merges with attention over other
+rows; a row with no selected rows gives out = 0 and lse = -inf.)doc")
       .def("lengths", &PyKVStore::lengths, "Rows stored, (num_layers, batch) int64.")
       .def("reset", &PyKVStore::reset, "Forget all rows (lengths to 0); memory is kept.")
       .def_property_readonly("nbytes", [](const PyKVStore& s) { return s.store().nbytes(); })

@@ -150,10 +150,12 @@ def _attention_over(cache, layer_idx, query, indices, counts):
     return out.reshape(batch, book.num_q_heads, 1, -1).transpose(1, 2)
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["attend-in-place", "gather"])
 def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, small_codebook, batch,
-                                                                    monkeypatch):
+                                                                    monkeypatch, in_place):
     """At 3%, with resident sink/window rows: the selection is a valid top-k under the reference
-    scores, and the output is exact attention over the selected rows."""
+    scores, and the output is exact attention over the selected rows, whether the middle rows
+    are read in place (the CPU path) or gathered first (the GPU path)."""
     from a2ats import cache as cache_module
 
     model, _ = smollm2
@@ -161,6 +163,7 @@ def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, sma
     cache = a2ats.A2ATSCache(model, small_codebook,
                              a2ats.A2ATSConfig(topk=0.03, sink=5, window=24, capacity=1100))
     _prefill(model, cache, input_ids, attention_mask)
+    cache.attend_in_place = in_place
     seen = {}
     decode = cache_module.A2ATSLayer.decode
 

@@ -434,3 +434,41 @@ def test_mixed_devices():
     with pytest.raises(ValueError, match=r"\bv\b"):
         store.append(0, torch.zeros(2, 2, 1, 16, dtype=torch.float16, device="cuda"),
                      torch.zeros(2, 2, 1, 16, dtype=torch.float16))
+
+
+def test_kv_store_bad_attend():
+    """KVStore.attend validates like gather, plus q and scale; the store is never touched."""
+    store, _, _ = filled_store()  # float16, L=2, B=2, Hkv=2, D=16, 6 rows per batch row
+    snap = snapshot(store)
+    q = torch.randn(2, 4, 16)
+    idx = torch.tensor([0, 5, 3, 1], dtype=torch.int32).expand(2, 2, 4).contiguous()
+    cnt = torch.full((2, 2), 4, dtype=torch.int32)
+    store.attend(0, q, idx, cnt, scale=0.25)  # the good call works
+    with pytest.raises(TypeError, match=r"\bq\b.*float32"):
+        store.attend(0, q.half(), idx, cnt, scale=0.25)
+    with pytest.raises(ValueError, match=r"\bq\b"):
+        store.attend(0, q[:, :3], idx, cnt, scale=0.25)  # 3 heads over 2 KV heads
+    with pytest.raises(ValueError, match=r"\bq\b"):
+        store.attend(0, q[..., :8], idx, cnt, scale=0.25)  # head_dim of the store is 16
+    with pytest.raises(ValueError, match=r"\bq\b"):
+        store.attend(0, q[:1], idx, cnt, scale=0.25)
+    with pytest.raises(ValueError, match="scale"):
+        store.attend(0, q, idx, cnt, scale=float("nan"))
+    bad = idx.clone()
+    bad[1, 1, 2] = 6  # batch row 1 holds 6 rows
+    with pytest.raises(ValueError, match="indices"):
+        store.attend(0, q, bad, cnt, scale=0.25)
+    bad[1, 1, 2] = -1
+    with pytest.raises(ValueError, match="indices"):
+        store.attend(0, q, bad, cnt, scale=0.25)
+    with pytest.raises(ValueError, match="counts"):
+        store.attend(0, q, idx, cnt + 1, scale=0.25)
+    with pytest.raises(TypeError, match="counts"):
+        store.attend(0, q, idx, cnt.long(), scale=0.25)
+    with pytest.raises(ValueError, match="layer"):
+        store.attend(2, q, idx, cnt, scale=0.25)
+    with pytest.raises(ValueError, match="out_lse"):
+        store.attend(0, q, idx, cnt, scale=0.25, out_lse=torch.empty(2, 3))
+    with pytest.raises(TypeError, match=r"\bout\b"):
+        store.attend(0, q, idx, cnt, scale=0.25, out=torch.empty(2, 4, 16, dtype=torch.float64))
+    assert_unchanged(store, snap)

@@ -526,6 +526,23 @@ def test_lut_scores_larger(device):
     check_scores(outb, reference.lut_scores(qb, centroids, codes, lengths, bin_edges=edges), lengths)
 
 
+@pytest.mark.parametrize("B, G, M", [(2, 65, 1), (3, 64, 1), (2, 70, 2), (17, 5, 1), (9, 3, 2)])
+def test_lut_scores_batch_rows_share_builds(device, B, G, M):
+    """The CPU builds one table for the heads of several batch rows (up to 64 heads) and splits
+    larger groups: rows whose heads straddle 4-head quads, groups past 64, binned and ragged."""
+    Hkv, D, C, Tcap = 2, 16, 32, 50
+    q, centroids, codes = lut_inputs(B, Hkv, G, D, M, C, Tcap)
+    qb = torch.randn(B, Hkv * G, 3, D)
+    lengths = torch.randint(1, Tcap + 1, (B,), dtype=torch.int32)
+    edges = torch.tensor([3, 10], dtype=torch.int32)
+    args = [t.to(device) for t in (centroids, codes, lengths)]
+    out = a2ats_core.lut_scores(q.to(device), *args)
+    outb = a2ats_core.lut_scores(qb.to(device), *args, bin_edges=edges.to(device))
+    sync(device)
+    check_scores(out, reference.lut_scores(q, centroids, codes, lengths), lengths)
+    check_scores(outb, reference.lut_scores(qb, centroids, codes, lengths, bin_edges=edges), lengths)
+
+
 # ------------------------------------------------------------------------------- select_topk
 
 def _cover(uncovered, options, capacity) -> bool:

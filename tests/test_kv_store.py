@@ -310,3 +310,111 @@ def test_cuda_outputs_with_host_indices():
     torch.cuda.synchronize()
     check_gathered(out_k, torch.zeros_like(out_k), k, indices, counts)
     check_gathered(out_v, torch.zeros_like(out_v), v, indices, counts)
+
+
+# ------------------------------------------------------------------------------ KVStore.attend
+
+def reference_attend(keys, values, q, indices, counts, scale):
+    """reference.attend over reference.gather's rows, the first counts[b, g] of them valid."""
+    valid = torch.arange(indices.shape[-1])[None, None, :] < counts.long()[..., None]
+    return reference.attend(q, reference.gather(keys, indices, counts), reference.gather(values, indices, counts),
+                            valid, scale=scale)
+
+
+def check_attend(out, lse, ref_out, ref_lse):
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty), "lse must be -inf exactly where no row is selected"
+    assert torch.all(lse[empty] < 0)
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), "heads without rows must give zeros"
+    # The kernel and the reference both compute in float32 from the same stored values; they
+    # differ by summation order and the exp polynomial only (making its r^2 coefficient 0.501
+    # instead of 0.5 fails this). Rounding a logit of size L moves
+    # its weight by about L * 6e-8, hence the tolerance grows with the logits (lse ~ the largest).
+    logit_size = max(1.0, float(ref_lse[~empty].abs().max())) if (~empty).any() else 1.0
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=3e-6 * logit_size)
+    torch.testing.assert_close(lse[~empty], ref_lse[~empty], rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("D", [64, 128, 36])
+@pytest.mark.parametrize("G", [1, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attend_matches_reference(dtype, G, D):
+    """Ragged lengths, counts from 0 to Kmax across several 128-row chunks, garbage past counts,
+    repeated and unsorted indices."""
+    B, Hkv, cap, kmax = 3, 2, 700, 300
+    torch.manual_seed(G * 1000 + D)
+    store = a2ats_core.KVStore(2, B, Hkv, D, cap, dtype, pinned=False)
+    lengths = [cap, 1, 411]
+    keys = torch.randn(B, Hkv, cap, D).to(dtype)
+    values = torch.randn(B, Hkv, cap, D).to(dtype)
+    store.append(1, keys, values, num_tokens=torch.tensor(lengths, dtype=torch.int32))
+    indices, counts = random_selection(B, Hkv, kmax, lengths)
+    counts[2, 1] = 129  # one full chunk plus one row
+    indices[2, 1, :129] = torch.randint(0, lengths[2], (129,), dtype=torch.int32)
+    q = torch.randn(B, Hkv * G, D)
+    scale = D ** -0.5
+    out, lse = store.attend(1, q, indices, counts, scale=scale)
+    assert out.shape == (B, Hkv * G, D) and lse.shape == (B, Hkv * G)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    check_attend(out, lse, *reference_attend(keys, values, q, indices, counts, scale))
+
+
+def test_attend_strided_views_and_out():
+    """q, indices and counts as strided views, results into strided out= views; peaked
+    softmax (large scale) whose small terms underflow."""
+    B, Hkv, G, D, cap = 2, 4, 4, 128, 5000
+    store = a2ats_core.KVStore(1, B, Hkv, D, cap, torch.bfloat16, pinned=False)
+    keys = torch.randn(B, Hkv, cap, D).bfloat16()
+    values = torch.randn(B, Hkv, cap, D).bfloat16()
+    store.append(0, keys, values)
+    q = torch.randn(B, 2 * Hkv * G, D)[:, ::2]  # every other head: a strided view
+    full = torch.sort(torch.rand(B, Hkv, 1100).argsort(-1)[..., :1000], -1).values.int()
+    indices = full[..., 50:]  # (B, Hkv, 950), as the cache slices the sink off
+    counts = torch.full((B, 2 * Hkv), 900, dtype=torch.int32)[:, ::2]
+    out = torch.full((B, Hkv * G, 2 * D), 7.0)[..., :D]
+    lse = torch.full((B, 2 * Hkv * G), 7.0)[:, 3:3 + Hkv * G]
+    for scale in (0.088, 3.0):
+        result = store.attend(0, q, indices, counts, scale=scale, out=out, out_lse=lse)
+        assert result[0] is out and result[1] is lse
+        check_attend(out, lse, *reference_attend(keys, values, q, indices, counts, scale))
+
+
+def test_attend_merges_with_other_rows():
+    """attend over two disjoint selections, merged by reference.merge_attention, equals attend
+    over their union: how the cache combines the middle rows with the resident ones."""
+    B, Hkv, G, D, cap = 2, 2, 3, 64, 400
+    store = a2ats_core.KVStore(1, B, Hkv, D, cap, torch.float32, pinned=False)
+    keys, values = torch.randn(B, Hkv, cap, D), torch.randn(B, Hkv, cap, D)
+    store.append(0, keys, values)
+    perm = torch.randperm(cap)
+    part_a = torch.sort(perm[:150]).values.int().expand(B, Hkv, 150).contiguous()
+    part_b = torch.sort(perm[150:260]).values.int().expand(B, Hkv, 110).contiguous()
+    union = torch.cat([part_a, part_b], -1)
+    q = torch.randn(B, Hkv * G, D)
+    counts_a = torch.tensor([[150, 0], [150, 150]], dtype=torch.int32)
+    counts_b = torch.tensor([[110, 110], [0, 110]], dtype=torch.int32)
+    out_a, lse_a = store.attend(0, q, part_a, counts_a, scale=0.125)
+    out_b, lse_b = store.attend(0, q, part_b, counts_b, scale=0.125)
+    merged, merged_lse = reference.merge_attention(out_a, lse_a, out_b, lse_b)
+    valid = torch.cat([torch.arange(150) < counts_a[..., None], torch.arange(110) < counts_b[..., None]], -1)
+    ref_out, ref_lse = reference.attend(q, keys.gather(2, union.long()[..., None].expand(-1, -1, -1, D)),
+                                        values.gather(2, union.long()[..., None].expand(-1, -1, -1, D)),
+                                        valid, scale=0.125)
+    torch.testing.assert_close(merged, ref_out, rtol=1e-5, atol=3e-6)
+    torch.testing.assert_close(merged_lse, ref_lse, rtol=1e-6, atol=2e-6)
+
+
+def test_attend_threads_agree():
+    """One thread and several give the same bits: chunk states merge in a fixed order."""
+    B, Hkv, G, D, cap = 1, 2, 4, 128, 3000
+    keys, values = torch.randn(B, Hkv, cap, D), torch.randn(B, Hkv, cap, D)
+    indices = torch.sort(torch.randperm(cap)[:2000]).values.int().expand(B, Hkv, 2000).contiguous()
+    counts = torch.tensor([[2000, 1500]], dtype=torch.int32)
+    q = torch.randn(B, Hkv * G, D)
+    results = []
+    for threads in (1, 3):
+        store = a2ats_core.KVStore(1, B, Hkv, D, cap, torch.float32, pinned=False, threads=threads)
+        store.append(0, keys, values)
+        results.append(store.attend(0, q, indices, counts, scale=0.1))
+    assert torch.equal(bits(results[0][0]), bits(results[1][0]))
+    assert torch.equal(bits(results[0][1]), bits(results[1][1]))

@@ -254,12 +254,13 @@ void build_lut(const float* const* q_heads, int64_t group_size, const float* cen
 
 typedef float f32x4 __attribute__((vector_size(16)));
 
-// scores of up to four heads (rows[0, heads)) for tokens [t_begin, t_end) from one quad (C, 4)
-// of an M = 1 table; returns false on an out-of-range code. Four tokens at a time: their
-// 4-head entries are loaded whole and transposed into one 4-token store per head.
+// scores of lanes [lane_begin, lane_begin + lanes) of one quad (C, 4) of an M = 1 table into
+// rows[0, lanes), for tokens [t_begin, t_end); returns false on an out-of-range code. Four
+// tokens at a time: their 4-lane entries are loaded whole and transposed into one 4-token
+// store per lane.
 A2ATS_MULTIVERSION
 bool score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
-                       int64_t t_begin, int64_t t_end, float* const* rows, int heads) {
+                       int64_t t_begin, int64_t t_end, float* const* rows, int lane_begin, int lanes) {
   uint32_t bad = 0;
   const uint32_t limit = uint32_t(num_centroids);
   const auto entry = [&](int64_t t) {
@@ -271,7 +272,7 @@ bool score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_
   for (; t + 4 <= t_end; t += 4) {
     f32x4 r[4];
     for (int j = 0; j < 4; ++j) std::memcpy(&r[j], entry(t + j), sizeof(f32x4));
-    const f32x4 lo01 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5);  // (t0 h0, t1 h0, t0 h1, t1 h1)
+    const f32x4 lo01 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5);  // (t0 l0, t1 l0, t0 l1, t1 l1)
     const f32x4 hi01 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
     const f32x4 lo23 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5);
     const f32x4 hi23 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
@@ -279,11 +280,11 @@ bool score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_
                              __builtin_shufflevector(lo01, lo23, 2, 3, 6, 7),
                              __builtin_shufflevector(hi01, hi23, 0, 1, 4, 5),
                              __builtin_shufflevector(hi01, hi23, 2, 3, 6, 7)};
-    for (int h = 0; h < heads; ++h) std::memcpy(rows[h] + t, &column[h], sizeof(f32x4));
+    for (int h = 0; h < lanes; ++h) std::memcpy(rows[h] + t, &column[lane_begin + h], sizeof(f32x4));
   }
   for (; t < t_end; ++t) {
     const float* e = entry(t);
-    for (int h = 0; h < heads; ++h) rows[h][t] = e[h];
+    for (int h = 0; h < lanes; ++h) rows[h][t] = e[lane_begin + h];
   }
   return bad == 0;
 }
@@ -326,55 +327,80 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
   const int64_t dsub = p.head_dim / p.num_subspaces;
   const int64_t table = p.num_subspaces * p.num_centroids;
   const float scale = 1.0f / std::sqrt(float(p.head_dim));
+  const LutLayout layout{p.num_subspaces, p.num_centroids};
+  // One LUT build covers up to kLutHeads query heads of one KV head: the whole group of several
+  // batch rows, so that the centroid table (2 MiB per KV head at C = 4096, D = 128: the
+  // largest read of a step) is read once for all of them; groups larger than that in blocks.
+  // Slot (b - b0) * block_heads + (h - h0) holds head h of batch row b.
+  constexpr int64_t kLutHeads = 64;
+  const int64_t block_heads = std::min(group_size, kLutHeads);
+  const int64_t head_blocks = (group_size + block_heads - 1) / block_heads;
+  const int64_t rows_per_build = head_blocks == 1 ? kLutHeads / block_heads : 1;
+  const int64_t row_blocks = (p.batch + rows_per_build - 1) / rows_per_build;
   std::atomic<bool> ok{true};
-  ThreadPool::global().parallel_for(p.batch * p.num_kv_heads, [&](int64_t begin, int64_t end) {
-    // Grows once per thread to the largest group's table; no allocation in steady state.
+  ThreadPool::global().parallel_for(p.num_kv_heads * row_blocks, [&](int64_t begin, int64_t end) {
+    // Grows once per thread; no allocation in steady state.
     thread_local std::vector<float> lut;
-    const LutLayout layout{p.num_subspaces, p.num_centroids};
-    if (int64_t(lut.size()) < layout.floats(std::min<int64_t>(group_size, 64)))
-      lut.resize(size_t(layout.floats(std::min<int64_t>(group_size, 64))));
-    const float* q_heads[64];
+    if (int64_t(lut.size()) < layout.floats(kLutHeads)) lut.resize(size_t(layout.floats(kLutHeads)));
+    const float* q_heads[kLutHeads];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / p.num_kv_heads, g = item % p.num_kv_heads;
-      const int64_t length = lengths[b];
-      const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
+      const int64_t g = item / row_blocks;
+      const int64_t b0 = (item % row_blocks) * rows_per_build, b1 = std::min(p.batch, b0 + rows_per_build);
       const float* centroids_g = centroids + g * table * dsub;
+      // Bin j of row b holds distances [edge[j-1], edge[j]): tokens [length - edge[j], length - edge[j-1]).
+      const auto bin_tokens = [&](int64_t b, int64_t j, int64_t& t_begin, int64_t& t_end) {
+        const int64_t length = lengths[b];
+        t_begin = j == p.num_bins - 1 ? 0 : std::max<int64_t>(0, length - bin_edges[j]);
+        t_end = j == 0 ? length : std::min<int64_t>(length, length - bin_edges[j - 1]);
+        return t_begin < t_end;
+      };
       for (int64_t j = 0; j < p.num_bins; ++j) {
-        // Bin j holds distances [edge[j-1], edge[j]), i.e. tokens [length - edge[j], length - edge[j-1]).
-        const int64_t t_begin = j == p.num_bins - 1 ? 0 : std::max<int64_t>(0, length - bin_edges[j]);
-        const int64_t t_end = j == 0 ? length : std::min<int64_t>(length, length - bin_edges[j - 1]);
-        if (t_begin >= t_end) continue;
-        for (int64_t h0 = 0; h0 < group_size; h0 += 64) {
-          const int64_t heads = std::min<int64_t>(64, group_size - h0);
-          for (int64_t h = 0; h < heads; ++h)
-            q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h0 + h) * p.q_stride[1] + j * p.q_stride[2];
-          build_lut(q_heads, heads, centroids_g, layout, dsub, scale, lut.data());
-          const auto row = [&](int64_t h) {
-            return scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
-          };
-          bool good = true;
-          if (layout.quads()) {
-            for (int64_t h = 0; h < heads; h += 4) {
-              float* rows[4] = {row(h), nullptr, nullptr, nullptr};
-              const int quad_heads = int(std::min<int64_t>(4, heads - h));
-              for (int j = 1; j < quad_heads; ++j) rows[j] = row(h + j);
-              good &= score_tokens_quad(layout.row(lut.data(), h, 0), codes_bg, p.codes_stride[2], p.num_centroids,
-                                        t_begin, t_end, rows, quad_heads);
-            }
-          } else {
+        for (int64_t h0 = 0; h0 < group_size; h0 += block_heads) {
+          const int64_t heads = std::min(block_heads, group_size - h0);
+          int64_t t_begin, t_end;
+          bool any = false;
+          for (int64_t b = b0; b < b1; ++b) {
+            any |= bin_tokens(b, j, t_begin, t_end);
             for (int64_t h = 0; h < heads; ++h)
-              good &= score_tokens(layout.row(lut.data(), h, 0), codes_bg, p.codes_stride[2], p.num_subspaces,
-                                   p.num_centroids, t_begin, t_end, row(h));
+              q_heads[(b - b0) * heads + h] =
+                  q + b * p.q_stride[0] + (g * group_size + h0 + h) * p.q_stride[1] + j * p.q_stride[2];
+          }
+          if (!any) continue;
+          build_lut(q_heads, (b1 - b0) * heads, centroids_g, layout, dsub, scale, lut.data());
+          bool good = true;
+          for (int64_t b = b0; b < b1; ++b) {
+            if (!bin_tokens(b, j, t_begin, t_end)) continue;
+            const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
+            const auto row = [&](int64_t h) {
+              return scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
+            };
+            const int64_t first = (b - b0) * heads;  // this row's first slot
+            if (layout.quads()) {
+              // Its slots [first, first + heads) may start and end inside quads.
+              for (int64_t slot = first; slot < first + heads;) {
+                const int64_t quad_end = std::min(first + heads, (slot / 4 + 1) * 4);
+                float* rows[4];
+                for (int64_t s = slot; s < quad_end; ++s) rows[s - slot] = row(s - first);
+                good &= score_tokens_quad(layout.row(lut.data(), slot / 4 * 4, 0), codes_bg, p.codes_stride[2],
+                                          p.num_centroids, t_begin, t_end, rows, int(slot % 4), int(quad_end - slot));
+                slot = quad_end;
+              }
+            } else {
+              for (int64_t h = 0; h < heads; ++h)
+                good &= score_tokens(layout.row(lut.data(), first + h, 0), codes_bg, p.codes_stride[2],
+                                     p.num_subspaces, p.num_centroids, t_begin, t_end, row(h));
+            }
           }
           if (!good) ok.store(false, std::memory_order_relaxed);
         }
       }
-      for (int64_t h = 0; h < group_size; ++h) {
-        float* row = scores + b * p.scores_stride[0] + (g * group_size + h) * p.scores_stride[1];
-        std::fill(row + length, row + p.capacity, -std::numeric_limits<float>::infinity());
-      }
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t h = 0; h < group_size; ++h) {
+          float* row = scores + b * p.scores_stride[0] + (g * group_size + h) * p.scores_stride[1];
+          std::fill(row + lengths[b], row + p.capacity, -std::numeric_limits<float>::infinity());
+        }
     }
-  }, ThreadPool::min_chunk_for(group_size * (table * dsub + p.capacity * p.num_subspaces)));
+  }, ThreadPool::min_chunk_for(rows_per_build * group_size * (table * dsub + p.capacity * p.num_subspaces)));
   return ok.load();
 }
 

@@ -40,6 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import a2ats_core
 
+from . import reference
 from .codebook import Codebook
 from .models import decoder_layers, describe_model
 
@@ -355,26 +356,24 @@ class A2ATSLayer(CacheLayerMixin):
         resident_valid = torch.cat([sink_valid, window_positions >= sink], 1)  # (B, sink + window)
         middle_counts = counts - resident_valid.sum(1, dtype=torch.int32)[:, None]  # (B, Hkv)
         middle = group * k
-        middle_k, middle_v = cache.rows_buffers(batch, middle)
-        cache.store.gather(self.store_layer, indices[:, :, sink:sink + middle], middle_counts,
-                           middle_k, middle_v)
-        # Exact attention over resident + middle rows with the model's own RoPE query; one
-        # softmax over both parts' logits, so the rows are never concatenated.
+        middle_indices = indices[:, :, sink:sink + middle]
+        # Exact attention with the model's own RoPE query over the resident rows and the middle
+        # rows separately, merged through their log-sum-exp: one softmax over both parts without
+        # ever concatenating the rows.
+        q = query[:, :, 0].float()  # (B, Hq, D)
+        if cache.attend_in_place:
+            middle_out, middle_lse = cache.store.attend(self.store_layer, q, middle_indices, middle_counts,
+                                                        scale=scaling)
+        else:
+            middle_k, middle_v = cache.rows_buffers(batch, middle)
+            cache.store.gather(self.store_layer, middle_indices, middle_counts, middle_k, middle_v)
+            middle_valid = torch.arange(middle, device=lengths.device) < middle_counts[..., None]
+            middle_out, middle_lse = reference.attend(q, middle_k, middle_v, middle_valid, scale=scaling)
+        resident_out, resident_lse = reference.attend(q, self.resident_k, self.resident_v,
+                                                      resident_valid[:, None], scale=scaling)
+        out, _ = reference.merge_attention(resident_out, resident_lse, middle_out, middle_lse)
         num_kv = book.num_kv_heads
-        q = query.reshape(batch, num_kv, group, query.shape[-1]).float()  # (B, Hkv, G, D)
-        middle_valid = torch.arange(middle, device=lengths.device) < middle_counts[..., None]
-        valid = torch.cat([resident_valid[:, None].expand(-1, num_kv, -1), middle_valid], 2)
-        logits = torch.cat([torch.matmul(q, self.resident_k.float().transpose(2, 3)),
-                            torch.matmul(q, middle_k.float().transpose(2, 3))], 3) * scaling
-        # Slots past the counts hold zeros or rows of earlier steps (the buffers are zeroed when
-        # allocated and only ever receive real rows), always finite: masked logits give them
-        # a zero probability, and zero times a finite value adds nothing.
-        logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        resident = sink + window
-        out = torch.matmul(probs[..., :resident], self.resident_v.float()) + torch.matmul(
-            probs[..., resident:], middle_v.float())
-        out = out.reshape(batch, num_kv * group, 1, -1).transpose(1, 2).to(query.dtype)
+        out = out[:, None].to(query.dtype)  # (B, 1, Hq, D)
         if cache.collect_stats:
             _synchronize(out.device)
             stats = cache.stats
@@ -497,6 +496,10 @@ class A2ATSCache(Cache):
         self.counts_buffer = torch.empty(batch, book.num_kv_heads, dtype=torch.int32, device=dev)
         self._indices = torch.empty(0, dtype=torch.int32, device=dev)
         self._rows = (torch.empty(0, dtype=key_states.dtype, device=dev),) * 2
+        # How the middle rows reach attention: read in place from the host store on a CPU
+        # (KVStore.attend), gathered into device buffers on a GPU. Either path works on a CPU;
+        # the tests run both.
+        self.attend_in_place = not on_gpu
 
     def indices_buffer(self, batch: int, kmax: int) -> torch.Tensor:
         """(B, Hkv, kmax) int32 view of a buffer grown as the budget grows."""

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["rotary", "vq_encode", "lut_scores", "select_topk", "gather"]
+__all__ = ["rotary", "vq_encode", "lut_scores", "select_topk", "gather", "attend", "merge_attention"]
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
@@ -133,3 +133,38 @@ def gather(store: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> 
     safe = torch.where(valid, indices.long(), torch.zeros_like(indices, dtype=torch.long))
     rows = store.gather(2, safe[..., None].expand(B, Hkv, kmax, store.shape[-1]))
     return rows * valid[..., None].to(rows.dtype)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, *,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each query head over the valid rows of its KV head, in float32.
+
+    q (B, Hq, D); keys, values (B, Hkv, R, D); valid (B, Hkv, R) bool (it broadcasts, e.g.
+    (B, 1, R)); query head h reads KV head h // G. Returns out (B, Hq, D) = softmax(scale q·k) v
+    over the valid rows and lse (B, Hq) = log Σ exp(scale q·k), the state that
+    :func:`merge_attention` combines; a head with no valid row gets out = 0 and lse = -inf.
+    ``KVStore.attend`` is this over ``gather(store, indices, counts)`` with the first
+    counts[b, g] rows valid.
+    """
+    B, Hq, D = q.shape
+    Hkv, rows = keys.shape[1], keys.shape[2]
+    valid = valid.expand(B, Hkv, rows)[:, :, None, :]  # (B, Hkv, 1, R)
+    logits = torch.matmul(q.float().reshape(B, Hkv, Hq // Hkv, D), keys.float().transpose(2, 3)) * scale
+    logits = logits.masked_fill(~valid, float("-inf"))  # (B, Hkv, G, R)
+    lse = torch.logsumexp(logits, -1)  # (B, Hkv, G)
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)  # a head without rows: 0, not nan
+    # Invalid rows may hold anything (padding, stale rows): zero them so that 0 * inf is not nan.
+    out = torch.matmul(probs, values.float().masked_fill(~valid.transpose(2, 3), 0.0))
+    return out.reshape(B, Hq, D), lse.reshape(B, Hq)
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint row sets from each one's (out, lse).
+
+    out (..., D), lse (...) as :func:`attend` returns them; one side may be empty (lse = -inf).
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).nan_to_num(0.0)[..., None]
+    weight_b = torch.exp(lse_b - lse).nan_to_num(0.0)[..., None]
+    return out_a * weight_a + out_b * weight_b, lse

@@ -67,6 +67,24 @@ class KVStore {
   void gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
               const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v);
 
+  // Exact attention over the rows a selection names, read in place (no copy; CPU only).
+  // q: (B, Hq, D) f32, Hq = group_size * num_kv_heads; indices/counts as for gather, checked
+  // with check_gather first. For each (b, h), with S the rows indices[b, h / G, :counts]:
+  //   out[b, h] = softmax(scale * K_S q) V_S      // (B, Hq, D) f32
+  //   lse[b, h] = log sum exp(scale * K_S q)      // (B, Hq) f32; -inf and out = 0 when empty
+  // the state that merges exactly with attention over other rows (the resident sink/window).
+  struct AttendParams {
+    int64_t group_size = 1;
+    float scale = 1.f;
+    int64_t q_stride[2] = {0, 0};        // (b, h); head_dim contiguous
+    int64_t indices_stride[2] = {0, 0};  // (b, g)
+    int64_t counts_stride[2] = {0, 0};
+    int64_t out_stride[2] = {0, 0};      // (b, h); head_dim contiguous
+    int64_t lse_stride[2] = {0, 0};      // (b, h)
+  };
+  void attend(int64_t layer, const float* q, const int32_t* indices, const int32_t* counts, float* out, float* lse,
+              const AttendParams& p);
+
   ThreadPool& pool() { return *pool_; }
 
   // Opaque per-store state of an accelerator path (the CUDA gather's staging buffers and
@@ -89,6 +107,7 @@ class KVStore {
   char* v_ = nullptr;
   std::vector<int64_t> lengths_;  // (num_layers, batch)
   std::unique_ptr<ThreadPool> pool_;
+  std::vector<float> attend_partials_;  // (B * Hkv * chunks, G, D + 2) per-chunk softmax states
   AccelState accel_state_{nullptr, nullptr};
 };
 

@@ -1,0 +1,231 @@
+// KVStore::attend: softmax attention of a GQA group's query heads over selected store rows,
+// read in place. Rows are taken in chunks; each chunk yields one softmax state per head
+// (max logit m, sum of exp s, unnormalised output o), and the states of a row's chunks are
+// merged, so a long selection spreads over the pool's threads. The template for the
+// arithmetic is reference.kv_attend in python/a2ats/reference.py.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "a2ats/common.h"
+#include "a2ats/kv_store.h"
+
+namespace a2ats {
+namespace {
+
+constexpr int64_t kAttendChunkRows = 128;  // rows per work item; (G, 128) logits stay in L1
+
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// e^x for x <= 0 (logits minus their maximum), eight lanes: x = n ln2 + r with |r| <= ln2 / 2,
+// e^r from Cephes' degree-6 expf polynomial (about 1 ulp), 2^n through the exponent bits.
+// Below -87 the result would be subnormal; it is flushed to e^-87, which no sum of at least
+// one (the maximum's own e^0) can tell from zero.
+A2ATS_INLINE f32x8 exp_nonpositive8(const f32x8& logit) {
+  const f32x8 lowest = splat8(-87.0f);
+  const f32x8 x = logit < lowest ? lowest : logit;
+  const f32x8 magic = splat8(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const f32x8 shifted = x * 1.44269504088896341f + magic;
+  const f32x8 n = shifted - magic;
+  const f32x8 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 in two parts
+  f32x8 poly = splat8(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const f32x8 er = poly * r * r + r + 1.0f;
+  const i32x8 exponent = (i32x8(shifted) - i32x8(magic) + 127) << 23;  // 2^n, n >= -126
+  return er * f32x8(exponent);
+}
+
+// One chunk of one (b, g): logits (G, kAttendChunkRows) of its n rows for each head, then the
+// chunk's softmax state per head into state (G, D + 2) = [m, s, o_0 .. o_{D-1}].
+// k_rows/v_rows: n row pointers (f32, D contiguous).
+A2ATS_MULTIVERSION
+void attend_chunk(const float* const* q, int64_t group_size, int64_t head_dim, float scale, const float* const* k_rows,
+                  const float* const* v_rows, int64_t n, float* logits, float* state) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* k = k_rows[i];
+    for (int64_t h = 0; h < group_size; ++h) {
+      f32x8 acc = {};
+      int64_t d = 0;
+      for (; d + 8 <= head_dim; d += 8) acc += load8(q[h] + d) * load8(k + d);
+      float dot = sum8(acc);
+      for (; d < head_dim; ++d) dot += q[h][d] * k[d];
+      logits[h * kAttendChunkRows + i] = dot * scale;
+    }
+  }
+  for (int64_t h = 0; h < group_size; ++h) {
+    float* row = logits + h * kAttendChunkRows;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i]);
+    // Padding lanes past n are computed and ignored: the row has kAttendChunkRows slots.
+    f32x8 sum = {};
+    for (int64_t i = 0; i < n; i += 8) {
+      const f32x8 e = exp_nonpositive8(load8(row + i) - m);
+      std::memcpy(row + i, &e, sizeof(e));
+      for (int l = 0; l < 8; ++l) sum[l] += i + l < n ? e[l] : 0.f;
+    }
+    float* st = state + h * (head_dim + 2);
+    st[0] = m;
+    st[1] = sum8(sum);
+    std::fill(st + 2, st + 2 + head_dim, 0.f);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* v = v_rows[i];
+    for (int64_t h = 0; h < group_size; ++h) {
+      const float p = logits[h * kAttendChunkRows + i];
+      float* o = state + h * (head_dim + 2) + 2;
+      for (int64_t d = 0; d < head_dim; ++d) o[d] += p * v[d];
+    }
+  }
+}
+
+// Rows of a 16-bit store widened to f32, so that attend_chunk has one element type.
+A2ATS_MULTIVERSION
+void widen_rows(const half_t* const* rows, int64_t n, int64_t head_dim, float* out) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
+}
+A2ATS_MULTIVERSION
+void widen_rows(const bfloat16_t* const* rows, int64_t n, int64_t head_dim, float* out) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
+}
+
+// Requests every cache line of the n rows into L2. The selection is sparse, so the hardware
+// prefetcher cannot guess the next row, and computing on rows as they arrive leaves the core
+// waiting on one miss at a time; each work item requests the next item's rows first.
+inline void prefetch_rows(const char* block, const int32_t* idx, int64_t n, size_t row_bytes) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* row = block + size_t(idx[i]) * row_bytes;
+    for (size_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
+  }
+}
+
+// Row pointers of one chunk as f32: the store's own rows for a float32 store, else rows widened
+// into `scratch` (n, D).
+template <typename T>
+void chunk_rows(const char* block, const int32_t* idx, int64_t n, int64_t head_dim, float* scratch,
+                const float** rows) {
+  const size_t row_bytes = size_t(head_dim) * sizeof(T);
+  const T* typed[kAttendChunkRows];
+  for (int64_t i = 0; i < n; ++i) typed[i] = reinterpret_cast<const T*>(block + size_t(idx[i]) * row_bytes);
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(scratch + i * head_dim, typed[i], row_bytes);
+      rows[i] = scratch + i * head_dim;
+    }
+  } else {
+    widen_rows(typed, n, head_dim, scratch);
+    for (int64_t i = 0; i < n; ++i) rows[i] = scratch + i * head_dim;
+  }
+}
+
+}  // namespace
+
+void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, const int32_t* counts, float* out,
+                     float* lse, const AttendParams& p) {
+  const int64_t group_size = p.group_size, head_dim = head_dim_;
+  const int64_t state_floats = group_size * (head_dim + 2);
+  int64_t max_count = 0;
+  for (int64_t b = 0; b < batch_; ++b)
+    for (int64_t g = 0; g < num_kv_heads_; ++g)
+      max_count = std::max<int64_t>(max_count, counts[b * p.counts_stride[0] + g * p.counts_stride[1]]);
+  const int64_t chunks = std::max<int64_t>(1, (max_count + kAttendChunkRows - 1) / kAttendChunkRows);
+  const int64_t num_items = batch_ * num_kv_heads_ * chunks;
+  if (int64_t(attend_partials_.size()) < num_items * state_floats)
+    attend_partials_.resize(size_t(num_items * state_floats));
+  float* partials = attend_partials_.data();
+  const auto count_of = [&](int64_t b, int64_t g) {
+    return int64_t(counts[b * p.counts_stride[0] + g * p.counts_stride[1]]);
+  };
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    pool_->parallel_for(num_items, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> logits, scratch;
+      thread_local std::vector<const float*> q_heads;
+      q_heads.resize(size_t(group_size));
+      logits.resize(size_t(std::max<int64_t>(group_size * kAttendChunkRows, int64_t(logits.size()))));
+      scratch.resize(size_t(std::max<int64_t>(2 * kAttendChunkRows * head_dim, int64_t(scratch.size()))));
+      const float* k_chunk[kAttendChunkRows];
+      const float* v_chunk[kAttendChunkRows];
+      // Work item -> (b, g, rows [lo, hi) of its selection).
+      const auto locate = [&](int64_t item, int64_t& b, int64_t& g, int64_t& lo, int64_t& hi) {
+        const int64_t chunk = item % chunks, bg = item / chunks;
+        b = bg / num_kv_heads_, g = bg % num_kv_heads_;
+        lo = chunk * kAttendChunkRows, hi = std::min(count_of(b, g), lo + kAttendChunkRows);
+      };
+      const auto selected = [&](int64_t b, int64_t g, int64_t lo) {
+        return indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
+      };
+      const size_t row_bytes = size_t(head_dim) * sizeof(T);
+      const auto prefetch = [&](int64_t item) {
+        int64_t b, g, lo, hi;
+        locate(item, b, g, lo, hi);
+        if (lo >= hi) return;
+        prefetch_rows(k_rows(layer, b, g), selected(b, g, lo), hi - lo, row_bytes);
+        prefetch_rows(v_rows(layer, b, g), selected(b, g, lo), hi - lo, row_bytes);
+      };
+      for (int64_t item = begin; item < end; ++item) {
+        if (item + 1 < end) prefetch(item + 1);
+        int64_t b, g, lo, hi;
+        locate(item, b, g, lo, hi);
+        float* state = partials + item * state_floats;
+        if (lo >= hi) {
+          for (int64_t h = 0; h < group_size; ++h) {
+            state[h * (head_dim + 2)] = -std::numeric_limits<float>::infinity();
+            state[h * (head_dim + 2) + 1] = 0.f;
+          }
+          continue;
+        }
+        for (int64_t h = 0; h < group_size; ++h)
+          q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h) * p.q_stride[1];
+        const int32_t* idx = selected(b, g, lo);
+        float* widened = scratch.data();
+        chunk_rows<T>(k_rows(layer, b, g), idx, hi - lo, head_dim, widened, k_chunk);
+        chunk_rows<T>(v_rows(layer, b, g), idx, hi - lo, head_dim, widened + kAttendChunkRows * head_dim, v_chunk);
+        attend_chunk(q_heads.data(), group_size, head_dim, p.scale, k_chunk, v_chunk, hi - lo, logits.data(), state);
+      }
+    }, ThreadPool::min_chunk_for(4 * kAttendChunkRows * head_dim * group_size));
+  };
+  switch (dtype_) {
+    case DType::kFloat16: run(half_t{}); break;
+    case DType::kBFloat16: run(bfloat16_t{}); break;
+    default: run(float{}); break;
+  }
+  // Merge each (b, h)'s chunk states: M = max m_c, S = sum s_c e^(m_c - M), out = sum o_c e^(m_c - M) / S.
+  for (int64_t bg = 0; bg < batch_ * num_kv_heads_; ++bg) {
+    const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
+    for (int64_t h = 0; h < group_size; ++h) {
+      const int64_t head = g * group_size + h;
+      float* o = out + b * p.out_stride[0] + head * p.out_stride[1];
+      float* l = lse + b * p.lse_stride[0] + head * p.lse_stride[1];
+      const auto chunk_state = [&](int64_t c) { return partials + (bg * chunks + c) * state_floats + h * (head_dim + 2); };
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, chunk_state(c)[0]);
+      std::fill(o, o + head_dim, 0.f);
+      if (m == -std::numeric_limits<float>::infinity()) {
+        *l = m;
+        continue;
+      }
+      float total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* st = chunk_state(c);
+        if (st[1] == 0.f) continue;
+        const float w = std::exp(st[0] - m);
+        total += st[1] * w;
+        for (int64_t d = 0; d < head_dim; ++d) o[d] += st[2 + d] * w;
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < head_dim; ++d) o[d] *= inv;
+      *l = m + std::log(total);
+    }
+  }
+}
+
+}  // namespace a2ats
