@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
 
+import a2ats  # before torch: it sets OMP_WAIT_POLICY=PASSIVE unless set (see a2ats/__init__.py)
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import a2ats
 from a2ats.cache import attention_timer
 from a2ats.calibrate import calibrate
 from a2ats.demo import load_or_calibrate
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batches = args.batches or ([1, 4, 16, 64] if device.type == "cuda" else [1, 4])
-    print(f"{torch.get_num_threads()} CPU threads, device {device}; each row: dense and A²ATS "
+    print(f"{torch.get_num_threads()} CPU threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+          f"device {device}; each row: dense and A²ATS "
           f"decode the same {args.steps} steps over the same cached rows")
     header = (f"{'model':42} {'T':>6} {'B':>3} | {'tok/s dense':>11} {'A²ATS':>8} {'ratio':>6} | "
               f"{'attn ms dense':>13} {'A²ATS':>8} {'speed-up':>8} | {'MB read dense':>13} "

@@ -10,6 +10,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "a2ats/common.h"
 #include "a2ats/kv_store.h"
 
@@ -42,24 +46,99 @@ A2ATS_INLINE f32x8 exp_nonpositive8(const f32x8& logit) {
   return er * f32x8(exponent);
 }
 
+// logits[h][i] = scale * q[h] . k_i for HB heads and n rows; row h of logits at
+// logits + h * kAttendChunkRows. Two rows at a time: 2 * HB independent accumulator chains
+// keep the FMA units busy where one chain per dot product would wait on its own latency.
+template <int HB>
+A2ATS_INLINE void logits_block(const float* const* q, const float* const* k_rows, int64_t n, int64_t head_dim,
+                               float scale, float* logits) {
+  const auto finish = [&](const f32x8& acc, int h, int64_t i, int64_t d) {
+    float dot = sum8(acc);
+    for (; d < head_dim; ++d) dot += q[h][d] * k_rows[i][d];
+    logits[h * kAttendChunkRows + i] = dot * scale;
+  };
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    f32x8 acc0[HB] = {}, acc1[HB] = {};
+    int64_t d = 0;
+    for (; d + 8 <= head_dim; d += 8) {
+      const f32x8 k0 = load8(k_rows[i] + d), k1 = load8(k_rows[i + 1] + d);
+      for (int h = 0; h < HB; ++h) {
+        const f32x8 qv = load8(q[h] + d);
+        acc0[h] += qv * k0;
+        acc1[h] += qv * k1;
+      }
+    }
+    for (int h = 0; h < HB; ++h) {
+      finish(acc0[h], h, i, d);
+      finish(acc1[h], h, i + 1, d);
+    }
+  }
+  for (; i < n; ++i) {
+    f32x8 acc[HB] = {};
+    int64_t d = 0;
+    for (; d + 8 <= head_dim; d += 8) {
+      const f32x8 k0 = load8(k_rows[i] + d);
+      for (int h = 0; h < HB; ++h) acc[h] += load8(q[h] + d) * k0;
+    }
+    for (int h = 0; h < HB; ++h) finish(acc[h], h, i, d);
+  }
+}
+
+// out[h] = sum_i probs[h][i] * v_i for HB heads (out[h]: D floats, overwritten). Sixteen
+// output dims at a time over all rows: 2 * HB accumulators stay in registers instead of
+// a load and a store of the output per row.
+template <int HB>
+A2ATS_INLINE void values_block(const float* probs, const float* const* v_rows, int64_t n, int64_t head_dim,
+                               float* const* out) {
+  int64_t d = 0;
+  for (; d + 16 <= head_dim; d += 16) {
+    f32x8 acc0[HB] = {}, acc1[HB] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const f32x8 v0 = load8(v_rows[i] + d), v1 = load8(v_rows[i] + d + 8);
+      for (int h = 0; h < HB; ++h) {
+        const f32x8 p = splat8(probs[h * kAttendChunkRows + i]);
+        acc0[h] += p * v0;
+        acc1[h] += p * v1;
+      }
+    }
+    for (int h = 0; h < HB; ++h) {
+      std::memcpy(out[h] + d, &acc0[h], sizeof(f32x8));
+      std::memcpy(out[h] + d + 8, &acc1[h], sizeof(f32x8));
+    }
+  }
+  for (; d < head_dim; ++d)
+    for (int h = 0; h < HB; ++h) {
+      float sum = 0.f;
+      for (int64_t i = 0; i < n; ++i) sum += probs[h * kAttendChunkRows + i] * v_rows[i][d];
+      out[h][d] = sum;
+    }
+}
+
+// HB heads from h: their logits, then (after the softmax) their outputs.
+template <int HB>
+A2ATS_INLINE void logits_heads(const float* const* q, int64_t h, const float* const* k_rows, int64_t n,
+                               int64_t head_dim, float scale, float* logits) {
+  logits_block<HB>(q + h, k_rows, n, head_dim, scale, logits + h * kAttendChunkRows);
+}
+template <int HB>
+A2ATS_INLINE void values_heads(const float* probs, int64_t h, const float* const* v_rows, int64_t n,
+                               int64_t head_dim, float* state) {
+  float* out[HB];
+  for (int j = 0; j < HB; ++j) out[j] = state + (h + j) * (head_dim + 2) + 2;
+  values_block<HB>(probs + h * kAttendChunkRows, v_rows, n, head_dim, out);
+}
+
 // One chunk of one (b, g): logits (G, kAttendChunkRows) of its n rows for each head, then the
 // chunk's softmax state per head into state (G, D + 2) = [m, s, o_0 .. o_{D-1}].
-// k_rows/v_rows: n row pointers (f32, D contiguous).
+// k_rows/v_rows: n row pointers (f32, D contiguous). Heads go four at a time.
 A2ATS_MULTIVERSION
 void attend_chunk(const float* const* q, int64_t group_size, int64_t head_dim, float scale, const float* const* k_rows,
                   const float* const* v_rows, int64_t n, float* logits, float* state) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* k = k_rows[i];
-    for (int64_t h = 0; h < group_size; ++h) {
-      f32x8 acc = {};
-      int64_t d = 0;
-      for (; d + 8 <= head_dim; d += 8) acc += load8(q[h] + d) * load8(k + d);
-      float dot = sum8(acc);
-      for (; d < head_dim; ++d) dot += q[h][d] * k[d];
-      logits[h * kAttendChunkRows + i] = dot * scale;
-    }
-  }
-  for (int64_t h = 0; h < group_size; ++h) {
+  int64_t h = 0;
+  for (; h + 4 <= group_size; h += 4) logits_heads<4>(q, h, k_rows, n, head_dim, scale, logits);
+  for (; h < group_size; ++h) logits_heads<1>(q, h, k_rows, n, head_dim, scale, logits);
+  for (h = 0; h < group_size; ++h) {
     float* row = logits + h * kAttendChunkRows;
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i]);
@@ -70,24 +149,35 @@ void attend_chunk(const float* const* q, int64_t group_size, int64_t head_dim, f
       std::memcpy(row + i, &e, sizeof(e));
       for (int l = 0; l < 8; ++l) sum[l] += i + l < n ? e[l] : 0.f;
     }
-    float* st = state + h * (head_dim + 2);
-    st[0] = m;
-    st[1] = sum8(sum);
-    std::fill(st + 2, st + 2 + head_dim, 0.f);
+    state[h * (head_dim + 2)] = m;
+    state[h * (head_dim + 2) + 1] = sum8(sum);
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const float* v = v_rows[i];
-    for (int64_t h = 0; h < group_size; ++h) {
-      const float p = logits[h * kAttendChunkRows + i];
-      float* o = state + h * (head_dim + 2) + 2;
-      for (int64_t d = 0; d < head_dim; ++d) o[d] += p * v[d];
-    }
-  }
+  for (h = 0; h + 4 <= group_size; h += 4) values_heads<4>(logits, h, v_rows, n, head_dim, state);
+  for (; h < group_size; ++h) values_heads<1>(logits, h, v_rows, n, head_dim, state);
 }
 
-// Rows of a 16-bit store widened to f32, so that attend_chunk has one element type.
-A2ATS_MULTIVERSION
+// Rows of a 16-bit store widened to f32, so that attend_chunk has one element type. GCC does
+// not vectorise half -> float conversions, so x86 CPUs with F16C (all AVX2 ones) take eight at
+// a time through vcvtph2ps.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define A2ATS_F16C_WIDEN 1
+__attribute__((target("avx,f16c"))) void widen_rows_f16c(const half_t* const* rows, int64_t n, int64_t head_dim,
+                                                         float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t d = 0;
+    for (; d + 8 <= head_dim; d += 8)
+      _mm256_storeu_ps(out + i * head_dim + d,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + d))));
+    for (; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
+  }
+}
+#endif
+
 void widen_rows(const half_t* const* rows, int64_t n, int64_t head_dim, float* out) {
+#ifdef A2ATS_F16C_WIDEN
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  if (f16c) return widen_rows_f16c(rows, n, head_dim, out);
+#endif
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
 }
@@ -97,33 +187,23 @@ void widen_rows(const bfloat16_t* const* rows, int64_t n, int64_t head_dim, floa
     for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
 }
 
-// Requests every cache line of the n rows into L2. The selection is sparse, so the hardware
-// prefetcher cannot guess the next row, and computing on rows as they arrive leaves the core
-// waiting on one miss at a time; each work item requests the next item's rows first.
-inline void prefetch_rows(const char* block, const int32_t* idx, int64_t n, size_t row_bytes) {
-  for (int64_t i = 0; i < n; ++i) {
-    const char* row = block + size_t(idx[i]) * row_bytes;
-    for (size_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
-  }
-}
-
-// Row pointers of one chunk as f32: the store's own rows for a float32 store, else rows widened
-// into `scratch` (n, D).
+// The n rows of one chunk as f32 in `scratch` (n, D), with their pointers in `rows`. They are
+// copied out of the store first, a memcpy per row: that keeps many sparse rows' misses in
+// flight, where computing on (or converting) rows straight from the store leaves the core
+// waiting on about one row at a time (measured about 2x slower with the store out of cache).
+// 16-bit rows land in `staging` (n * row bytes) and are widened from there.
 template <typename T>
-void chunk_rows(const char* block, const int32_t* idx, int64_t n, int64_t head_dim, float* scratch,
+void chunk_rows(const char* block, const int32_t* idx, int64_t n, int64_t head_dim, float* scratch, char* staging,
                 const float** rows) {
   const size_t row_bytes = size_t(head_dim) * sizeof(T);
+  char* copies = std::is_same_v<T, float> ? reinterpret_cast<char*>(scratch) : staging;
   const T* typed[kAttendChunkRows];
-  for (int64_t i = 0; i < n; ++i) typed[i] = reinterpret_cast<const T*>(block + size_t(idx[i]) * row_bytes);
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(scratch + i * head_dim, typed[i], row_bytes);
-      rows[i] = scratch + i * head_dim;
-    }
-  } else {
-    widen_rows(typed, n, head_dim, scratch);
-    for (int64_t i = 0; i < n; ++i) rows[i] = scratch + i * head_dim;
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(copies + size_t(i) * row_bytes, block + size_t(idx[i]) * row_bytes, row_bytes);
+    typed[i] = reinterpret_cast<const T*>(copies + size_t(i) * row_bytes);
   }
+  if constexpr (!std::is_same_v<T, float>) widen_rows(typed, n, head_dim, scratch);
+  for (int64_t i = 0; i < n; ++i) rows[i] = scratch + i * head_dim;
 }
 
 }  // namespace
@@ -148,6 +228,8 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
     using T = decltype(element);
     pool_->parallel_for(num_items, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> logits, scratch;
+      thread_local std::vector<char> staging;
+      staging.resize(std::max(size_t(kAttendChunkRows * head_dim) * sizeof(T), staging.size()));
       thread_local std::vector<const float*> q_heads;
       q_heads.resize(size_t(group_size));
       logits.resize(size_t(std::max<int64_t>(group_size * kAttendChunkRows, int64_t(logits.size()))));
@@ -163,16 +245,7 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
       const auto selected = [&](int64_t b, int64_t g, int64_t lo) {
         return indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
       };
-      const size_t row_bytes = size_t(head_dim) * sizeof(T);
-      const auto prefetch = [&](int64_t item) {
-        int64_t b, g, lo, hi;
-        locate(item, b, g, lo, hi);
-        if (lo >= hi) return;
-        prefetch_rows(k_rows(layer, b, g), selected(b, g, lo), hi - lo, row_bytes);
-        prefetch_rows(v_rows(layer, b, g), selected(b, g, lo), hi - lo, row_bytes);
-      };
       for (int64_t item = begin; item < end; ++item) {
-        if (item + 1 < end) prefetch(item + 1);
         int64_t b, g, lo, hi;
         locate(item, b, g, lo, hi);
         float* state = partials + item * state_floats;
@@ -187,8 +260,9 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
           q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h) * p.q_stride[1];
         const int32_t* idx = selected(b, g, lo);
         float* widened = scratch.data();
-        chunk_rows<T>(k_rows(layer, b, g), idx, hi - lo, head_dim, widened, k_chunk);
-        chunk_rows<T>(v_rows(layer, b, g), idx, hi - lo, head_dim, widened + kAttendChunkRows * head_dim, v_chunk);
+        chunk_rows<T>(k_rows(layer, b, g), idx, hi - lo, head_dim, widened, staging.data(), k_chunk);
+        chunk_rows<T>(v_rows(layer, b, g), idx, hi - lo, head_dim, widened + kAttendChunkRows * head_dim,
+                      staging.data(), v_chunk);
         attend_chunk(q_heads.data(), group_size, head_dim, p.scale, k_chunk, v_chunk, hi - lo, logits.data(), state);
       }
     }, ThreadPool::min_chunk_for(4 * kAttendChunkRows * head_dim * group_size));
