@@ -353,7 +353,6 @@ def ragged_lengths(B, Tcap):
 def check_scores(out: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
     out = out.cpu()
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    Tcap = out.shape[-1]
     for b, length in enumerate(lengths.tolist()):
         assert torch.isfinite(out[b, :, :length]).all()
         assert (out[b, :, length:] == float("-inf")).all(), "scores at and past the length must be -inf"
