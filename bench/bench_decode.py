@@ -10,7 +10,8 @@ steps. Reported per configuration:
 
 * end to end: decode tokens per second (B x steps / wall time), dense and A²ATS, and the ratio;
 * the attention part alone, per decode step summed over layers: dense SDPA over the whole
-  cache vs A²ATS (encode + append + score + select + gather + exact attention), and the ratio;
+  cache vs A²ATS (encode + append + score + select + rows read from the host store + exact
+  attention), and the ratio;
 * bytes the attention part reads per step: dense reads every K and V row; A²ATS reads the
   int16 codes of every row plus the attended rows. The share is A²ATS / dense.
 

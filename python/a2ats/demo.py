@@ -183,7 +183,7 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
         f"{summary['rows_fetched_share']:.1%}")
     log(f"attention part per generated token ({len(layout.layers)} layers): dense "
         f"{dense_attention * 1e3:.2f} ms, A²ATS {summary['attention_seconds_per_step'] * 1e3:.2f} ms "
-        "(A²ATS: encode + score + select + gather + attend)")
+        "(A²ATS: encode + score + select + fetch or read rows + attend)")
     log(f"end to end: dense {dense_tokens / dense_seconds:.1f} tok/s, A²ATS "
         f"{ours_tokens / ours_seconds:.1f} tok/s (prefill included)")
     log(f"KV cache: {summary['host_store_bytes'] / 2**20:.1f} MiB in {summary['kv_location']}; "
