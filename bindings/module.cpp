@@ -542,7 +542,8 @@ num_tokens[b] of the t rows of batch row b. Raises ValueError, storing nothing, 
            R"doc(Copy rows indices[b, g, :counts[b, g]] of `layer` into out_k, out_v (B, Hkv, Kmax, D); slots past counts are untouched.)doc")
       .def("attend", &PyKVStore::attend, py::arg("layer"), py::arg("q"), py::arg("indices"), py::arg("counts"),
            py::kw_only(), py::arg("scale"), py::arg("out") = py::none(), py::arg("out_lse") = py::none(),
-           R"doc(Exact attention over the selected rows of `layer`, read in place (CPU only; no copy).
+           R"doc(Exact attention over the selected rows of `layer`, read straight from the store (CPU only;
+no gathered copy).
 
 q (B, Hq, D) float32 with Hq a multiple of num_kv_heads (head h reads KV head h // (Hq / Hkv));
 indices (B, Hkv, Kmax) int32 and counts (B, Hkv) int32 as for gather. Returns (out, lse):

@@ -1,8 +1,9 @@
 // KVStore::attend: softmax attention of a GQA group's query heads over selected store rows,
-// read in place. Rows are taken in chunks; each chunk yields one softmax state per head
-// (max logit m, sum of exp s, unnormalised output o), and the states of a row's chunks are
-// merged, so a long selection spreads over the pool's threads. The template for the
-// arithmetic is reference.kv_attend in python/a2ats/reference.py.
+// without gathering them into an output tensor. Rows are taken in chunks of 128, staged in a
+// per-thread buffer; each chunk yields one softmax state per head (max logit m, sum of exp s,
+// unnormalised output o), and the states of a row's chunks are merged, so a long selection
+// spreads over the pool's threads. The specification is reference.attend over
+// reference.gather's rows (python/a2ats/reference.py).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -236,18 +237,11 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
       scratch.resize(size_t(std::max<int64_t>(2 * kAttendChunkRows * head_dim, int64_t(scratch.size()))));
       const float* k_chunk[kAttendChunkRows];
       const float* v_chunk[kAttendChunkRows];
-      // Work item -> (b, g, rows [lo, hi) of its selection).
-      const auto locate = [&](int64_t item, int64_t& b, int64_t& g, int64_t& lo, int64_t& hi) {
-        const int64_t chunk = item % chunks, bg = item / chunks;
-        b = bg / num_kv_heads_, g = bg % num_kv_heads_;
-        lo = chunk * kAttendChunkRows, hi = std::min(count_of(b, g), lo + kAttendChunkRows);
-      };
-      const auto selected = [&](int64_t b, int64_t g, int64_t lo) {
-        return indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
-      };
       for (int64_t item = begin; item < end; ++item) {
-        int64_t b, g, lo, hi;
-        locate(item, b, g, lo, hi);
+        // Work item -> (b, g, rows [lo, hi) of its selection).
+        const int64_t chunk = item % chunks, bg = item / chunks;
+        const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
+        const int64_t lo = chunk * kAttendChunkRows, hi = std::min(count_of(b, g), lo + kAttendChunkRows);
         float* state = partials + item * state_floats;
         if (lo >= hi) {
           for (int64_t h = 0; h < group_size; ++h) {
@@ -258,7 +252,7 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
         }
         for (int64_t h = 0; h < group_size; ++h)
           q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h) * p.q_stride[1];
-        const int32_t* idx = selected(b, g, lo);
+        const int32_t* idx = indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
         float* widened = scratch.data();
         chunk_rows<T>(k_rows(layer, b, g), idx, hi - lo, head_dim, widened, staging.data(), k_chunk);
         chunk_rows<T>(v_rows(layer, b, g), idx, hi - lo, head_dim, widened + kAttendChunkRows * head_dim,

@@ -496,7 +496,7 @@ class A2ATSCache(Cache):
         self.counts_buffer = torch.empty(batch, book.num_kv_heads, dtype=torch.int32, device=dev)
         self._indices = torch.empty(0, dtype=torch.int32, device=dev)
         self._rows = (torch.empty(0, dtype=key_states.dtype, device=dev),) * 2
-        # How the middle rows reach attention: read in place from the host store on a CPU
+        # How the middle rows reach attention: read straight from the host store on a CPU
         # (KVStore.attend), gathered into device buffers on a GPU. Either path works on a CPU;
         # the tests run both.
         self.attend_in_place = not on_gpu

@@ -67,7 +67,8 @@ class KVStore {
   void gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
               const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v);
 
-  // Exact attention over the rows a selection names, read in place (no copy; CPU only).
+  // Exact attention over the rows a selection names, read from the store (CPU only; no output
+  // tensor of rows: each chunk of 128 rows passes through a per-thread buffer).
   // q: (B, Hq, D) f32, Hq = group_size * num_kv_heads; indices/counts as for gather, checked
   // with check_gather first. For each (b, h), with S the rows indices[b, h / G, :counts]:
   //   out[b, h] = softmax(scale * K_S q) V_S      // (B, Hq, D) f32
