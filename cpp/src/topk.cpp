@@ -119,6 +119,54 @@ A2ATS_INLINE int64_t collect_at_or_above(const float* row, int64_t n, uint32_t t
   return found;
 }
 
+// The rank-th largest (0-based) of sample[0, samples): a min-heap of the rank + 1 largest seen
+// so far. Most samples fail the one comparison with the heap's minimum, a well-predicted
+// branch, where nth_element's partitioning of random keys mispredicts about half the time.
+// heap: (rank + 1,) scratch.
+A2ATS_INLINE uint32_t kth_largest(const uint32_t* sample, int64_t samples, int64_t rank, uint32_t* heap) {
+  const int64_t size = rank + 1;
+  std::copy(sample, sample + size, heap);
+  std::make_heap(heap, heap + size, std::greater<uint32_t>());  // smallest at heap[0]
+  for (int64_t s = size; s < samples; ++s) {
+    if (sample[s] <= heap[0]) continue;
+    std::pop_heap(heap, heap + size, std::greater<uint32_t>());
+    heap[size - 1] = sample[s];
+    std::push_heap(heap, heap + size, std::greater<uint32_t>());
+  }
+  return heap[0];
+}
+
+// Marks the k best of candidates[0, found) (entries of collect_at_or_above, every key >=
+// threshold, found >= k >= 1). One radix pass over key - threshold: candidates in buckets
+// above the k-th best's are marked at once, branch-free, and only that bucket's members go
+// through nth_element (compacted to the front of candidates).
+A2ATS_INLINE void mark_best_candidates(uint64_t* candidates, int64_t found, int64_t k, uint32_t threshold,
+                                       uint8_t* mark) {
+  const auto key = [&](uint64_t entry) { return uint32_t(entry >> 32) - threshold; };
+  const auto position = [](uint64_t entry) { return 0xffffffffu - uint32_t(entry & 0xffffffffu); };
+  uint32_t span = 0;
+  for (int64_t i = 0; i < found; ++i) span = std::max(span, key(candidates[i]));
+  const int bits = span ? 32 - __builtin_clz(span) : 0;
+  const int shift = bits > 11 ? bits - 11 : 0;  // digits fit 2048 buckets
+  uint32_t hist[2048];
+  std::memset(hist, 0, sizeof(hist));
+  for (int64_t i = 0; i < found; ++i) ++hist[key(candidates[i]) >> shift];
+  int64_t above = 0;
+  uint32_t bucket = 2047;
+  for (; above + int64_t(hist[bucket]) < k; --bucket) above += hist[bucket];  // stops: all found >= k
+  int64_t members = 0;
+  for (int64_t i = 0; i < found; ++i) {
+    const uint64_t entry = candidates[i];
+    const uint32_t digit = key(entry) >> shift;
+    mark[position(entry)] |= uint8_t(digit > bucket);
+    candidates[members] = entry;  // members <= i: never overwrites an unread entry
+    members += digit == bucket;
+  }
+  const int64_t need = k - above;
+  std::nth_element(candidates, candidates + (need - 1), candidates + members, std::greater<uint64_t>());
+  for (int64_t j = 0; j < need; ++j) mark[position(candidates[j])] = 1;
+}
+
 // The same marks as mark_top_k, faster for long rows and small k. A threshold key below the
 // k-th best is read off a strided sample; one pass collects the keys at or above it (a few
 // percent more than k), and the exact top k are chosen among those. When the sample
@@ -136,13 +184,12 @@ bool mark_top_k_sampled(const float* row, int64_t n, int64_t k, uint64_t* candid
   // standard deviations, so that the whole top k falls above it except with tiny probability.
   const double expected = double(k) * double(samples) / double(n);
   const int64_t rank = std::min<int64_t>(samples - 1, int64_t(1.2 * expected + 4.0 * std::sqrt(expected) + 4.0));
-  std::nth_element(sample, sample + rank, sample + samples, std::greater<uint32_t>());
-  const uint32_t threshold = sample[rank];
+  uint32_t heap[kSampleSize];
+  const uint32_t threshold = kth_largest(sample, samples, rank, heap);
   if (threshold == 0) return false;  // the sample is mostly NaN: leave such rows to the radix path
   const int64_t found = collect_at_or_above(row, n, threshold, candidates);
   if (found < k) return false;
-  std::nth_element(candidates, candidates + (k - 1), candidates + found, std::greater<uint64_t>());
-  for (int64_t j = 0; j < k; ++j) mark[0xffffffffu - uint32_t(candidates[j] & 0xffffffffu)] = 1;
+  mark_best_candidates(candidates, found, k, threshold, mark);
   return true;
 }
 
