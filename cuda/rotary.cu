@@ -1,11 +1,9 @@
 // RoPE on the device. One block per (b, t): the sines and cosines of that token's R/2 angles
 // are computed once into shared memory and applied to every head.
 //
-// sin/cos use the CPU's recipe (sincos_angle in cpp/src/rotary.cpp): quadrant reduction and
-// polynomials in double, rounded to float, which is correctly rounded in practice and has no
-// slow large-argument path (sincosf's Payne-Hanek reduction above |x| ~ 1e5 would hit the
-// first frequencies of every long-context position). The angle is float(pos) * inv_freq[i] in
-// f32, and the rotation rounds each product and difference separately, like the reference.
+// sin/cos come from the CPU's own sincos_angle (a2ats/rotary.h), so both devices round alike.
+// The angle is float(pos) * inv_freq[i] in f32, and the rotation rounds each product and
+// difference separately, like the reference.
 #include "a2ats_cuda.h"
 #include "cuda_common.cuh"
 
@@ -15,22 +13,6 @@ namespace {
 using namespace cuda_detail;
 
 constexpr int kRotaryThreads = 128;
-
-__device__ __forceinline__ void sincos_angle(float angle, float* sin_out, float* cos_out) {
-  const double x = angle;
-  const double quadrant = rint(x * 0.63661977236758134308);  // x / (pi/2), ties to even like nearbyint
-  const double r = (x - quadrant * 1.5707963267948966) - quadrant * 6.123233995736766e-17;
-  const double r2 = r * r;
-  const double s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 +
-                   r2 * (-1.0 / 39916800 + r2 * (1.0 / 6227020800.0))))));
-  const double c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 +
-                   r2 * (-1.0 / 3628800 + r2 * (1.0 / 479001600.0))))));
-  const int q = int(static_cast<long long>(quadrant) & 3);
-  const double sv = (q & 1) ? c : s;
-  const double cv = (q & 1) ? s : c;
-  *sin_out = float((q & 2) ? -sv : sv);
-  *cos_out = float(((q + 1) & 2) ? -cv : cv);
-}
 
 template <typename T, typename P>
 __global__ void __launch_bounds__(kRotaryThreads)

@@ -7,25 +7,6 @@
 namespace a2ats {
 namespace {
 
-// sin and cos of a float32 angle, correctly rounded in practice: the quadrant reduction and
-// the polynomials run in double (|angle| < 2^31), so the loop over frequencies vectorises,
-// unlike libm's sinf/cosf whose large-argument path dominated un-rotating long prompts.
-A2ATS_INLINE void sincos_angle(float angle, float* sin_out, float* cos_out) {
-  const double x = angle;
-  const double quadrant = std::nearbyint(x * 0.63661977236758134308);  // x / (pi/2)
-  const double r = (x - quadrant * 1.5707963267948966) - quadrant * 6.123233995736766e-17;
-  const double r2 = r * r;
-  const double s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 +
-                   r2 * (-1.0 / 39916800 + r2 * (1.0 / 6227020800.0))))));
-  const double c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 +
-                   r2 * (-1.0 / 3628800 + r2 * (1.0 / 479001600.0))))));
-  const int q = int(int64_t(quadrant) & 3);
-  const double sv = (q & 1) ? c : s;
-  const double cv = (q & 1) ? s : c;
-  *sin_out = float((q & 2) ? -sv : sv);
-  *cos_out = float(((q + 1) & 2) ? -cv : cv);
-}
-
 template <typename T>
 A2ATS_INLINE void rotate_token(const T* x, int64_t x_head_stride, T* out, int64_t out_head_stride, int64_t num_heads,
                          float position, const float* inv_freq, int64_t half, int64_t head_dim, bool interleaved) {
