@@ -511,18 +511,23 @@ def test_lut_scores_ignores_codes_past_length(device):
     check_scores(out, ref, lengths)
 
 
-def test_lut_scores_larger(device):
-    B, Hkv, G, D, M, C, Tcap = 2, 2, 4, 128, 1, 4096, 3000
-    q, centroids, codes = lut_inputs(B, Hkv, G, D, M, C, Tcap)
-    lengths = torch.tensor([Tcap, 1777], dtype=torch.int32)
-    edges = torch.tensor([64, 256, 1024], dtype=torch.int32)
-    qb = torch.randn(B, Hkv * G, 4, D)
+def check_plain_and_binned(device, q, qb, centroids, codes, lengths, edges):
+    """lut_scores with q (B, Hq, D) and with binned qb (B, Hq, NB, D) against the reference."""
     args = [t.to(device) for t in (centroids, codes, lengths)]
     out = a2ats_core.lut_scores(q.to(device), *args)
     outb = a2ats_core.lut_scores(qb.to(device), *args, bin_edges=edges.to(device))
     sync(device)
     check_scores(out, reference.lut_scores(q, centroids, codes, lengths), lengths)
     check_scores(outb, reference.lut_scores(qb, centroids, codes, lengths, bin_edges=edges), lengths)
+
+
+def test_lut_scores_larger(device):
+    B, Hkv, G, D, M, C, Tcap = 2, 2, 4, 128, 1, 4096, 3000
+    q, centroids, codes = lut_inputs(B, Hkv, G, D, M, C, Tcap)
+    lengths = torch.tensor([Tcap, 1777], dtype=torch.int32)
+    edges = torch.tensor([64, 256, 1024], dtype=torch.int32)
+    qb = torch.randn(B, Hkv * G, 4, D)
+    check_plain_and_binned(device, q, qb, centroids, codes, lengths, edges)
 
 
 @pytest.mark.parametrize("B, G, M", [(2, 65, 1), (3, 64, 1), (2, 70, 2), (17, 5, 1), (9, 3, 2)])
@@ -534,12 +539,7 @@ def test_lut_scores_batch_rows_share_builds(device, B, G, M):
     qb = torch.randn(B, Hkv * G, 3, D)
     lengths = torch.randint(1, Tcap + 1, (B,), dtype=torch.int32)
     edges = torch.tensor([3, 10], dtype=torch.int32)
-    args = [t.to(device) for t in (centroids, codes, lengths)]
-    out = a2ats_core.lut_scores(q.to(device), *args)
-    outb = a2ats_core.lut_scores(qb.to(device), *args, bin_edges=edges.to(device))
-    sync(device)
-    check_scores(out, reference.lut_scores(q, centroids, codes, lengths), lengths)
-    check_scores(outb, reference.lut_scores(qb, centroids, codes, lengths, bin_edges=edges), lengths)
+    check_plain_and_binned(device, q, qb, centroids, codes, lengths, edges)
 
 
 # ------------------------------------------------------------------------------- select_topk
