@@ -213,11 +213,8 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
                      float* lse, const AttendParams& p) {
   const int64_t group_size = p.group_size, head_dim = head_dim_;
   const int64_t state_floats = group_size * (head_dim + 2);
-  int64_t max_count = 0;
-  for (int64_t b = 0; b < batch_; ++b)
-    for (int64_t g = 0; g < num_kv_heads_; ++g)
-      max_count = std::max<int64_t>(max_count, counts[b * p.counts_stride[0] + g * p.counts_stride[1]]);
-  const int64_t chunks = std::max<int64_t>(1, (max_count + kAttendChunkRows - 1) / kAttendChunkRows);
+  const int64_t chunks =
+      std::max<int64_t>(1, (max_count(counts, p.counts_stride) + kAttendChunkRows - 1) / kAttendChunkRows);
   const int64_t num_items = batch_ * num_kv_heads_ * chunks;
   if (int64_t(attend_partials_.size()) < num_items * state_floats)
     attend_partials_.resize(size_t(num_items * state_floats));

@@ -126,11 +126,7 @@ void KVStore::gather(int64_t layer, const int32_t* indices, const int64_t indice
                      const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v) {
   const int64_t elem = dtype_size(dtype_);
   const size_t row = size_t(row_bytes());
-  int64_t max_count = 0;
-  for (int64_t b = 0; b < batch_; ++b)
-    for (int64_t g = 0; g < num_kv_heads_; ++g)
-      max_count = std::max<int64_t>(max_count, counts[b * counts_stride[0] + g * counts_stride[1]]);
-  const int64_t chunks = (max_count + kGatherChunkRows - 1) / kGatherChunkRows;
+  const int64_t chunks = (max_count(counts, counts_stride) + kGatherChunkRows - 1) / kGatherChunkRows;
   pool_->parallel_for(batch_ * num_kv_heads_ * chunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item % chunks, bg = item / chunks;

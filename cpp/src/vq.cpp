@@ -219,8 +219,8 @@ struct LutLayout {
     return quads() ? lut + (h / 4) * num_centroids * 4 + h % 4 : lut + (h * num_subspaces + m) * num_centroids;
   }
   int64_t stride() const { return quads() ? 4 : 1; }
-  int64_t floats(int64_t group_size) const {
-    return quads() ? (group_size + 3) / 4 * 4 * num_centroids : group_size * num_subspaces * num_centroids;
+  int64_t floats(int64_t num_heads) const {  // a table of num_heads heads
+    return quads() ? (num_heads + 3) / 4 * 4 * num_centroids : num_heads * num_subspaces * num_centroids;
   }
 };
 

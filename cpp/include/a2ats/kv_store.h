@@ -8,6 +8,7 @@
 // written, so a rejected append or gather leaves the store exactly as it was.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -95,6 +96,15 @@ class KVStore {
 
  private:
   using AccelState = std::unique_ptr<void, void (*)(void*)>;
+
+  // The largest counts[b, g]: how many rows the longest selection of a gather or attend holds.
+  int64_t max_count(const int32_t* counts, const int64_t counts_stride[2]) const {
+    int64_t largest = 0;
+    for (int64_t b = 0; b < batch_; ++b)
+      for (int64_t g = 0; g < num_kv_heads_; ++g)
+        largest = std::max<int64_t>(largest, counts[b * counts_stride[0] + g * counts_stride[1]]);
+    return largest;
+  }
 
   size_t block_offset(int64_t layer, int64_t b, int64_t g) const {
     return size_t(((layer * batch_ + b) * num_kv_heads_ + g) * capacity_) * size_t(row_bytes());
