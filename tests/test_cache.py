@@ -271,6 +271,26 @@ def test_other_architectures_full_budget_equal_dense_attention(smollm2, kind):
         assert list(codebook.layers) == [1, 3]  # the global layers; sliding ones stay dense
 
 
+def test_reset_forgets_the_previous_prompt(smollm2):
+    """After reset() the next prompt is answered from its own rows alone, cycle after cycle (the
+    store used to keep the old rows: a full budget answered with the previous prompt's text and
+    the fourth cycle overflowed the capacity)."""
+    model, codebook = _tiny_setup(smollm2, "llama")
+    generator = torch.Generator().manual_seed(2)
+    config = a2ats.A2ATSConfig(topk=1.0, sink=2, window=4, capacity=50)
+    cache = a2ats.A2ATSCache(model, codebook, config)
+    for cycle in range(5):
+        input_ids = torch.randint(49152, (2, 40), generator=generator)
+        attention_mask = torch.ones(2, 40, dtype=torch.long)
+        fresh = _forward_steps(model, a2ats.A2ATSCache(model, codebook, config), input_ids, attention_mask, steps=3)
+        reused = _forward_steps(model, cache, input_ids, attention_mask, steps=3)
+        for want, got in zip(fresh, reused):
+            assert torch.equal(want, got), f"cycle {cycle}"
+        assert cache.store.lengths()[0].tolist() == [43, 43]
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.store.lengths().sum() == 0
+
+
 def test_unsupported_models_and_inputs_fail_before_any_work(smollm2, small_codebook):
     from transformers import AutoModelForCausalLM, GPT2Config
 

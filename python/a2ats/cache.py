@@ -471,6 +471,14 @@ class A2ATSCache(Cache):
             layer.seq_length = length
         return cache
 
+    def reset(self) -> None:
+        """Forgets every sequence: the layers' lengths and the host store's rows. The store and
+        the buffers stay allocated for the next prompt of the same batch size."""
+        super().reset()
+        if self.store is not None:
+            self.store.reset()
+        self.padded = False
+
     # ---- shared state -------------------------------------------------------------------------
     def _initialize(self, key_states: torch.Tensor) -> None:
         """Creates the host store and moves the codebook to the compute device (first forward)."""
