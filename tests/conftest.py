@@ -45,6 +45,81 @@ def _seed():
     yield
 
 
+# -- shared state: no test may leave it changed ----------------------------------------------------
+
+def shared_state(model=None, codebook=None) -> dict:
+    """What a test must leave as it found it: torch's global settings, and of the shared model
+    and codebook every tensor (object, in-place version counter, dtype, device), the modules'
+    training flags and the config. Tensors are compared by ``_version``, which every in-place
+    write bumps, so the check costs nothing however large the model."""
+    state = {"torch": (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
+                       torch.are_deterministic_algorithms_enabled())}
+
+    def tensors(named):
+        return [(name, id(t), t._version, t.dtype, str(t.device), t.requires_grad, tuple(t.shape))
+                for name, t in named]
+
+    if model is not None:
+        state["model_tensors"] = tensors(list(model.named_parameters()) + list(model.named_buffers()))
+        state["model_training"] = [module.training for module in model.modules()]
+        state["model_config"] = {key: repr(value) for key, value in vars(model.config).items()}
+    if codebook is not None:
+        named = [(f"{kind}{layer}", t) for kind, table in
+                 (("centroids", codebook.centroids), ("chol", codebook.chol), ("chol_inv", codebook.chol_inv))
+                 for layer, t in table.items()] + [("inv_freq", codebook.inv_freq)]
+        state["codebook_tensors"] = tensors(named)
+        state["codebook_metadata"] = repr(codebook.metadata)
+    return state
+
+
+def leaked_state(before: dict, after: dict) -> list[str]:
+    """One line per part of :func:`shared_state` that differs, with its first difference."""
+    leaks = []
+    for key, old in before.items():
+        new = after[key]
+        if old == new:
+            continue
+        if isinstance(old, dict):
+            diffs = [f"{name}: {old.get(name)} -> {new.get(name)}" for name in sorted(set(old) | set(new))
+                     if old.get(name) != new.get(name)]
+        elif isinstance(old, list):
+            diffs = [f"{a} -> {b}" for a, b in zip(old, new) if a != b] or [f"{len(old)} -> {len(new)} entries"]
+        else:
+            diffs = [f"{old} -> {new}"]
+        leaks.append(f"{key}: {diffs[0]}")
+    return leaks
+
+
+@pytest.fixture(autouse=True)
+def _shared_state_unchanged(request):
+    """Fails a test that leaves torch's settings, the session's SmolLM2 or its codebook changed.
+
+    The one change allowed is the attention implementation that ``A2ATSCache`` switches a model
+    to (by design it stays, and dense caches fall back to the previous one): it is put back here
+    after every test, so that each test starts from the model as loaded."""
+    model = codebook = None
+    if "smollm2" in request.fixturenames:
+        model = request.getfixturevalue("smollm2")[0]
+    if "small_codebook" in request.fixturenames:
+        codebook = request.getfixturevalue("small_codebook")
+    if model is not None:
+        attention = model.config._attn_implementation
+        fallback = vars(model.config).get("_a2ats_fallback", None)
+    before = shared_state(model, codebook)
+    yield
+    if model is not None:
+        if model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)
+        if fallback is None:
+            vars(model.config).pop("_a2ats_fallback", None)
+        else:
+            model.config._a2ats_fallback = fallback
+    leaks = leaked_state(before, shared_state(model, codebook))
+    if leaks:
+        pytest.fail("the test left shared state changed: " + "; ".join(leaks) +
+                    " (restore it, or work on a copy)", pytrace=False)
+
+
 def pytest_report_header(config):
     return (f"a2ats_core {a2ats_core.__version__}: built_with_cuda={a2ats_core.built_with_cuda()}, "
             f"cuda_device_count={a2ats_core.cuda_device_count()}, cpu threads={a2ats_core.num_threads()}; "
