@@ -33,6 +33,13 @@ def test_tasks_place_their_answers_and_are_deterministic(smollm2, task, haystack
         assert len(sample.expected) == 1 and len(sample.needle_offsets) == 4  # three distractors
     if task in ("niah_multivalue", "niah_multiquery"):
         assert len(set(sample.expected)) == 4
+    if task == "niah_facts":  # the demo's prompt: four facts, the last one asked, always natural text
+        from a2ats.demo import needle_prompt
+
+        assert len(sample.needle_offsets) == 4 and sample.expected[0] in needles[-1]
+        assert all(needle.startswith("Remember this: the secret number of the ") for needle in needles)
+        demo = needle_prompt(tokenizer, 1024, num_facts=4, asked=-1, last_depth=0.75, seed=3)
+        assert prompt_ids(tokenizer, sample).equal(demo.input_ids)
     if task == "vt":  # the chain is assigned in order through the text
         positions = [sample.message.index(f"VAR {name} =") for name in sample.expected]
         assert positions == sorted(positions)

@@ -9,20 +9,16 @@ the attention part's latency per generated token, and where the KV cache lives.
 from __future__ import annotations
 
 import os
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .evaluation.tasks import haystack_units, insert_at_depths
+from .evaluation.tasks import facts_sample, render_prompt
 
 __all__ = ["NeedlePrompt", "needle_prompt", "codebook_cache_path", "load_or_calibrate", "run_demo"]
-
-COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
-
 
 @dataclass(frozen=True)
 class NeedlePrompt:
@@ -36,45 +32,14 @@ class NeedlePrompt:
 
 def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, asked: int | None = None,
                   first_depth: float = 0.1, last_depth: float = 0.9, seed: int = 0) -> NeedlePrompt:
-    """About ``num_tokens`` tokens of documentation text with ``num_facts`` secret numbers at
-    evenly spread depths from ``first_depth`` to ``last_depth`` (shares of the text), then a
-    question about fact number ``asked`` in text order (default: a random one). The chat
-    template is used when the tokenizer has one, and the answer's first words are given so
-    that the reply starts with the number."""
-    if not 1 <= num_facts <= len(COLOURS):
-        raise ValueError(f"num_facts must be in [1, {len(COLOURS)}], got {num_facts}")
-    if not 0.0 <= first_depth <= last_depth <= 1.0:
-        raise ValueError(f"need 0 <= first_depth <= last_depth <= 1, got {first_depth}, {last_depth}")
-    rng = random.Random(seed)
-    colours = rng.sample(COLOURS, num_facts)
-    facts = {colour: rng.randrange(1000, 10000) for colour in colours}
-    if asked is None:
-        asked = rng.randrange(num_facts)
-    if not -num_facts <= asked < num_facts:
-        raise ValueError(f"asked must index one of the {num_facts} facts, got {asked}")
-    asked = colours[asked]
-    question = (f"What is the secret number of the {asked} box? "
-                "Answer with the number only.")
-    reply_start = f"The secret number of the {asked} box is"
-
-    def render(body: str) -> str:
-        message = ("Read the text below. Some boxes with secret numbers are mentioned in it.\n\n"
-                   f"{body}\n\n{question}")
-        if getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                                   tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = message + "\n"
-        return prompt + reply_start
-
-    overhead = len(tokenizer(render(""), add_special_tokens=False).input_ids) + 20 * num_facts
-    sentences = [f"Remember this: the secret number of the {colour} box is {facts[colour]}." for colour in colours]
-    depths = [first_depth + (last_depth - first_depth) * number / max(1, num_facts - 1)
-              for number in range(num_facts)]
-    body = insert_at_depths(haystack_units(tokenizer, "natural", num_tokens - overhead, rng), sentences, depths)
-    text = render("\n\n".join(body))
+    """The tokenized prompt of :func:`~a2ats.evaluation.tasks.facts_sample` (same arguments): the
+    ``niah_facts`` task of ``a2ats eval`` is this prompt."""
+    made = facts_sample(tokenizer, num_tokens, num_facts=num_facts, asked=asked, first_depth=first_depth,
+                        last_depth=last_depth, seed=seed)
+    sample = made.sample
+    text = render_prompt(tokenizer, sample.message, sample.answer_prefix)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    return NeedlePrompt(input_ids=ids, facts=facts, colour=asked, answer=str(facts[asked]))
+    return NeedlePrompt(input_ids=ids, facts=made.facts, colour=made.colour, answer=sample.expected[0])
 
 
 def codebook_cache_path(model_name: str, preset: str, ablation: str | None = None) -> Path:
@@ -94,7 +59,7 @@ def load_or_calibrate(model, tokenizer, preset: str, *, ablation: str | None = N
     """The cached codebook for ``model`` and ``preset`` (or one of the :data:`ABLATIONS`),
     calibrating and saving it when missing or built for another model (a stale file is
     replaced, never silently used)."""
-    from .calibrate import calibrate
+    from .calibrate import calibrate, resolve_settings
     from .codebook import Codebook, CodebookError
     from .models import describe_model
 
@@ -107,6 +72,12 @@ def load_or_calibrate(model, tokenizer, preset: str, *, ablation: str | None = N
             codebook.check_compatible(model)
             if codebook.ablation != ablation:
                 raise CodebookError(f"it is the {codebook.ablation or 'full'} method, not {ablation or 'full'}")
+            # A preset whose settings changed since the file was written gets a new codebook.
+            made_with = codebook.metadata.get("calibration", {}).get("settings", {})
+            wanted = asdict(resolve_settings(preset, **ABLATIONS.get(ablation, {})))
+            changed = sorted(name for name, value in wanted.items() if made_with.get(name) != value)
+            if changed:
+                raise CodebookError(f"it was made with other {preset!r} preset settings ({', '.join(changed)})")
             log(f"codebook: {path} (cached)")
             return codebook
         except CodebookError as error:
@@ -178,6 +149,10 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
     log(f"expected answer: {prompt.answer}")
     log(f"dense attention : {dense_text!r:40} {mark[dense_right]}")
     log(f"A²ATS top-{budget:6}: {ours_text!r:40} {mark[ours_right]}")
+    if dense_right and not ours_right:
+        log(f"A²ATS lost the answer that dense attention found: at {length} tokens and this budget its "
+            "approximate scores missed rows the answer needs; a larger --topk, or a codebook from "
+            "--preset default, scores them more closely")
     log(f"KV rows attended per decode step: {summary['rows_read_share']:.1%} of the cache "
         f"(top-k + {sink} sink + {window} window); fetched from host memory: "
         f"{summary['rows_fetched_share']:.1%}")

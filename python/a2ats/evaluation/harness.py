@@ -26,7 +26,7 @@ import a2ats_core
 
 from ..models import describe_model
 from .selectors import Selector
-from .tasks import Sample, make_sample, score_answer
+from .tasks import Sample, make_sample, render_prompt, score_answer
 
 __all__ = ["ATTENTION_NAME", "Budget", "RunResult", "prompt_ids", "run_sample", "evaluate"]
 
@@ -136,12 +136,8 @@ def register() -> None:
 
 def prompt_ids(tokenizer, sample: Sample) -> torch.Tensor:
     """(1, T) token ids: the chat template when the tokenizer has one, then the answer prefix."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.message}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = sample.message + "\n"
-    return tokenizer(text + sample.answer_prefix, add_special_tokens=False, return_tensors="pt").input_ids
+    text = render_prompt(tokenizer, sample.message, sample.answer_prefix)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
 
 def run_sample(model, tokenizer, sample: Sample, methods: Sequence[tuple[Selector, Sequence[Budget]]], *,

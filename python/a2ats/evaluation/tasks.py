@@ -10,9 +10,12 @@ Tasks (names as RULER's): ``niah_single_number``, ``niah_single_uuid``, ``niah_s
 ``niah_multivalue`` (one key, several values, all asked); ``niah_multiquery`` (several keys, all
 asked); ``vt`` (variable tracking: which variables end up holding a value through a chain of
 assignments, among distractor chains); ``cwe`` (the ten most common words of a word list);
-``fwe`` (the three most frequent words of a Zipf-distributed stream). Haystacks for the needle
-and variable tasks are ``"repeat"`` (RULER's repeated filler sentences) or ``"natural"``
-(CPython's ``pydoc_data.topics``).
+``fwe`` (the three most frequent words of a Zipf-distributed stream); and ``niah_facts``, the
+demo's task (not RULER's): four "secret number of the <colour> box" facts with 4-digit numbers
+in natural text, the last one asked. Haystacks for the needle and variable tasks are
+``"repeat"`` (RULER's repeated filler sentences) or ``"natural"`` (CPython's
+``pydoc_data.topics``); ``niah_facts`` is always natural text: copying one of several similar
+numbers out of prose is what repeated filler makes too easy.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["TASKS", "HAYSTACKS", "Sample", "make_sample", "score_answer", "word_list", "haystack_units",
-           "insert_at_depths"]
+__all__ = ["TASKS", "HAYSTACKS", "COLOURS", "Sample", "FactsSample", "make_sample", "facts_sample",
+           "render_prompt", "score_answer", "word_list", "haystack_units", "insert_at_depths"]
 
 TASKS = ("niah_single_number", "niah_single_uuid", "niah_single_word", "niah_multikey",
-         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "niah_facts")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
 HAYSTACKS = ("repeat", "natural")
 
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -41,6 +45,61 @@ class Sample:
     expected: tuple[str, ...]
     max_new_tokens: int
     needle_offsets: tuple[int, ...] = field(default=())  # character offsets in ``message``
+
+
+@dataclass(frozen=True)
+class FactsSample:
+    """A ``niah_facts`` sample and what it hides: ``facts`` colour -> number in text order."""
+
+    sample: Sample
+    facts: dict[str, int]
+    colour: str  # the colour asked about
+
+
+def render_prompt(tokenizer, message: str, answer_prefix: str) -> str:
+    """The prompt text: the chat template when the tokenizer has one, then the answer prefix."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = message + "\n"
+    return text + answer_prefix
+
+
+def facts_sample(tokenizer, num_tokens: int, *, num_facts: int = 4, asked: int | None = None,
+                 first_depth: float = 0.1, last_depth: float = 0.9, seed: int = 0) -> FactsSample:
+    """About ``num_tokens`` prompt tokens (as :func:`render_prompt` renders them) of documentation
+    text with ``num_facts`` secret numbers at evenly spread depths from ``first_depth`` to
+    ``last_depth`` (shares of the text), then a question about fact number ``asked`` in text
+    order (default: a random one); the answer's first words are given so that the reply starts
+    with the number."""
+    if not 1 <= num_facts <= len(COLOURS):
+        raise ValueError(f"num_facts must be in [1, {len(COLOURS)}], got {num_facts}")
+    if not 0.0 <= first_depth <= last_depth <= 1.0:
+        raise ValueError(f"need 0 <= first_depth <= last_depth <= 1, got {first_depth}, {last_depth}")
+    rng = random.Random(seed)
+    colours = rng.sample(COLOURS, num_facts)
+    facts = {colour: rng.randrange(1000, 10000) for colour in colours}
+    if asked is None:
+        asked = rng.randrange(num_facts)
+    if not -num_facts <= asked < num_facts:
+        raise ValueError(f"asked must index one of the {num_facts} facts, got {asked}")
+    asked = colours[asked]
+    question = f"What is the secret number of the {asked} box? Answer with the number only."
+    prefix = f"The secret number of the {asked} box is"
+
+    def message(body: str) -> str:
+        return f"Read the text below. Some boxes with secret numbers are mentioned in it.\n\n{body}\n\n{question}"
+
+    overhead = len(tokenizer(render_prompt(tokenizer, message(""), prefix), add_special_tokens=False).input_ids)
+    overhead += 20 * num_facts
+    needles = [f"Remember this: the secret number of the {colour} box is {facts[colour]}." for colour in colours]
+    depths = [first_depth + (last_depth - first_depth) * number / max(1, num_facts - 1)
+              for number in range(num_facts)]
+    body = insert_at_depths(haystack_units(tokenizer, "natural", num_tokens - overhead, rng), needles, depths)
+    text = message("\n\n".join(body))
+    sample = Sample("niah_facts", text, prefix, (str(facts[asked]),), 12, _locate(text, needles))
+    return FactsSample(sample, facts, asked)
 
 
 @lru_cache(maxsize=1)
@@ -114,6 +173,8 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if num_tokens < 256:
         raise ValueError(f"num_tokens must be >= 256, got {num_tokens}")
+    if task == "niah_facts":  # the demo's prompt: the last of four facts, at 75% depth
+        return facts_sample(tokenizer, num_tokens, num_facts=4, asked=-1, last_depth=0.75, seed=seed).sample
     rng = random.Random(f"{task}/{haystack}/{num_tokens}/{seed}")
     body = num_tokens - 120  # room for the instructions and the question
     separator = " " if haystack == "repeat" else "\n\n"
