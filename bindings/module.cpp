@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <system_error>
 
 #include "a2ats/kv_store.h"
 #include "a2ats/rotary.h"
@@ -254,9 +255,12 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
   if (group_size < 1 || Hq % group_size != 0)
     throw_value("group_size must be >= 1 and divide scores.shape[1] (num_q_heads = " + std::to_string(Hq) + "), got " +
                 std::to_string(group_size));
+  // Each term is checked before the sum, so no product or sum can overflow int64.
+  if (k > kInt32Max || sink > kInt32Max || window > kInt32Max || group_size * k + sink + window > kInt32Max)
+    throw_value("group_size * k + sink + window (the selected rows per KV head) must fit int32, got group_size = " +
+                std::to_string(group_size) + ", k = " + std::to_string(k) + ", sink = " + std::to_string(sink) +
+                ", window = " + std::to_string(window));
   const int64_t max_selected = group_size * k + sink + window;
-  if (k > kInt32Max || max_selected > kInt32Max)
-    throw_value("group_size * k + sink + window must fit int32, got " + std::to_string(max_selected));
   check_lengths(lengths, B, Tcap, scores);
   const int64_t Hkv = Hq / group_size;
   Output indices(out_indices_obj, "out_indices", scores, {B, Hkv, max_selected}, DType::kInt32);
@@ -305,9 +309,28 @@ class PyKVStore {
     for (auto& [name, value] : dims)
       if (value < 1) throw_value(std::string(name) + " must be >= 1, got " + std::to_string(value));
     if (capacity > kInt32Max) throw_value("capacity must fit int32 (indices are int32), got " + std::to_string(capacity));
-    if (threads < 0) throw_value("threads must be >= 0 (0 = one per core), got " + std::to_string(threads));
+    if (threads < 0 || threads > ThreadPool::kMaxThreads)
+      throw_value("threads must be in [0, " + std::to_string(ThreadPool::kMaxThreads) + "] (0 = one per core), got " +
+                  std::to_string(threads));
     const DType dt = parse_store_dtype(dtype);
-    store_ = std::make_unique<KVStore>(num_layers, batch, num_kv_heads, head_dim, capacity, dt, pinned, threads);
+    // 2 (K and V) x num_layers x batch x num_kv_heads x capacity x head_dim x element size, checked
+    // step by step: a wrapped product would allocate a tiny store that appends then overrun.
+    int64_t bytes = 2 * int64_t(dtype_size(dt));
+    for (auto& [name, value] : dims)
+      if (__builtin_mul_overflow(bytes, value, &bytes) || bytes > KVStore::kMaxBytes)
+        throw_value("KVStore(num_layers=" + std::to_string(num_layers) + ", batch=" + std::to_string(batch) +
+                    ", num_kv_heads=" + std::to_string(num_kv_heads) + ", head_dim=" + std::to_string(head_dim) +
+                    ", capacity=" + std::to_string(capacity) + ") would need more than " +
+                    std::to_string(KVStore::kMaxBytes >> 40) + " TiB; reduce capacity or batch");
+    try {
+      store_ = std::make_unique<KVStore>(num_layers, batch, num_kv_heads, head_dim, capacity, dt, pinned, threads);
+    } catch (const std::bad_alloc&) {
+      throw_value("KVStore of " + std::to_string(bytes) + " bytes (num_layers x batch x num_kv_heads x capacity x "
+                  "head_dim, K and V) could not be allocated; reduce capacity or batch");
+    } catch (const std::system_error& error) {
+      throw_value("KVStore could not start threads=" + std::to_string(threads) + " threads (" + error.what() +
+                  "); pass fewer");
+    }
   }
 
   void append(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle num_tokens_obj, py::handle stream_obj) {
@@ -529,7 +552,10 @@ group_size heads of each KV head, plus the first sink and last window tokens.)do
 
 KVStore(num_layers, batch, num_kv_heads, head_dim, capacity, dtype, *, pinned=True, threads=0).
 dtype: a torch dtype or "float32" / "float16" / "bfloat16". pinned uses page-locked memory when a
-CUDA device is usable (see .pinned); threads is the gather thread count (0 = one per core).)doc")
+CUDA device is usable (see .pinned); threads is the size of the store's own pool, which runs its
+append, gather and attend work (0 = one per core, at most 1024). Thread safety: every method holds
+the store's lock for the whole call, so one store shared by several Python threads sees each call
+whole; calls on one store run one at a time.)doc")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, py::handle, bool, int>(), py::arg("num_layers"),
            py::arg("batch"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("capacity"), py::arg("dtype"),
            py::kw_only(), py::arg("pinned") = true, py::arg("threads") = 0)

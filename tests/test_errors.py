@@ -210,6 +210,13 @@ def test_select_topk_bad_values():
             a2ats_core.select_topk(scores, 3, torch.tensor(bad, dtype=torch.int32), **kw)
     with pytest.raises(TypeError):
         a2ats_core.select_topk(scores, 2.5, lengths, **kw)
+    # Budgets whose sum would overflow int64 before the int32 check (it used to surface as a
+    # torch RuntimeError naming no argument).
+    for huge in (dict(sink=2**62, window=2**62), dict(sink=2, window=2**63 - 1), dict(sink=2**31, window=0)):
+        with pytest.raises(ValueError, match="sink.*window"):
+            a2ats_core.select_topk(scores, 3, lengths, group_size=3, **huge)
+    with pytest.raises(ValueError, match="group_size . k"):
+        a2ats_core.select_topk(scores, 2**31 - 1, lengths, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -246,8 +253,17 @@ def test_kv_store_bad_construction():
         dims[i] = 0
         with pytest.raises(ValueError, match=name):
             a2ats_core.KVStore(*dims, "float32")
-    with pytest.raises(ValueError, match="threads"):
-        a2ats_core.KVStore(1, 1, 1, 8, 4, "float32", threads=-1)
+    for threads in (-1, 1025, 100000):  # 100000 used to hang when thread creation failed partway
+        with pytest.raises(ValueError, match="threads"):
+            a2ats_core.KVStore(1, 1, 1, 8, 4, "float32", threads=threads)
+    # Sizes whose byte count wraps around int64: the store used to construct with nbytes == 0 and
+    # the first append wrote past a one-byte allocation.
+    for dims in ([1, 1, 2**41, 1, 2**20], [2**20, 2**20, 2**20, 2**20, 2**20], [1, 1, 1, 2**62, 1]):
+        with pytest.raises(ValueError, match=r"KVStore\(num_layers=.*capacity=.*would need more than"):
+            a2ats_core.KVStore(*dims, "float32")
+    # A size that fits int64 but not in memory: a clear error, not a crash.
+    with pytest.raises(ValueError, match="could not be allocated; reduce capacity"):
+        a2ats_core.KVStore(64, 64, 64, 1024, 2**17, "float32", pinned=False)  # 256 TiB
 
 
 def filled_store(device="cpu", dtype=torch.float16, L=2, B=2, Hkv=2, D=16, cap=10, n=6):

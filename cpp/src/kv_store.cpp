@@ -28,7 +28,12 @@ KVStore::KVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_
     : num_layers_(num_layers), batch_(batch), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
       capacity_(capacity), dtype_(dtype), lengths_(size_t(num_layers * batch), 0),
       pool_(new ThreadPool(threads)) {
-  slab_bytes_ = size_t(num_layers * batch * num_kv_heads * capacity) * size_t(row_bytes());
+  int64_t slab = row_bytes();  // checked: a wrapped product would make a tiny store that appends overrun
+  for (const int64_t dim : {num_layers, batch, num_kv_heads, capacity})
+    if (dim < 1 || __builtin_mul_overflow(slab, dim, &slab) || slab > kMaxBytes / 2)
+      throw std::invalid_argument("KVStore dimensions must be >= 1 and need at most " + std::to_string(kMaxBytes) +
+                                  " bytes for K and V together");
+  slab_bytes_ = size_t(slab);
   const size_t rounded = (slab_bytes_ + kAlignment - 1) / kAlignment * kAlignment;
   const size_t total = 2 * (rounded == 0 ? kAlignment : rounded);
   char* base = nullptr;

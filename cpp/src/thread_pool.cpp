@@ -8,7 +8,7 @@ namespace a2ats {
 int ThreadPool::default_num_threads() {
   if (const char* env = std::getenv("A2ATS_NUM_THREADS")) {
     const int n = std::atoi(env);
-    if (n > 0) return n;
+    if (n > 0) return std::min(n, kMaxThreads);
   }
   const unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : int(hw);
@@ -16,10 +16,20 @@ int ThreadPool::default_num_threads() {
 
 ThreadPool::ThreadPool(int num_threads) {
   if (num_threads <= 0) num_threads = default_num_threads();
-  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  num_threads = std::min(num_threads, kMaxThreads);
+  try {
+    for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  } catch (...) {
+    // No destructor runs for a half-built pool: stop and join the workers already waiting on
+    // wake_ before it is destroyed, then let the caller see the error.
+    stop_workers();
+    throw;
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;

@@ -27,6 +27,8 @@ struct RowsView {
 
 class KVStore {
  public:
+  // K and V bytes together at most 2^50 (1 PiB), so every row offset fits int64 with room to spare.
+  static constexpr int64_t kMaxBytes = int64_t(1) << 50;
   // pinned: try page-locked memory (needs a CUDA build and a driver); falls back to
   // ordinary memory otherwise, which pinned() then reports.
   // threads: gather threads including the caller; 0 means ThreadPool::default_num_threads().

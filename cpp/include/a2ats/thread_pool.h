@@ -19,7 +19,10 @@ namespace a2ats {
 
 class ThreadPool {
  public:
-  // num_threads counts the calling thread too; 0 means the default (see default_num_threads).
+  // More threads than this only queue on the cores; it also bounds what a caller can ask for.
+  static constexpr int kMaxThreads = 1024;
+  // num_threads counts the calling thread too; 0 means the default (see default_num_threads);
+  // at most kMaxThreads. Throws std::system_error when a thread cannot be started.
   explicit ThreadPool(int num_threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -43,6 +46,7 @@ class ThreadPool {
   static int default_num_threads();
 
  private:
+  void stop_workers();
   void worker_loop();
   void run_chunks();
 
