@@ -217,6 +217,53 @@ def test_truncated_or_corrupted_files_raise(small_codebook, tmp_path):
         Codebook.load(tmp_path / "plain.safetensors")
 
 
+def _forge(codebook, path, *, tensors=None, metadata=None):
+    """A codebook file with the given tensor and metadata changes and a recomputed checksum."""
+    from safetensors.torch import save_file
+
+    named = codebook.tensors()
+    named.update(tensors or {})
+    meta = json.loads(json.dumps({k: v for k, v in codebook.metadata.items() if k != "checksum"}))
+    for key, value in (metadata or {}).items():
+        section, _, name = key.rpartition(".")
+        target = meta[section] if section else meta
+        if value is None:
+            del target[name]
+        else:
+            target[name] = value
+    meta["checksum"] = _checksum(named, meta)
+    save_file(named, str(path), metadata={"a2ats": json.dumps(meta)})
+    return path
+
+
+def test_forged_codebooks_with_valid_checksums_are_refused(small_codebook, smollm2, tmp_path):
+    model, _ = smollm2
+    chol, chol_inv = small_codebook.chol[5], small_codebook.chol_inv[5]
+    not_positive = chol.clone()
+    not_positive[1].diagonal().neg_()
+    tensor_forgeries = {
+        "chol all zeros": ({"layers.5.chol": torch.zeros_like(chol)}, "Cholesky"),
+        "chol not positive definite": ({"layers.5.chol": not_positive}, "Cholesky"),
+        "chol upper-triangular": ({"layers.5.chol": chol.transpose(1, 2).contiguous()}, "Cholesky"),
+        "chol_inv not the inverse": ({"layers.5.chol_inv": 2 * chol_inv}, "not the inverse of chol"),
+    }
+    for name, (tensors, message) in tensor_forgeries.items():
+        with pytest.raises(CodebookError, match=message):
+            Codebook.load(_forge(small_codebook, tmp_path / f"{name}.safetensors", tensors=tensors))
+    for bad in (-100, 10**12, "2048", True, None):
+        path = _forge(small_codebook, tmp_path / "b.safetensors", metadata={"relative_position": bad})
+        with pytest.raises(CodebookError, match="relative_position|incomplete"):
+            Codebook.load(path)
+    # Damaged metadata that only check_compatible reads: a codebook error, never KeyError/TypeError.
+    for key, value in (("model.model_type", None), ("fingerprint", None), ("fingerprint", 7),
+                       ("rope.rope_type", None), ("model.num_q_heads", "nine")):
+        path = _forge(small_codebook, tmp_path / "m.safetensors", metadata={key: value})
+        with pytest.raises(CodebookError):
+            Codebook.load(path, model)
+    # The untouched codebook still loads and matches.
+    Codebook.load(_forge(small_codebook, tmp_path / "ok.safetensors"), model)
+
+
 def test_bad_arguments_raise_clear_errors(smollm2, capsys):
     model, tokenizer = smollm2
     with pytest.raises(ValueError, match="num_centroids"):

@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "a2ats"
 # Codes are stored as int16 by the kernels.
 MAX_CENTROIDS = 1 << 15
+MAX_RELATIVE_POSITION = 1 << 24  # WRoPE distances beyond any model's context
 
 
 class CodebookError(ValueError):
@@ -167,6 +168,7 @@ class Codebook:
             c, m = self.num_centroids, self.num_subspaces
             layers = [int(layer) for layer in meta["model"]["layers"]]
             rotary_dim = int(meta["rope"]["rotary_dim"])
+            relative_position = meta["relative_position"]
         except (KeyError, TypeError, ValueError) as error:
             raise CodebookError(f"codebook metadata is incomplete: {error!r}") from None
         if list(self.layers) != layers or set(self.chol) != set(layers) or \
@@ -185,6 +187,19 @@ class Codebook:
                                         f"{tuple(tensor.shape)}")
                 if not bool(torch.isfinite(tensor).all()):
                     raise CodebookError(f"layers.{layer}.{kind} holds non-finite values")
+            # L must be a Cholesky factor (lower-triangular, positive diagonal) and chol_inv its
+            # inverse: the scores are q L^-T . c, so a forged pair would rank tokens silently wrong.
+            chol, chol_inv = self.chol[layer], self.chol_inv[layer]
+            if not torch.equal(chol, chol.tril()) or not bool((torch.diagonal(chol, 0, 1, 2) > 0).all()):
+                raise CodebookError(f"layers.{layer}.chol is not a Cholesky factor (lower-triangular with a "
+                                    "positive diagonal)")
+            error = float((chol @ chol_inv - torch.eye(d)).abs().max())
+            if not error <= 1e-3:
+                raise CodebookError(f"layers.{layer}.chol_inv is not the inverse of chol (|L L^-1 - I| = {error:.3g})")
+        if isinstance(relative_position, bool) or not isinstance(relative_position, int) or \
+                not 0 <= relative_position <= MAX_RELATIVE_POSITION:
+            raise CodebookError(f"relative_position (the WRoPE distance b) must be an int in [0, "
+                                f"{MAX_RELATIVE_POSITION}], found {relative_position!r}")
         if tuple(self.inv_freq.shape) != (rotary_dim // 2,):
             raise CodebookError(f"rope.inv_freq: expected ({rotary_dim // 2},), found "
                                 f"{tuple(self.inv_freq.shape)}")
@@ -240,7 +255,8 @@ class Codebook:
                 for name, tensor in tensors.items()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the codebook as a safetensors file (metadata gets a fresh checksum)."""
+        """Write the codebook as a safetensors file whose metadata carries a fresh checksum; the
+        object itself is left as it is."""
         from safetensors.torch import save_file
 
         tensors = self.tensors()
@@ -250,7 +266,6 @@ class Codebook:
                                           if k != "checksum"}))
         metadata["checksum"] = _checksum(tensors, metadata)
         save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(metadata)})
-        self.metadata = metadata
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, *,
@@ -307,6 +322,14 @@ class Codebook:
         model was loaded (path, alias), the fingerprint identifies the weights instead.
         """
         layout = describe_model(model)
+        try:
+            self._compare(model, layout)
+        except CodebookError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:  # a forged or damaged metadata entry
+            raise CodebookError(f"codebook metadata is incomplete or malformed: {error!r}") from None
+
+    def _compare(self, model, layout) -> None:
         want = self.metadata["model"]
         have = model_metadata(layout)
         problems = []
