@@ -38,7 +38,13 @@ struct Output {
     object = out.is_none() ? empty_like_framework(like, shape, dtype) : py::reinterpret_borrow<py::object>(out);
     view = TensorArg(object, name);
     view.expect_dtype({dtype}).expect_shape(shape, "the output shape").expect_last_dim_contiguous();
-    view.expect_device(like.device(), like);
+    view.expect_no_internal_overlap().expect_device(like.device(), like);
+  }
+  // Refuses an output that shares memory with any of `inputs` (or earlier outputs).
+  const Output& disjoint_from(std::initializer_list<const TensorArg*> inputs) const {
+    for (const TensorArg* input : inputs)
+      if (input) expect_disjoint(view, *input);
+    return *this;
   }
 };
 
@@ -159,6 +165,7 @@ py::object vq_encode(py::handle x_obj, py::handle centroids_obj, py::handle out_
   check_centroids(centroids, Hkv, D, x);
   const int64_t M = centroids.size(1);
   Output out(out_obj, "out", x, {B, Hkv, T, M}, DType::kInt16);
+  out.disjoint_from({&x, &centroids});
   VQEncodeParams p;
   p.batch = B; p.num_kv_heads = Hkv; p.num_tokens = T; p.head_dim = D;
   p.num_subspaces = M; p.num_centroids = centroids.size(2); p.dtype = x.dtype();
@@ -216,6 +223,7 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
                       std::to_string(edges[j - 1]) + " > bin_edges[" + std::to_string(j) + "] = " + std::to_string(edges[j]));
   }
   Output out(out_obj, "out", q, {B, Hq, Tcap}, DType::kFloat32);
+  out.disjoint_from({&q, &centroids, &codes, &lengths, bin_edges ? &*bin_edges : nullptr});
   LutScoresParams p;
   p.batch = B; p.num_q_heads = Hq; p.num_kv_heads = Hkv; p.head_dim = D; p.num_subspaces = M;
   p.num_centroids = centroids.size(2); p.capacity = Tcap; p.num_bins = NB;
@@ -265,6 +273,8 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
   const int64_t Hkv = Hq / group_size;
   Output indices(out_indices_obj, "out_indices", scores, {B, Hkv, max_selected}, DType::kInt32);
   Output counts(out_counts_obj, "out_counts", scores, {B, Hkv}, DType::kInt32);
+  indices.disjoint_from({&scores, &lengths});
+  counts.disjoint_from({&scores, &lengths, &indices.view});
   SelectTopkParams p;
   p.batch = B; p.num_q_heads = Hq; p.group_size = group_size; p.capacity = Tcap;
   p.k = k; p.sink = sink; p.window = window; p.max_selected = max_selected;
@@ -387,6 +397,12 @@ class PyKVStore {
     out_k.expect_last_dim_contiguous();
     out_v.expect_dtype({s.dtype()}).expect_shape(rows, "the shape of out_k").expect_last_dim_contiguous();
     out_v.expect_device(out_k.device(), out_k);
+    for (const TensorArg* out : {&out_k, &out_v}) {
+      out->expect_no_internal_overlap();
+      expect_disjoint(*out, indices);
+      expect_disjoint(*out, counts);
+    }
+    expect_disjoint(out_v, out_k);
     const int64_t idx_stride[2] = {indices.stride(0), indices.stride(1)};
     const int64_t cnt_stride[2] = {counts.stride(0), counts.stride(1)};
     RowsView kv{out_k.data(), {out_k.stride(0), out_k.stride(1), out_k.stride(2)}};
@@ -437,6 +453,8 @@ class PyKVStore {
     counts.expect_cpu("KVStore.attend runs on the CPU");
     Output out(out_obj, "out", q, {s.batch(), num_q_heads, s.head_dim()}, DType::kFloat32);
     Output lse(out_lse_obj, "out_lse", q, {s.batch(), num_q_heads}, DType::kFloat32);
+    out.disjoint_from({&q, &indices, &counts});
+    lse.disjoint_from({&q, &indices, &counts, &out.view});
     KVStore::AttendParams p;
     p.group_size = num_q_heads / s.num_kv_heads();
     p.scale = float(scale);
@@ -506,7 +524,10 @@ int cuda_device_count() {
 }  // namespace
 
 PYBIND11_MODULE(a2ats_core, m) {
-  m.doc() = "Native kernels of a2ats (A²ATS): RoPE, VQ codes, LUT scores, top-K selection and the host KV store.";
+  m.doc() = "Native kernels of a2ats (A²ATS): RoPE, VQ codes, LUT scores, top-K selection and the host KV store.\n\n"
+            "Every check runs before anything is written: a refused call leaves its outputs and the store as they "
+            "were. Outputs must not share memory with the inputs or with each other (rotary's out=x excepted); "
+            "empty arrays are accepted whatever their strides.";
 #ifdef A2ATS_VERSION
   m.attr("__version__") = A2ATS_VERSION;
 #else

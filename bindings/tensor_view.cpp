@@ -147,6 +147,8 @@ const TensorArg& TensorArg::expect_shape(const std::vector<int64_t>& shape, cons
 }
 
 const TensorArg& TensorArg::expect_last_dim_contiguous() const {
+  // An empty array touches no memory, whatever strides its producer gave it (numpy gives 0).
+  if (numel() == 0) return *this;
   if (ndim() > 0 && size(-1) > 1 && stride(-1) != 1)
     throw_value(name_ + " must be contiguous in its last dimension (stride 1), got strides that step by " +
                 std::to_string(stride(-1)) + "; pass a .contiguous() copy");
@@ -156,6 +158,7 @@ const TensorArg& TensorArg::expect_last_dim_contiguous() const {
 }
 
 const TensorArg& TensorArg::expect_contiguous() const {
+  if (numel() == 0) return *this;
   int64_t expected = 1;
   for (int d = ndim() - 1; d >= 0; --d) {
     if (shape_[size_t(d)] != 1 && strides_[size_t(d)] != expected)
@@ -175,6 +178,62 @@ const TensorArg& TensorArg::expect_device(const Device& device, const TensorArg&
 const TensorArg& TensorArg::expect_cpu(const std::string& why) const {
   if (device_.kind != DeviceKind::kCPU) throw_value(name_ + " must be a CPU array (" + why + "), got " + device_.str());
   return *this;
+}
+
+const TensorArg& TensorArg::expect_no_internal_overlap() const {
+  if (numel() == 0) return *this;
+  for (int d = 0; d < ndim(); ++d)
+    if (shape_[size_t(d)] > 1 && strides_[size_t(d)] == 0)
+      throw_value(name_ + " has stride 0 in dimension " + std::to_string(d) + " (an expanded view), so several of "
+                  "its elements share memory; pass a separate array");
+  return *this;
+}
+
+namespace {
+
+// Byte intervals [begin, end) of the contiguous runs of `t`'s elements (its innermost
+// dimension when that has stride 1, single elements otherwise), sorted by begin.
+std::vector<std::pair<uintptr_t, uintptr_t>> byte_runs(const TensorArg& t) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> runs;
+  const int nd = t.ndim();
+  if (t.numel() == 0) return runs;
+  const int64_t elem = dtype_size(t.dtype());
+  const bool inner_run = nd > 0 && t.stride(nd - 1) == 1;
+  const int outer = inner_run ? nd - 1 : nd;
+  const int64_t run_bytes = inner_run ? t.size(nd - 1) * elem : elem;
+  std::vector<int64_t> index(size_t(outer), 0);
+  const auto base = reinterpret_cast<uintptr_t>(t.data());
+  while (true) {
+    int64_t offset = 0;
+    for (int d = 0; d < outer; ++d) offset += index[size_t(d)] * t.stride(d);
+    const uintptr_t begin = base + uintptr_t(offset * elem);
+    runs.emplace_back(begin, begin + uintptr_t(run_bytes));
+    int d = outer - 1;
+    for (; d >= 0; --d) {
+      if (++index[size_t(d)] < t.size(d)) break;
+      index[size_t(d)] = 0;
+    }
+    if (d < 0) break;
+  }
+  std::sort(runs.begin(), runs.end());
+  return runs;
+}
+
+}  // namespace
+
+void expect_disjoint(const TensorArg& out, const TensorArg& other) {
+  if (!(out.device() == other.device()) || out.numel() == 0 || other.numel() == 0) return;
+  const auto a = out.byte_range(), b = other.byte_range();
+  if (a.second <= b.first || b.second <= a.first) return;
+  // The spans meet; interleaved views (the K and V halves of one buffer) may still be
+  // disjoint, so compare their actual runs. Only this rare case pays for it.
+  const auto ra = byte_runs(out), rb = byte_runs(other);
+  for (size_t i = 0, j = 0; i < ra.size() && j < rb.size();) {
+    if (ra[i].first < rb[j].second && rb[j].first < ra[i].second)
+      throw_value(out.name() + " overlaps " + other.name() + " in memory; outputs must not share memory with "
+                  "the inputs or with each other; pass a separate array");
+    if (ra[i].second <= rb[j].second) ++i; else ++j;
+  }
 }
 
 std::pair<uintptr_t, uintptr_t> TensorArg::byte_range() const {

@@ -78,6 +78,8 @@ class TensorArg {
   const TensorArg& expect_contiguous() const;
   const TensorArg& expect_device(const Device& device, const TensorArg& reference) const;
   const TensorArg& expect_cpu(const std::string& why) const;
+  // Refuses stride 0 over a dimension of size > 1: writes through such a view would collide.
+  const TensorArg& expect_no_internal_overlap() const;
   // Byte range [lo, hi) this view can touch; used to reject partially overlapping outputs.
   std::pair<uintptr_t, uintptr_t> byte_range() const;
 
@@ -90,6 +92,9 @@ class TensorArg {
   Device device_;
   std::vector<int64_t> shape_, strides_;
 };
+
+// Raises ValueError naming both when `out` shares memory with `other` (same device only).
+void expect_disjoint(const TensorArg& out, const TensorArg& other);
 
 // A fresh array of the same framework as `like` (torch.Tensor -> torch.empty on its device,
 // numpy -> numpy.empty); other producers must pass `out=` explicitly.

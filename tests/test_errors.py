@@ -488,3 +488,91 @@ def test_kv_store_bad_attend():
     with pytest.raises(TypeError, match=r"\bout\b"):
         store.attend(0, q, idx, cnt, scale=0.25, out=torch.empty(2, 4, 16, dtype=torch.float64))
     assert_unchanged(store, snap)
+
+
+# ------------------------------------------------------------ checks before writes, aliasing, empty
+
+def test_lut_scores_rejected_call_writes_nothing():
+    """Codes are checked before any score is written: a rejected call leaves out= as it was."""
+    q, cent, codes, lengths = lut_args()
+    for where in ((1, 1, 4, 1), (0, 0, 11, 0), (0, 1, 0, 0)):
+        bad = codes.clone()
+        bad[where] = 8  # C = 8
+        out = torch.full((2, 6, 12), 7.5)
+        with pytest.raises(ValueError, match="codes"):
+            a2ats_core.lut_scores(q, cent, bad, lengths, out=out)
+        assert bool((out == 7.5).all()), f"out was written before codes[{where}] was refused"
+
+
+def _aliasing_cases():
+    """(name of the refused output, call) pairs: each output shares memory with an input or another output."""
+    q, cent, codes, lengths = lut_args()
+    x = torch.randn(2, 2, 12, 16)
+    x_as_codes = x.view(torch.int16)[..., :2]  # (2, 2, 12, 2) int16 inside x's bytes
+    scores = torch.randn(2, 6, 12)
+    scores_as_int = scores.view(torch.int32)
+    store, _, _ = filled_store(dtype=torch.float32)
+    idx = torch.tensor([0, 5, 3], dtype=torch.int32).expand(2, 2, 3).contiguous()
+    cnt = torch.full((2, 2), 3, dtype=torch.int32)
+    rows = torch.zeros(2, 2, 3, 16)
+    halves = torch.zeros(2, 2, 3, 32)
+    heads = torch.zeros(2, 6, 16)
+    topk = dict(group_size=3, sink=1, window=1)
+    selection = torch.zeros(2, 2, 6, dtype=torch.int32)
+    return [
+        ("out", lambda: a2ats_core.vq_encode(x, cent, out=x_as_codes)),
+        ("out", lambda: a2ats_core.lut_scores(q, cent, codes, lengths, out=q[..., :12])),
+        ("out", lambda: a2ats_core.lut_scores(q, cent, codes, lengths, out=cent.view(-1)[:144].view(2, 6, 12))),
+        ("out_indices", lambda: a2ats_core.select_topk(scores, 1, lengths, out_indices=scores_as_int[:, :2, :5], **topk)),
+        ("out_counts", lambda: a2ats_core.select_topk(scores, 1, lengths, out_counts=scores_as_int[:, 0, :2], **topk)),
+        ("out_counts", lambda: a2ats_core.select_topk(scores, 1, lengths, out_indices=selection[..., :5],
+                                                      out_counts=selection[:, 0, 3:5], **topk)),
+        ("out_v", lambda: store.gather(0, idx, cnt, rows, rows)),
+        ("out_v", lambda: store.gather(0, idx, cnt, halves[..., :16], halves[..., 8:24])),
+        ("out_k", lambda: store.gather(0, idx, cnt, torch.zeros(2, 2, 1, 16).expand(2, 2, 3, 16), rows)),
+        ("out", lambda: store.attend(0, heads[:, :4], idx, cnt, scale=0.25, out=heads[:, 2:])),
+        ("out_lse", lambda: store.attend(0, heads[:, :4], idx, cnt, scale=0.25, out_lse=heads[:, 3, :4])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_aliasing_cases())))
+def test_outputs_that_share_memory_are_refused(case):
+    """An output that overlaps an input or another output, or itself (stride 0), raises
+    ValueError naming it."""
+    name, call = _aliasing_cases()[case]
+    with pytest.raises(ValueError, match=rf"\b{name}\b (overlaps|has stride 0)"):
+        call()
+
+
+def test_interleaved_outputs_are_accepted():
+    store, k, v = filled_store(dtype=torch.float32)
+    idx = torch.tensor([0, 5, 3], dtype=torch.int32).expand(2, 2, 3).contiguous()
+    cnt = torch.full((2, 2), 3, dtype=torch.int32)
+    kv = torch.zeros(2, 2, 3, 2, 16)  # K and V of each row side by side
+    store.gather(0, idx, cnt, kv[..., 0, :], kv[..., 1, :])
+    torch.testing.assert_close(kv[..., 0, :], k[0][:, :, [0, 5, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(kv[..., 1, :], v[0][:, :, [0, 5, 3]], rtol=0, atol=0)
+
+
+def test_numpy_empty_arrays_are_accepted():
+    """numpy gives empty arrays stride 0; an empty array touches no memory, so it is accepted."""
+    f32 = np.float32
+    cent = np.random.default_rng(0).standard_normal((2, 1, 4, 8)).astype(f32)
+    assert a2ats_core.vq_encode(np.zeros((0, 2, 5, 8), f32), cent).shape == (0, 2, 5, 1)
+    assert a2ats_core.vq_encode(np.zeros((1, 2, 0, 8), f32), cent).shape == (1, 2, 0, 1)
+    assert a2ats_core.rotary(np.zeros((1, 2, 0, 8), f32), np.zeros((1, 0), np.int64), np.ones(4, f32)).shape == (1, 2, 0, 8)
+    assert a2ats_core.lut_scores(np.zeros((0, 2, 8), f32), cent, np.zeros((0, 2, 5, 1), np.int16),
+                                 np.zeros(0, np.int32)).shape == (0, 2, 5)
+    assert a2ats_core.lut_scores(np.zeros((1, 2, 8), f32), cent, np.zeros((1, 2, 0, 1), np.int16),
+                                 np.zeros(1, np.int32)).shape == (1, 2, 0)
+    indices, counts = a2ats_core.select_topk(np.zeros((0, 2, 5), f32), 1, np.zeros(0, np.int32), group_size=1,
+                                             sink=1, window=1)
+    assert indices.shape == (0, 2, 3) and counts.shape == (0, 2)
+    store = a2ats_core.KVStore(1, 2, 2, 8, 16, "float32")
+    store.append(0, np.zeros((2, 2, 0, 8), f32), np.zeros((2, 2, 0, 8), f32))
+    store.gather(0, np.zeros((2, 2, 0), np.int32), np.zeros((2, 2), np.int32), np.zeros((2, 2, 0, 8), f32),
+                 np.zeros((2, 2, 0, 8), f32))
+    out, lse = store.attend(0, np.zeros((2, 2, 8), f32), np.zeros((2, 2, 0), np.int32), np.zeros((2, 2), np.int32),
+                            scale=1.0)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+    assert store.lengths().tolist() == [[0, 0]]

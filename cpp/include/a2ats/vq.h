@@ -40,7 +40,7 @@ struct LutScoresParams {
 // scores: (B, Hq, Tcap) f32: sum_m LUT_bin[m][codes[t, m]] for t < lengths[b], -inf after, where
 // LUT_j[m][c] = q[b, h, j, m-th slice] . centroids[g, m, c] / sqrt(D) and token t at distance
 // d = lengths[b] - 1 - t uses bin j = #{edges <= d}.
-// Returns false (scores then hold garbage) if a code of a valid token is outside [0, C).
+// Returns false, having written nothing, if a code of a valid token is outside [0, C).
 bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
                     const int32_t* bin_edges, float* scores, const LutScoresParams& params);
 
