@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 import a2ats
 from a2ats import reference
+from a2ats.models import decoder_layers
 from tiny_models import tiny_model
 
 PROMPT_LENGTHS = (1000, 700)  # batch 2, unequal: row 1 is left-padded
@@ -289,6 +290,52 @@ def test_reset_forgets_the_previous_prompt(smollm2):
         assert cache.store.lengths()[0].tolist() == [43, 43]
         cache.reset()
         assert cache.get_seq_length() == 0 and cache.store.lengths().sum() == 0
+
+
+class _Interrupt(Exception):
+    """Stands for KeyboardInterrupt, which pytest would take for the user's."""
+
+
+@pytest.mark.parametrize("where", ["between layers", "inside a layer"])
+def test_a_step_interrupted_mid_model_is_refused_until_reset(smollm2, where):
+    """A decode stopped partway leaves layers holding different rows; the next step says so
+    (it used to fail with an unrelated tensor-size error), and reset() makes the cache whole."""
+    model, codebook = _tiny_setup(smollm2, "llama")
+    config = a2ats.A2ATSConfig(topk=1.0, sink=2, window=4, capacity=64)
+    input_ids = torch.randint(49152, (2, 30), generator=torch.Generator().manual_seed(3))
+    attention_mask = torch.ones(2, 30, dtype=torch.long)
+    cache = a2ats.A2ATSCache(model, codebook, config)
+    _prefill(model, cache, input_ids, attention_mask)
+    if where == "between layers":
+        def stop(module, args, kwargs):
+            raise _Interrupt
+        handle = decoder_layers(model)[1].register_forward_pre_hook(stop, with_kwargs=True)
+    else:
+        # After layer 0's rows reached the host store, before the layer's own bookkeeping.
+        real = cache.store
+
+        class Store:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def append(self, *args, **kwargs):
+                real.append(*args, **kwargs)
+                raise _Interrupt
+        cache.store = Store()
+        handle = None
+    with pytest.raises(_Interrupt):
+        _decode(model, cache, attention_mask, steps=1)
+    if handle is not None:
+        handle.remove()
+    else:
+        cache.store = real
+    with pytest.raises(RuntimeError, match="half-applied step.*reset"):
+        _decode(model, cache, attention_mask, steps=1)
+    cache.reset()
+    fresh = _forward_steps(model, a2ats.A2ATSCache(model, codebook, config), input_ids, attention_mask, steps=2)
+    again = _forward_steps(model, cache, input_ids, attention_mask, steps=2)
+    for want, got in zip(fresh, again):
+        assert torch.equal(want, got)
 
 
 def test_unsupported_models_and_inputs_fail_before_any_work(smollm2, small_codebook):

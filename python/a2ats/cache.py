@@ -195,6 +195,8 @@ class A2ATSLayer(CacheLayerMixin):
         if key_states.shape[0] != len(self.lengths_host):
             raise ValueError(f"batch of {key_states.shape[0]} rows but this A2ATSCache holds "
                              f"{len(self.lengths_host)}; use a new cache per batch")
+        if self.store_layer == 0:
+            self.cache._check_whole_steps()
         self._pending = (key_states, value_states)
         keys, values = key_states, value_states
         if key_states.shape[2] > 1 and self.seq_length > 0:
@@ -478,6 +480,25 @@ class A2ATSCache(Cache):
         if self.store is not None:
             self.store.reset()
         self.padded = False
+
+    def _check_whole_steps(self) -> None:
+        """Raises when an earlier step stopped inside the model (an exception or KeyboardInterrupt
+        between two retrieval layers, or between a layer's store append and its bookkeeping), so
+        that layers hold different rows. Called as each step enters the first retrieval layer."""
+        layers = list(self.retrieval.values())
+        stored = self.store.lengths() if self.store is not None else None
+        batch = len(layers[0].lengths_host)
+        # A layer not initialized yet (its first prefill never reached it) holds no rows.
+        rows = [layer.lengths_host if layer.is_initialized else [0] * batch for layer in layers]
+        for layer, held in zip(layers, rows):
+            if (layer.seq_length != layers[0].seq_length or held != rows[0]
+                    or (stored is not None and stored[layer.store_layer].tolist() != held)):
+                per_layer = {l.layer_idx: held for l, held in zip(layers, rows)}
+                raise RuntimeError(
+                    "this A2ATSCache holds a half-applied step: an earlier forward stopped inside the model, "
+                    f"so its layers hold different rows (rows per layer and batch row: {per_layer}; host "
+                    f"store: {stored.tolist() if stored is not None else None}). Call cache.reset() and "
+                    "prefill again, or use a new cache")
 
     # ---- shared state -------------------------------------------------------------------------
     def _initialize(self, key_states: torch.Tensor) -> None:
