@@ -141,3 +141,8 @@ def small_codebook(smollm2):
 
     model, tokenizer = smollm2
     return calibrate(model, tokenizer, preset="small", progress=False)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="run the long forms of the fuzz test (10,000 calls per binding)")
