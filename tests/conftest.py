@@ -6,6 +6,8 @@ the reason). CPU and CUDA implementations must pass the very same tests.
 """
 from __future__ import annotations
 
+import os
+
 import a2ats_core
 import pytest
 import torch
@@ -20,6 +22,11 @@ def _cuda_skip_reason() -> str | None:
         return "torch cannot use CUDA (torch.cuda.is_available() is False)"
     return None
 
+
+# .ci/sanitize runs these tests against its own ASan build: make sure that is the one imported.
+_EXPECTED_CORE = os.environ.get("A2ATS_EXPECT_CORE")
+if _EXPECTED_CORE and not os.path.realpath(a2ats_core.__file__).startswith(os.path.realpath(_EXPECTED_CORE)):
+    raise pytest.UsageError(f"A2ATS_EXPECT_CORE={_EXPECTED_CORE} but a2ats_core was imported from {a2ats_core.__file__}")
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
 HAS_CUDA = CUDA_SKIP_REASON is None
