@@ -5,12 +5,14 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <system_error>
 
 #include "a2ats/kv_store.h"
+#include "a2ats/pipeline.h"
 #include "a2ats/rotary.h"
 #include "a2ats/topk.h"
 #include "a2ats/vq.h"
@@ -344,6 +346,7 @@ class PyKVStore {
   }
 
   void append(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle num_tokens_obj, py::handle stream_obj) {
+    refuse_if_owned("append");
     KVStore& s = *store_;
     TensorArg k(k_obj, "k"), v(v_obj, "v");
     const std::vector<int64_t> expected = {s.batch(), s.num_kv_heads(), k.ndim() == 4 ? k.size(2) : 0, s.head_dim()};
@@ -487,13 +490,25 @@ class PyKVStore {
   }
 
   void reset() {
+    refuse_if_owned("reset");
     auto lock = acquire();
     store_->reset();
   }
 
   const KVStore& store() const { return *store_; }
+  KVStore& store() { return *store_; }
 
- private:
+  // A Pipeline keeps codes for exactly the rows of its store, so only it may change them.
+  void set_owned() {
+    if (owned_) throw_value("store already belongs to another Pipeline; give each Pipeline its own KVStore");
+    owned_ = true;
+  }
+  void refuse_if_owned(const char* what) const {
+    if (owned_)
+      throw_value(std::string("this KVStore belongs to a Pipeline, which keeps codes for exactly its rows; ") + what +
+                  " through the Pipeline (prefill, decode, reset) instead");
+  }
+
   // Takes the store's lock with the GIL released. A thread holding the lock may be waiting to get
   // the GIL back (at the end of its gil_scoped_release), so waiting for the lock while holding the
   // GIL would deadlock two Python threads using one store.
@@ -504,9 +519,172 @@ class PyKVStore {
     return lock;
   }
 
+ private:
   std::unique_ptr<KVStore> store_;
   std::mutex mutex_;
+  bool owned_ = false;
 };
+
+// Python-facing Pipeline: validates every array, then runs the step with the store's lock held
+// and the GIL released.
+class PyPipeline {
+ public:
+  PyPipeline(py::object store_obj, int64_t num_q_heads, py::handle inv_freq_obj, py::handle chol_obj,
+             py::handle chol_inv_obj, py::handle centroids_obj, int64_t sink, int64_t window,
+             std::vector<int64_t> wrope_distances, std::vector<int32_t> bin_edges, bool interleaved)
+      : store_obj_(std::move(store_obj)), py_store_(store_obj_.cast<PyKVStore&>()) {
+    KVStore& s = py_store_.store();
+    const int64_t L = s.num_layers(), Hkv = s.num_kv_heads(), D = s.head_dim();
+    TensorArg inv_freq(inv_freq_obj, "inv_freq"), chol(chol_obj, "chol"), chol_inv(chol_inv_obj, "chol_inv"),
+        centroids(centroids_obj, "centroids");
+    for (const TensorArg* t : {&inv_freq, &chol, &chol_inv, &centroids})
+      t->expect_dtype({DType::kFloat32}).expect_contiguous().expect_cpu("the pipeline copies the codebook");
+    inv_freq.expect_ndim(1);
+    chol.expect_shape({L, Hkv, D, D}, "(num_layers, num_kv_heads, head_dim, head_dim) of the store");
+    chol_inv.expect_shape({L, Hkv, D, D}, "the shape of chol");
+    centroids.expect_ndim(5).expect_size(0, L, "num_layers of the store").expect_size(1, Hkv, "num_kv_heads of the store");
+    const int64_t M = centroids.size(2), C = centroids.size(3);
+    if (M < 1 || centroids.size(4) * M != D)
+      throw_value("centroids must be (num_layers, num_kv_heads, M, C, head_dim / M), got " + centroids.shape_str());
+    if (C < 1 || C > kMaxCentroids)
+      throw_value("centroids.shape[3] (C) must be in [1, " + std::to_string(kMaxCentroids) + "], got " + std::to_string(C));
+    if (2 * inv_freq.size(0) > D || inv_freq.size(0) < 1)
+      throw_value("inv_freq must hold 1 to head_dim / 2 frequencies, got " + std::to_string(inv_freq.size(0)));
+    if (num_q_heads < 1 || num_q_heads % Hkv != 0)
+      throw_value("num_q_heads must be a positive multiple of the store's num_kv_heads " + std::to_string(Hkv) +
+                  ", got " + std::to_string(num_q_heads));
+    if (wrope_distances.empty()) throw_value("wrope_distances must hold at least one distance");
+    for (int64_t d : wrope_distances)
+      if (d < 0 || d > (int64_t(1) << 40)) throw_value("wrope_distances must be in [0, 2^40], got " + std::to_string(d));
+    const auto copy = [](const TensorArg& t) {
+      return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
+    };
+    PipelineShape shape;
+    shape.num_q_heads = num_q_heads; shape.rotary_dim = 2 * inv_freq.size(0); shape.interleaved = interleaved;
+    shape.num_subspaces = M; shape.num_centroids = C; shape.sink = sink; shape.window = window;
+    PipelineCodebook book{copy(chol), copy(chol_inv), copy(centroids), copy(inv_freq), std::move(wrope_distances),
+                          std::move(bin_edges)};
+    auto lock = py_store_.acquire();
+    try {
+      pipeline_ = std::make_unique<Pipeline>(s, shape, std::move(book));
+    } catch (const std::invalid_argument& e) {
+      throw_value(e.what());
+    }
+    py_store_.set_owned();
+  }
+
+  void prefill(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle positions_obj, py::handle num_tokens_obj) {
+    const KVStore& s = py_store_.store();
+    TensorArg k(k_obj, "k"), v(v_obj, "v"), positions(positions_obj, "positions");
+    const int64_t t = k.ndim() == 4 ? k.size(2) : 0;
+    check_rows(k, {s.batch(), s.num_kv_heads(), t, s.head_dim()}, "(batch, num_kv_heads, new tokens, head_dim) of the store");
+    check_rows(v, {s.batch(), s.num_kv_heads(), t, s.head_dim()}, "the shape of k");
+    positions.expect_dtype({DType::kInt64}).expect_shape({s.batch(), t}, "(batch, new tokens) of k");
+    positions.expect_cpu("the pipeline runs on the CPU");
+    std::optional<TensorArg> num_tokens;
+    if (!num_tokens_obj.is_none()) {
+      num_tokens.emplace(num_tokens_obj, "num_tokens");
+      num_tokens->expect_dtype({DType::kInt32}).expect_shape({s.batch()}, "one count per batch row").expect_contiguous();
+      num_tokens->expect_cpu("counts are read on the host");
+    }
+    const int64_t pos_stride[2] = {positions.stride(0), positions.stride(1)};
+    auto lock = py_store_.acquire();
+    run([&] {
+      pipeline_->prefill(layer, rows(k), rows(v), t, positions.data<int64_t>(), pos_stride,
+                         num_tokens ? num_tokens->data<int32_t>() : nullptr);
+    });
+  }
+
+  void plan(int64_t k) {
+    auto lock = py_store_.acquire();
+    run([&] { pipeline_->plan(k); });
+  }
+
+  py::object decode(int64_t layer, py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle positions_obj,
+                    double scale, py::handle out_obj) {
+    const KVStore& s = py_store_.store();
+    const int64_t B = s.batch(), Hkv = s.num_kv_heads(), D = s.head_dim(), Hq = pipeline_->shape().num_q_heads;
+    TensorArg q(q_obj, "q"), k(k_obj, "k"), v(v_obj, "v"), positions(positions_obj, "positions");
+    check_rows(q, {B, Hq, D}, "(batch, num_q_heads, head_dim) of the pipeline");
+    check_rows(k, {B, Hkv, 1, D}, "(batch, num_kv_heads, 1, head_dim) of the store");
+    check_rows(v, {B, Hkv, 1, D}, "the shape of k");
+    positions.expect_dtype({DType::kInt64}).expect_shape({B}, "one position per batch row");
+    positions.expect_cpu("the pipeline runs on the CPU");
+    if (!std::isfinite(scale)) throw_value("scale must be finite, got " + std::to_string(scale));
+    Output out(out_obj, "out", q, {B, Hq, D}, s.dtype());
+    out.disjoint_from({&q, &k, &v, &positions});
+    const int64_t out_stride[2] = {out.view.stride(0), out.view.stride(1)};
+    const ConstRows q_rows{q.data(), {q.stride(0), q.stride(1), 0}};
+    auto lock = py_store_.acquire();
+    run([&] {
+      pipeline_->decode(layer, q_rows, rows(k), rows(v), positions.data<int64_t>(), positions.stride(0), float(scale),
+                        out.view.data(), out_stride);
+    });
+    return out.object;
+  }
+
+  py::array_t<int16_t> codes(int64_t layer) {
+    const KVStore& s = py_store_.store();
+    if (layer < 0 || layer >= s.num_layers())
+      throw_value("layer must be in [0, " + std::to_string(s.num_layers()) + "), got " + std::to_string(layer));
+    auto lock = py_store_.acquire();
+    py::array_t<int16_t> out({s.batch(), s.num_kv_heads(), s.capacity(), pipeline_->shape().num_subspaces});
+    std::memcpy(out.mutable_data(), pipeline_->codes(layer), size_t(out.size()) * sizeof(int16_t));
+    return out;
+  }
+
+  py::tuple last_selection() {
+    auto lock = py_store_.acquire();
+    const KVStore& s = py_store_.store();
+    const int64_t kmax = pipeline_->last_max_selected();
+    py::array_t<int32_t> indices({s.batch(), s.num_kv_heads(), kmax}), counts({s.batch(), s.num_kv_heads()});
+    if (pipeline_->stats().decode_calls == 0) throw_value("no decode step has run yet");
+    std::memcpy(indices.mutable_data(), pipeline_->last_indices(), size_t(indices.size()) * sizeof(int32_t));
+    std::memcpy(counts.mutable_data(), pipeline_->last_counts(), size_t(counts.size()) * sizeof(int32_t));
+    return py::make_tuple(indices, counts);
+  }
+
+  py::dict stats() {
+    auto lock = py_store_.acquire();
+    const PipelineStats& st = pipeline_->stats();
+    py::dict d;
+    d["decode_calls"] = st.decode_calls;
+    d["rows_read"] = st.rows_read;
+    d["rows_fetched"] = st.rows_fetched;
+    d["rows_cached"] = st.rows_cached;
+    return d;
+  }
+
+  void reset() {
+    auto lock = py_store_.acquire();
+    pipeline_->reset();
+  }
+
+  py::object store() const { return store_obj_; }
+  const Pipeline& pipeline() const { return *pipeline_; }
+
+ private:
+  void check_rows(const TensorArg& t, const std::vector<int64_t>& shape, const std::string& what) const {
+    t.expect_dtype({py_store_.store().dtype()}).expect_shape(shape, what).expect_last_dim_contiguous();
+    t.expect_cpu("the pipeline runs on the CPU (the CUDA pipeline is not built yet)");
+  }
+  static ConstRows rows(const TensorArg& t) {
+    return ConstRows{t.data(), {t.stride(0), t.stride(1), t.ndim() > 3 ? t.stride(2) : 0}};
+  }
+  template <typename F> static void run(F&& f) {
+    try {
+      py::gil_scoped_release release;
+      f();
+    } catch (const std::invalid_argument& e) {
+      throw_value(e.what());
+    }
+  }
+
+  py::object store_obj_;  // keeps the store alive
+  PyKVStore& py_store_;
+  std::unique_ptr<Pipeline> pipeline_;
+};
+
 
 int cuda_device_count() {
 #ifdef A2ATS_WITH_CUDA
@@ -608,4 +786,44 @@ rows; a row with no selected rows gives out = 0 and lse = -inf.)doc")
       .def_property_readonly("capacity", [](const PyKVStore& s) { return s.store().capacity(); })
       .def_property_readonly("dtype", [](const PyKVStore& s) { return std::string(dtype_name(s.store().dtype())); })
       .def_property_readonly("num_threads", [](const PyKVStore& s) { return s.store().num_threads(); });
+
+  py::class_<PyPipeline>(m, "Pipeline", R"doc(The A²ATS decode step of a model as one native call per layer (CPU).
+
+Pipeline(store, *, num_q_heads, inv_freq, chol, chol_inv, centroids, sink, window, wrope_distances,
+bin_edges=(), interleaved=False) owns `store` (a KVStore: from then on only the pipeline changes it) and
+keeps a code for every stored key. Codebook arrays are float32 CPU, copied: inv_freq (R/2,);
+chol, chol_inv (L, Hkv, D, D) with whitened = k_pre @ chol[l, g] and chol_inv = chol^-1;
+centroids (L, Hkv, M, C, D/M). WRoPE: far tokens are scored at distance wrope_distances[j] of their
+bin j = #{bin_edges <= d} (d = length - 1 - n; one distance and no edges is the paper's method).
+
+Per step: plan(k) once, then decode(layer, ...) for every layer. Rows are those of the store: the
+store's lengths are the one count of what the pipeline holds, codes included.)doc")
+      .def(py::init<py::object, int64_t, py::handle, py::handle, py::handle, py::handle, int64_t, int64_t,
+                    std::vector<int64_t>, std::vector<int32_t>, bool>(),
+           py::arg("store"), py::kw_only(), py::arg("num_q_heads"), py::arg("inv_freq"), py::arg("chol"),
+           py::arg("chol_inv"), py::arg("centroids"), py::arg("sink"), py::arg("window"), py::arg("wrope_distances"),
+           py::arg("bin_edges") = std::vector<int32_t>{}, py::arg("interleaved") = false)
+      .def("prefill", &PyPipeline::prefill, py::arg("layer"), py::arg("k"), py::arg("v"), py::arg("positions"),
+           py::kw_only(), py::arg("num_tokens") = py::none(),
+           R"doc(Store the first num_tokens[b] (all when None) rows of k, v (B, Hkv, t, D) of each batch row, keys
+post-RoPE at positions (B, t) int64, and encode them: un-rotated, whitened, nearest centroid.)doc")
+      .def("plan", &PyPipeline::plan, py::arg("k"),
+           R"doc(Start a decode step selecting k middle rows per query head in every layer. Raises ValueError when the
+layers hold different rows (an earlier step stopped partway: reset()) or a row is full.)doc")
+      .def("decode", &PyPipeline::decode, py::arg("layer"), py::arg("q"), py::arg("k"), py::arg("v"),
+           py::arg("positions"), py::kw_only(), py::arg("scale"), py::arg("out") = py::none(),
+           R"doc(One decode step of `layer` → out (B, Hq, D) of the store's dtype.
+
+q (B, Hq, D), k, v (B, Hkv, 1, D) post-RoPE at positions (B,) int64. Appends and encodes the new row,
+scores every row from the codes with the WRoPE dual query, selects the top k per query head (united
+per KV head) plus the sink and window rows, and attends exactly over them with q, softmax in float32.)doc")
+      .def("codes", &PyPipeline::codes, py::arg("layer"), "Codes (B, Hkv, capacity, M) int16 of `layer` (a copy).")
+      .def("last_selection", &PyPipeline::last_selection,
+           "(indices (B, Hkv, Kmax) int32, counts (B, Hkv) int32) the last decode call attended over (copies).")
+      .def("stats", &PyPipeline::stats, "Counters: decode_calls, rows_read, rows_fetched, rows_cached.")
+      .def("reset", &PyPipeline::reset, "Forget every row (the store's too) and the current plan.")
+      .def_property_readonly("store", &PyPipeline::store)
+      .def_property_readonly("num_bins", [](const PyPipeline& p) { return p.pipeline().num_bins(); })
+      .def_property_readonly("planned_k", [](const PyPipeline& p) { return p.pipeline().planned_k(); })
+      .def_property_readonly("num_q_heads", [](const PyPipeline& p) { return p.pipeline().shape().num_q_heads; });
 }

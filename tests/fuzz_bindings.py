@@ -129,7 +129,7 @@ def negative_stride(name):
 def overlapping(name, source):
     """`name` (an output) made a view of the input `source`'s memory."""
     def mutate(rng, kw):
-        out, src = kw.get(name), kw.get(source)
+        src = kw.get(source)
         shape = kw.get("_shape_" + name)
         if shape is None or not isinstance(src, torch.Tensor) or src.numel() == 0:
             return None

@@ -1,0 +1,301 @@
+#include "a2ats/pipeline.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "a2ats/rotary.h"
+#include "a2ats/thread_pool.h"
+#include "a2ats/topk.h"
+#include "a2ats/vq.h"
+
+namespace a2ats {
+namespace {
+
+// Bound on sink, window, k and the rows selected per KV head: far past any real budget, and
+// small enough that no product of them overflows.
+constexpr int64_t kMaxSelected = int64_t(1) << 30;
+
+template <typename T>
+void rows_to_f32(const T* src, const int64_t stride[3], int64_t n0, int64_t n1, int64_t n2, int64_t d, float* dst) {
+  for (int64_t i = 0; i < n0; ++i)
+    for (int64_t j = 0; j < n1; ++j)
+      for (int64_t t = 0; t < n2; ++t) {
+        const T* row = src + i * stride[0] + j * stride[1] + t * stride[2];
+        float* to = dst + ((i * n1 + j) * n2 + t) * d;
+        for (int64_t e = 0; e < d; ++e) to[e] = to_float(row[e]);
+      }
+}
+
+// dst (n0, n1, n2, d) f32 contiguous from strided rows of `dtype`.
+void to_f32(const ConstRows& src, DType dtype, int64_t n0, int64_t n1, int64_t n2, int64_t d, float* dst) {
+  switch (dtype) {
+    case DType::kFloat32: rows_to_f32(static_cast<const float*>(src.data), src.stride, n0, n1, n2, d, dst); break;
+    case DType::kFloat16: rows_to_f32(static_cast<const half_t*>(src.data), src.stride, n0, n1, n2, d, dst); break;
+    case DType::kBFloat16:
+      rows_to_f32(static_cast<const bfloat16_t*>(src.data), src.stride, n0, n1, n2, d, dst);
+      break;
+    default: throw std::invalid_argument("rows must be float32, float16 or bfloat16");
+  }
+}
+
+template <typename T>
+void f32_to_rows(const float* src, int64_t n0, int64_t n1, int64_t d, T* dst, const int64_t stride[2]) {
+  for (int64_t i = 0; i < n0; ++i)
+    for (int64_t j = 0; j < n1; ++j) {
+      T* row = dst + i * stride[0] + j * stride[1];
+      const float* from = src + (i * n1 + j) * d;
+      for (int64_t e = 0; e < d; ++e) row[e] = from_float<T>(from[e]);
+    }
+}
+
+// y[r] = x[r] @ M[g(r)] (transposed = false: y[e] = sum_d x[d] M[d, e]) or M[g(r)] @ x[r]
+// (transposed = true: y[e] = sum_d M[e, d] x[d]) for rows r of D floats; rows_per_matrix
+// consecutive rows share one (D, D) matrix, matrices cycle every num_matrices groups.
+void rows_times_matrix(const float* x, const float* matrices, int64_t num_rows, int64_t rows_per_matrix,
+                       int64_t num_matrices, int64_t d, bool transposed, float* y) {
+  ThreadPool::global().parallel_for(num_rows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* m = matrices + ((r / rows_per_matrix) % num_matrices) * d * d;
+      const float* in = x + r * d;
+      float* out = y + r * d;
+      if (transposed) {
+        for (int64_t e = 0; e < d; ++e) {
+          float acc = 0.f;
+          for (int64_t k = 0; k < d; ++k) acc += m[e * d + k] * in[k];
+          out[e] = acc;
+        }
+      } else {
+        std::fill(out, out + d, 0.f);
+        for (int64_t k = 0; k < d; ++k) {
+          const float xk = in[k];
+          const float* mk = m + k * d;
+          for (int64_t e = 0; e < d; ++e) out[e] += xk * mk[e];
+        }
+      }
+    }
+  }, ThreadPool::min_chunk_for(2 * d * d));
+}
+
+template <typename T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
+}
+
+}  // namespace
+
+Pipeline::Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
+    : store_(store), shape_(shape), codebook_(std::move(codebook)) {
+  const int64_t L = store.num_layers(), Hkv = store.num_kv_heads(), D = store.head_dim();
+  const int64_t M = shape.num_subspaces, C = shape.num_centroids;
+  const auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
+  if (shape.num_q_heads < 1 || shape.num_q_heads % Hkv != 0)
+    fail("num_q_heads must be a positive multiple of the store's num_kv_heads " + std::to_string(Hkv) + ", got " +
+         std::to_string(shape.num_q_heads));
+  if (shape.rotary_dim < 2 || shape.rotary_dim % 2 || shape.rotary_dim > D)
+    fail("inv_freq must hold between 1 and head_dim / 2 = " + std::to_string(D / 2) + " frequencies");
+  if (M < 1 || D % M || C < 1 || C > kMaxCentroids) fail("centroids must be (L, Hkv, M, C, D/M) with C <= 32768");
+  if (shape.sink < 0 || shape.window < 1 || shape.sink > kMaxSelected || shape.window > kMaxSelected)
+    fail("sink must be in [0, 2^30] and window in [1, 2^30], got sink = " + std::to_string(shape.sink) +
+         ", window = " + std::to_string(shape.window));
+  const int64_t nb = int64_t(codebook_.wrope_distances.size());
+  if (nb < 1) fail("wrope_distances must hold at least one distance");
+  if (int64_t(codebook_.bin_edges.size()) != nb - 1)
+    fail("bin_edges must hold len(wrope_distances) - 1 = " + std::to_string(nb - 1) + " edges, got " +
+         std::to_string(codebook_.bin_edges.size()));
+  for (size_t j = 1; j < codebook_.bin_edges.size(); ++j)
+    if (codebook_.bin_edges[j] < codebook_.bin_edges[j - 1]) fail("bin_edges must be ascending");
+  if (int64_t(codebook_.chol.size()) != L * Hkv * D * D || codebook_.chol_inv.size() != codebook_.chol.size() ||
+      int64_t(codebook_.centroids.size()) != L * Hkv * C * D || int64_t(codebook_.inv_freq.size()) * 2 != shape.rotary_dim)
+    fail("codebook arrays do not match the store's layers, heads and head_dim");
+  layer_codes_ = store.batch() * Hkv * store.capacity() * M;
+  int64_t total = 0;
+  if (__builtin_mul_overflow(layer_codes_, L, &total) || total > (int64_t(1) << 40))
+    fail("the codes of this store would not fit in memory");
+  codes_.assign(size_t(total), 0);
+  decoded_.assign(size_t(L), 0);
+}
+
+void Pipeline::encode_and_append(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
+                                 const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens) {
+  store_.check_append(layer, num_new, num_tokens);  // throws before anything changes
+  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces;
+  const int64_t rows = B * Hkv * num_new;
+  grow(keys_, rows * D);
+  grow(whitened_, rows * D);
+  grow(rotate_by_, B * num_new);
+  grow(new_codes_, rows * M);
+  // Pre-RoPE keys: rotated back by their positions, in float32.
+  to_f32(k, store_.dtype(), B, Hkv, num_new, D, keys_.data());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < num_new; ++t) rotate_by_[size_t(b * num_new + t)] = -positions[b * pos_stride[0] + t * pos_stride[1]];
+  RotaryParams rp;
+  rp.batch = B; rp.num_heads = Hkv; rp.num_tokens = num_new; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
+  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
+  rp.x_stride[0] = rp.out_stride[0] = Hkv * num_new * D;
+  rp.x_stride[1] = rp.out_stride[1] = num_new * D;
+  rp.x_stride[2] = rp.out_stride[2] = D;
+  rp.pos_stride[0] = num_new; rp.pos_stride[1] = 1;
+  rotary_cpu(keys_.data(), keys_.data(), rotate_by_.data(), codebook_.inv_freq.data(), rp);
+  // Whitened by the layer's L (one per KV head), then the nearest centroid.
+  const float* chol = codebook_.chol.data() + layer * Hkv * D * D;
+  rows_times_matrix(keys_.data(), chol, rows, num_new, Hkv, D, false, whitened_.data());
+  VQEncodeParams ep;
+  ep.batch = B; ep.num_kv_heads = Hkv; ep.num_tokens = num_new; ep.head_dim = D; ep.num_subspaces = M;
+  ep.num_centroids = shape_.num_centroids; ep.dtype = DType::kFloat32;
+  ep.x_stride[0] = Hkv * num_new * D; ep.x_stride[1] = num_new * D; ep.x_stride[2] = D;
+  ep.codes_stride[0] = Hkv * num_new * M; ep.codes_stride[1] = num_new * M; ep.codes_stride[2] = M;
+  const float* centroids = codebook_.centroids.data() + layer * Hkv * shape_.num_centroids * D;
+  vq_encode_cpu(whitened_.data(), centroids, new_codes_.data(), ep);
+  // Codes go where the store puts the rows: after each row's current length.
+  const int64_t capacity = store_.capacity();
+  int16_t* codes = codes_.data() + layer * layer_codes_;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = num_tokens ? num_tokens[b] : num_new, start = store_.length(layer, b);
+    for (int64_t g = 0; g < Hkv; ++g)
+      std::memcpy(codes + ((b * Hkv + g) * capacity + start) * M, new_codes_.data() + (b * Hkv + g) * num_new * M,
+                  size_t(n * M) * sizeof(int16_t));
+  }
+  RowsView kv{const_cast<void*>(k.data), {k.stride[0], k.stride[1], k.stride[2]}};
+  RowsView vv{const_cast<void*>(v.data), {v.stride[0], v.stride[1], v.stride[2]}};
+  store_.append(layer, kv, vv, num_new, num_tokens);
+}
+
+void Pipeline::prefill(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new, const int64_t* positions,
+                       const int64_t pos_stride[2], const int32_t* num_tokens) {
+  if (planned_)
+    throw std::invalid_argument("prefill during a planned decode step: finish the step's layers or reset()");
+  encode_and_append(layer, k, v, num_new, positions, pos_stride, num_tokens);
+}
+
+void Pipeline::plan(int64_t k) {
+  const int64_t L = store_.num_layers(), B = store_.batch(), Hkv = store_.num_kv_heads();
+  const int64_t group = shape_.num_q_heads / Hkv;
+  if (k < 0 || k > kMaxSelected) throw std::invalid_argument("k must be in [0, 2^30], got " + std::to_string(k));
+  const int64_t max_selected = group * k + shape_.sink + shape_.window;
+  if (max_selected > kMaxSelected)
+    throw std::invalid_argument("group_size * k + sink + window must be <= 2^30, got " + std::to_string(max_selected));
+  for (int64_t layer = 0; layer < L; ++layer)
+    for (int64_t b = 0; b < B; ++b)
+      if (store_.length(layer, b) != store_.length(0, b))
+        throw std::invalid_argument(
+            "the layers hold different rows (layer 0 holds " + std::to_string(store_.length(0, b)) + " of batch row " +
+            std::to_string(b) + ", layer " + std::to_string(layer) + " holds " +
+            std::to_string(store_.length(layer, b)) +
+            "): an earlier step stopped inside the model; reset() and prefill again");
+  for (int64_t b = 0; b < B; ++b)
+    if (store_.length(0, b) + 1 > store_.capacity())
+      throw std::invalid_argument("capacity exceeded: batch row " + std::to_string(b) + " holds " +
+                                  std::to_string(store_.length(0, b)) + " rows, the store " +
+                                  std::to_string(store_.capacity()));
+  step_lengths_.resize(size_t(B));
+  for (int64_t b = 0; b < B; ++b) step_lengths_[size_t(b)] = int32_t(store_.length(0, b) + 1);
+  std::fill(decoded_.begin(), decoded_.end(), 0);
+  k_ = k;
+  max_selected_ = max_selected;
+  planned_ = true;
+}
+
+void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, const ConstRows& v,
+                      const int64_t* positions, int64_t pos_stride, float scale, void* out,
+                      const int64_t out_stride[2]) {
+  const int64_t L = store_.num_layers(), B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
+  const int64_t Hq = shape_.num_q_heads, group = Hq / Hkv, M = shape_.num_subspaces, NB = num_bins();
+  if (layer < 0 || layer >= L)
+    throw std::invalid_argument("layer must be in [0, " + std::to_string(L) + "), got " + std::to_string(layer));
+  if (!planned_) throw std::invalid_argument("decode before plan(): plan each step once, then decode its layers");
+  if (decoded_[size_t(layer)])
+    throw std::invalid_argument("layer " + std::to_string(layer) + " was already decoded in this step; plan() the next");
+  for (int64_t b = 0; b < B; ++b)
+    if (store_.length(layer, b) + 1 != step_lengths_[size_t(b)])
+      throw std::invalid_argument("layer " + std::to_string(layer) + " holds " + std::to_string(store_.length(layer, b)) +
+                                  " rows of batch row " + std::to_string(b) + " but this step planned " +
+                                  std::to_string(step_lengths_[size_t(b)] - 1) + "; reset() and prefill again");
+  const int64_t pos2[2] = {pos_stride, 0};
+  encode_and_append(layer, k, v, 1, positions, pos2, nullptr);
+  decoded_[size_t(layer)] = 1;
+  if (std::all_of(decoded_.begin(), decoded_.end(), [](char d) { return d != 0; })) planned_ = false;
+
+  // The exact query in float32, and its WRoPE forms: bin j moved to distance wrope_distances[j].
+  grow(q_, B * Hq * D);
+  grow(q_wrope_, B * Hq * NB * D);
+  grow(q_dual_, B * Hq * NB * D);
+  grow(rotate_by_, B * NB);
+  to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), B, Hq, 1, D, q_.data());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < NB; ++j)
+      rotate_by_[size_t(b * NB + j)] = codebook_.wrope_distances[size_t(j)] - positions[b * pos_stride];
+  RotaryParams rp;
+  rp.batch = B; rp.num_heads = Hq; rp.num_tokens = NB; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
+  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
+  rp.x_stride[0] = Hq * D; rp.x_stride[1] = D; rp.x_stride[2] = 0;  // one query, NB rotations
+  rp.out_stride[0] = Hq * NB * D; rp.out_stride[1] = NB * D; rp.out_stride[2] = D;
+  rp.pos_stride[0] = NB; rp.pos_stride[1] = 1;
+  rotary_cpu(q_.data(), q_wrope_.data(), rotate_by_.data(), codebook_.inv_freq.data(), rp);
+  // Into the dual space of each query head's KV head: q' = L^-1 q_w.
+  const float* chol_inv = codebook_.chol_inv.data() + layer * Hkv * D * D;
+  rows_times_matrix(q_wrope_.data(), chol_inv, B * Hq * NB, group * NB, Hkv, D, true, q_dual_.data());
+
+  // Scores of every stored token from the codes, then the selection.
+  const int64_t capacity = store_.capacity();
+  grow(scores_, B * Hq * capacity);
+  LutScoresParams lp;
+  lp.batch = B; lp.num_q_heads = Hq; lp.num_kv_heads = Hkv; lp.head_dim = D; lp.num_subspaces = M;
+  lp.num_centroids = shape_.num_centroids; lp.capacity = capacity; lp.num_bins = NB;
+  lp.q_stride[0] = Hq * NB * D; lp.q_stride[1] = NB * D; lp.q_stride[2] = D;
+  lp.codes_stride[0] = Hkv * capacity * M; lp.codes_stride[1] = capacity * M; lp.codes_stride[2] = M;
+  lp.scores_stride[0] = Hq * capacity; lp.scores_stride[1] = capacity;
+  const float* centroids = codebook_.centroids.data() + layer * Hkv * shape_.num_centroids * D;
+  if (!lut_scores_cpu(q_dual_.data(), centroids, codes(layer), step_lengths_.data(),
+                      NB > 1 ? codebook_.bin_edges.data() : nullptr, scores_.data(), lp))
+    throw std::logic_error("a stored code is outside the codebook");  // encoded here, so unreachable
+  grow(indices_, B * Hkv * max_selected_);
+  grow(counts_, B * Hkv);
+  SelectTopkParams sp;
+  sp.batch = B; sp.num_q_heads = Hq; sp.group_size = group; sp.capacity = capacity;
+  sp.k = k_; sp.sink = shape_.sink; sp.window = shape_.window; sp.max_selected = max_selected_;
+  sp.scores_stride[0] = Hq * capacity; sp.scores_stride[1] = capacity;
+  sp.indices_stride[0] = Hkv * max_selected_; sp.indices_stride[1] = max_selected_;
+  sp.counts_stride[0] = Hkv; sp.counts_stride[1] = 1;
+  select_topk_cpu(scores_.data(), step_lengths_.data(), indices_.data(), counts_.data(), sp);
+
+  // Exact attention with the model's own query over the selected rows (sink and window
+  // included), read straight from the store.
+  grow(out_, B * Hq * D);
+  grow(lse_, B * Hq);
+  KVStore::AttendParams ap;
+  ap.group_size = group; ap.scale = scale;
+  ap.q_stride[0] = Hq * D; ap.q_stride[1] = D;
+  ap.indices_stride[0] = sp.indices_stride[0]; ap.indices_stride[1] = sp.indices_stride[1];
+  ap.counts_stride[0] = Hkv; ap.counts_stride[1] = 1;
+  ap.out_stride[0] = Hq * D; ap.out_stride[1] = D;
+  ap.lse_stride[0] = Hq; ap.lse_stride[1] = 1;
+  store_.attend(layer, q_.data(), indices_.data(), counts_.data(), out_.data(), lse_.data(), ap);
+  switch (store_.dtype()) {
+    case DType::kFloat32: f32_to_rows(out_.data(), B, Hq, D, static_cast<float*>(out), out_stride); break;
+    case DType::kFloat16: f32_to_rows(out_.data(), B, Hq, D, static_cast<half_t*>(out), out_stride); break;
+    default: f32_to_rows(out_.data(), B, Hq, D, static_cast<bfloat16_t*>(out), out_stride); break;
+  }
+
+  // Counters; the resident rows of a row of length n are its sink and window rows.
+  stats_.decode_calls += 1;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = step_lengths_[size_t(b)];
+    const int64_t resident = std::min(shape_.sink, n) + std::max<int64_t>(0, std::min(shape_.window, n - shape_.sink));
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t count = counts_[size_t(b * Hkv + g)];
+      stats_.rows_read += count;
+      stats_.rows_fetched += count - std::min(count, resident);
+    }
+    stats_.rows_cached += n * Hkv;
+  }
+}
+
+void Pipeline::reset() {
+  store_.reset();
+  planned_ = false;
+  std::fill(decoded_.begin(), decoded_.end(), 0);
+}
+
+}  // namespace a2ats
