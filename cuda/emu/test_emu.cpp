@@ -1,6 +1,7 @@
 // Runs the CUDA kernels and launchers of cuda/*.cu under the CPU emulation in include/ and
 // compares them with the CPU implementations of cpp/src. Built and run by run.sh; exits 1 on a
 // mismatch. "Device" memory is host memory here, so inputs are shared by both paths.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -192,6 +193,17 @@ static void test_lut_scores(int64_t B, int64_t D, int64_t M, int64_t C, int64_t 
   const bool ok = lut_scores_cpu(q.data(), cent.data(), codes.data(), lengths.data(), edges.empty() ? nullptr : edges.data(),
                                  s_cpu.data(), p);
   CHECK(ok == !bad_codes, "lut_scores_cpu ok=%d", ok);
+  if (bad_codes) {
+    // The CPU kernel checks every code before it writes: a refused call leaves scores untouched.
+    CHECK(std::all_of(s_cpu.begin(), s_cpu.end(), [](float v) { return v == 42.f; }),
+          "lut_scores_cpu wrote scores before refusing bad codes");
+    // The CUDA kernel has no way to refuse (NaN at bad tokens); compare the other tokens with
+    // the CPU scores of the same codes with the two bad ones made valid.
+    std::vector<int16_t> fixed = codes;
+    fixed[size_t(5 * cts)] = fixed[size_t((Tcap + 9) * cts)] = 0;
+    CHECK(lut_scores_cpu(q.data(), cent.data(), fixed.data(), lengths.data(), edges.empty() ? nullptr : edges.data(),
+                         s_cpu.data(), p), "lut_scores_cpu refused valid codes");
+  }
   CUDA_OK(lut_scores_cuda(q.data(), cent.data(), codes.data(), lengths.data(), edges.empty() ? nullptr : edges.data(),
                           s_emu.data(), p, nullptr));
   size_t exact = 0, close = 0, bad = 0, nan_ok = 0;
