@@ -129,7 +129,7 @@ def measure(model, name, codebook, length, batch, steps, topk) -> dict:
     # The warm-up step is timed too: per step = total / (steps + 1) calls per layer.
     dense_attention = attention_timer.seconds / (attention_timer.calls / len(layout.layers))
     del dense
-    ours.stats = type(ours.stats)()
+    ours.reset_stats()
     ours_seconds = decode(model, ours, batch, length, steps)
     summary = ours.summary()
     layers, kv = len(layout.layers), layout.num_kv_heads

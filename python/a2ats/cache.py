@@ -10,20 +10,21 @@ attention function with the post-RoPE query and whatever ``update`` returned. Th
 never sees the query and the attention function never sees the cache, so ``update`` stashes the
 new rows and returns them tagged with the layer (``key._a2ats_layer``); the attention function
 (registered as ``"a2ats"``, mask function ``sdpa_mask``) checks the tag against
-``module.layer_idx`` and does the work:
+``module.layer_idx`` and hands the work to the cache's steps:
 
 * prefill (several query tokens, or an empty store): dense attention (the model's previous
-  implementation, SDPA by default) over the prompt, then the prompt's valid rows go to the
-  host :class:`a2ats_core.KVStore` and their keys are encoded: un-rotated with ``rotary`` to
-  pre-RoPE form, whitened with the codebook's ``L``, ``vq_encode``-d;
-* decode (one query token): the new token is encoded and appended, the query is moved to the
-  WRoPE distance ``b`` and into the dual space (``q' = R(b - m) q L⁻ᵀ``), ``lut_scores`` scores
-  every cached token, ``select_topk`` picks ``k`` per query head (united per KV head, plus sink
-  and window), ``KVStore.gather`` fetches those rows and attention is exact over them with the
-  model's original RoPE query, softmax in float32.
+  implementation, SDPA by default) over the prompt, then the prompt's valid rows are stored in
+  the host :class:`a2ats_core.KVStore` and encoded (un-rotated, whitened, nearest centroid);
+* decode (one query token): the first retrieval layer plans the step (the budget ``k`` for all
+  layers), then each layer is one call that appends and encodes the new row, scores every
+  cached token through the WRoPE dual query, selects ``k`` per query head (united per KV head,
+  plus sink and window) and attends exactly over them with the model's own query.
 
-Batches may mix prompt lengths (left or right padding): only valid rows are stored, each
-row at its own length. A step that fails leaves the cache as it was.
+On a CPU a decode step of a layer is one native call (:class:`a2ats_core.Pipeline`); on a GPU it
+is composed from the native ops and torch until the CUDA pipeline lands. Batches may mix
+prompt lengths (left or right padding): only valid rows are stored, each row at its own
+length. A step that fails leaves the cache as it was; one cut short inside the model is
+refused at the next step until ``reset()``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
@@ -94,17 +96,6 @@ class A2ATSConfig:
         return int(self.topk)
 
 
-@dataclass
-class _Stats:
-    """Counters a caller can read after generation (see :meth:`A2ATSCache.summary`)."""
-
-    decode_calls: int = 0           # retrieval-layer decode steps (layers x steps)
-    attention_seconds: float = 0.0  # time inside the decode attention path, all layers
-    rows_read: int = 0              # KV rows attended, summed over batch rows and KV heads
-    rows_fetched: int = 0           # of those, rows copied from the host store (not resident)
-    rows_cached: int = 0            # KV rows stored at those steps, same sum
-
-
 class _AttentionTimer:
     """Times dense decode attention in the fallback path, for same-run comparisons."""
 
@@ -148,8 +139,225 @@ def dual_queries(query: torch.Tensor, positions: torch.Tensor, wrope_position: i
     return torch.matmul(q_w.float(), dual)[:, :, 0].contiguous()
 
 
+class _NativeSteps:
+    """The decode step as one native call per layer: :class:`a2ats_core.Pipeline` (CPU).
+
+    The pipeline owns the host store and the codes; the store's lengths are the one count of
+    what the cache holds. Sink and window rows are read from the store like the others.
+    """
+
+    name = "native"
+
+    def __init__(self, cache: "A2ATSCache", batch: int, dtype: torch.dtype):
+        book, layers, config = cache.codebook, list(cache.retrieval), cache.config
+        self.store = a2ats_core.KVStore(len(layers), batch, book.num_kv_heads, book.head_dim, cache.capacity, dtype,
+                                        pinned=False, threads=config.threads)
+
+        def stacked(per_layer):
+            return torch.stack([per_layer[layer].float() for layer in layers]).contiguous()
+        self.pipeline = a2ats_core.Pipeline(
+            self.store, num_q_heads=book.num_q_heads, inv_freq=book.inv_freq.float().contiguous(),
+            chol=stacked(book.chol), chol_inv=stacked(book.chol_inv), centroids=stacked(book.centroids),
+            sink=config.sink, window=config.window, wrope_distances=[cache.wrope_position])
+        self._stats_base = self.pipeline.stats()
+
+    def lengths(self) -> np.ndarray:
+        """Rows held, (retrieval layers, batch) int64."""
+        return self.store.lengths()
+
+    def prefill(self, layer: int, keys, values, positions, counts: list[int]) -> None:
+        self.pipeline.prefill(layer, keys, values, positions.to(torch.int64),
+                              num_tokens=torch.tensor(counts, dtype=torch.int32))
+
+    def plan(self, k: int) -> None:
+        self.pipeline.plan(k)
+
+    def decode(self, layer: int, query, keys, values, positions, scale: float) -> torch.Tensor:
+        batch, num_q_heads, _, head_dim = query.shape
+        out = torch.empty(batch, 1, num_q_heads, head_dim, dtype=query.dtype)
+        self.pipeline.decode(layer, query[:, :, 0], keys, values, positions, scale=scale, out=out[:, 0])
+        return out
+
+    def materialize(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _materialize(self.store, layer, torch.device("cpu"))
+
+    def stats(self) -> dict[str, int]:
+        now = self.pipeline.stats()
+        return {key: now[key] - self._stats_base[key] for key in now}
+
+    def reset_stats(self) -> None:
+        self._stats_base = self.pipeline.stats()
+
+    def reset(self) -> None:
+        self.pipeline.reset()
+
+
+class _TorchSteps:
+    """The decode step composed from the single ops and torch: the GPU path until the CUDA
+    pipeline exists. Codes, the resident sink/window rows and the lengths live on the compute
+    device per layer; the selected middle rows are gathered from the host store into device
+    buffers, attended there and merged with the resident rows by their log-sum-exp."""
+
+    name = "torch"
+
+    def __init__(self, cache: "A2ATSCache", batch: int, dtype: torch.dtype, device: torch.device):
+        book, config = cache.codebook, cache.config
+        self.cache, self.device, self.batch = cache, device, batch
+        self.store = a2ats_core.KVStore(len(cache.retrieval), batch, book.num_kv_heads, book.head_dim, cache.capacity,
+                                        dtype, pinned=config.pinned and device.type == "cuda", threads=config.threads)
+        self.inv_freq = book.inv_freq.to(device, torch.float32).contiguous()
+        self.layers = list(cache.retrieval)  # store layer -> model layer
+        self.centroids = [book.centroids[layer].to(device).contiguous() for layer in self.layers]
+        self.chol = [book.chol[layer].to(device) for layer in self.layers]
+        self.dual = [dual_matrices(book.chol_inv[layer], book.group_size).to(device) for layer in self.layers]
+        shape = (batch, book.num_kv_heads)
+        self.lengths_host = [[0] * batch for _ in self.layers]
+        self.lengths_device = [torch.zeros(batch, dtype=torch.int32, device=device) for _ in self.layers]
+        self.codes = [torch.zeros(*shape, cache.capacity, book.num_subspaces, dtype=torch.int16, device=device)
+                      for _ in self.layers]
+        # Copies of the always-attended rows, so that only the selected middle rows cross from
+        # host memory: (B, Hkv, sink + window, D); slots [0, sink) hold positions [0, sink),
+        # slots [sink, sink + window) a ring with position p at sink + p % window.
+        resident = (*shape, config.sink + config.window, book.head_dim)
+        self.resident_k = [torch.zeros(resident, dtype=dtype, device=device) for _ in self.layers]
+        self.resident_v = [torch.zeros(resident, dtype=dtype, device=device) for _ in self.layers]
+        self.scores_buffer = torch.empty(batch, book.num_q_heads, cache.capacity, dtype=torch.float32, device=device)
+        self.counts_buffer = torch.empty(shape, dtype=torch.int32, device=device)
+        self._indices = torch.empty(0, dtype=torch.int32, device=device)
+        self._rows = (torch.empty(0, dtype=dtype, device=device),) * 2
+        self.k = 0
+        self._stats = dict(decode_calls=0, rows_read=0, rows_fetched=0, rows_cached=0)
+
+    def lengths(self) -> np.ndarray:
+        return np.array(self.lengths_host, dtype=np.int64)
+
+    def indices_buffer(self, kmax: int) -> torch.Tensor:
+        """(B, Hkv, kmax) int32 view of a buffer grown as the budget grows."""
+        need = self.batch * self.cache.codebook.num_kv_heads * kmax
+        if self._indices.numel() < need:
+            self._indices = torch.empty(2 * need, dtype=torch.int32, device=self.device)
+        return self._indices[:need].view(self.batch, self.cache.codebook.num_kv_heads, kmax)
+
+    def rows_buffers(self, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Hkv, kmax, D) views for gathered K and V."""
+        book = self.cache.codebook
+        need = self.batch * book.num_kv_heads * kmax * book.head_dim
+        if self._rows[0].numel() < need:
+            self._rows = tuple(torch.zeros(2 * need, dtype=self._rows[0].dtype, device=self.device) for _ in range(2))
+        shape = (self.batch, book.num_kv_heads, kmax, book.head_dim)
+        return self._rows[0][:need].view(shape), self._rows[1][:need].view(shape)
+
+    def _append(self, layer: int, keys, values, positions, counts: list[int]) -> None:
+        """Stores, encodes and keeps resident the first counts[b] rows of each batch row."""
+        codes = encode_keys(keys, positions, self.inv_freq, self.chol[layer], self.centroids[layer])
+        self.store.append(layer, keys, values, num_tokens=torch.tensor(counts, dtype=torch.int32))
+        sink, window = self.cache.config.sink, self.cache.config.window
+        lengths = self.lengths_host[layer]
+        resident_k, resident_v = self.resident_k[layer], self.resident_v[layer]
+        if keys.shape[2] == 1 and min(lengths) >= sink:
+            # Decode: one row per sequence, past the sink; codes and ring slot in one indexed copy.
+            rows = torch.arange(len(counts), device=keys.device)
+            starts = self.lengths_device[layer].long()
+            self.codes[layer][rows, :, starts] = codes[:, :, 0]
+            slots = sink + starts % window
+            resident_k[rows, :, slots] = keys[:, :, 0]
+            resident_v[rows, :, slots] = values[:, :, 0]
+            self.lengths_host[layer] = [n + 1 for n in lengths]
+            self.lengths_device[layer] += 1
+            return
+        for b, n in enumerate(counts):
+            start = lengths[b]
+            self.codes[layer][b, :, start:start + n] = codes[b, :, :n]
+            in_sink = max(0, min(sink, start + n) - start)
+            resident_k[b, :, start:start + in_sink] = keys[b, :, :in_sink]
+            resident_v[b, :, start:start + in_sink] = values[b, :, :in_sink]
+            in_window = min(window, n)
+            slots = sink + torch.arange(start + n - in_window, start + n, device=keys.device) % window
+            resident_k[b][:, slots] = keys[b, :, n - in_window:n]
+            resident_v[b][:, slots] = values[b, :, n - in_window:n]
+            lengths[b] = start + n
+        self.lengths_device[layer].copy_(torch.tensor(lengths, dtype=torch.int32))
+
+    def prefill(self, layer: int, keys, values, positions, counts: list[int]) -> None:
+        self._append(layer, keys, values, positions, counts)
+
+    def plan(self, k: int) -> None:
+        self.k = k
+
+    def decode(self, layer: int, query, keys, values, positions, scale: float) -> torch.Tensor:
+        cache, book = self.cache, self.cache.codebook
+        batch, group = self.batch, book.group_size
+        self._append(layer, keys, values, positions[:, None], [1] * batch)
+        length = max(self.lengths_host[layer])
+        lengths_device = self.lengths_device[layer]
+        q_dual = dual_queries(query, positions[:, None], cache.wrope_position, self.inv_freq, self.dual[layer])
+        scores = a2ats_core.lut_scores(q_dual, self.centroids[layer], self.codes[layer][:, :, :length], lengths_device,
+                                       out=self.scores_buffer[:, :, :length])
+        k, sink, window = self.k, cache.config.sink, cache.config.window
+        indices, counts = a2ats_core.select_topk(
+            scores, k, lengths_device, group_size=group, sink=sink, window=window,
+            out_indices=self.indices_buffer(group * k + sink + window), out_counts=self.counts_buffer)
+        # Each row of indices is ascending: its sink rows, the selected middle rows, its window
+        # rows. Sink and window are resident, so only the middle crosses from the host store;
+        # a row with any middle rows has all `sink` sink rows, so the middle starts at `sink`.
+        lengths = lengths_device.long()[:, None]  # (B, 1)
+        sink_valid = torch.arange(sink, device=lengths.device) < lengths  # (B, sink)
+        # Position held by each ring slot j: the latest p < length with p ≡ j (mod window);
+        # it counts when it is not a sink row (and exists).
+        slot = torch.arange(window, device=lengths.device)
+        window_positions = lengths - 1 - (lengths - 1 - slot).remainder(window)  # (B, window)
+        resident_valid = torch.cat([sink_valid, window_positions >= sink], 1)  # (B, sink + window)
+        middle_counts = counts - resident_valid.sum(1, dtype=torch.int32)[:, None]  # (B, Hkv)
+        middle = group * k
+        middle_indices = indices[:, :, sink:sink + middle]
+        # Exact attention with the model's own RoPE query over the resident rows and the middle
+        # rows separately, merged through their log-sum-exp.
+        q = query[:, :, 0].float()  # (B, Hq, D)
+        middle_k, middle_v = self.rows_buffers(middle)
+        self.store.gather(layer, middle_indices, middle_counts, middle_k, middle_v)
+        middle_valid = torch.arange(middle, device=lengths.device) < middle_counts[..., None]
+        middle_out, middle_lse = reference.attend(q, middle_k, middle_v, middle_valid, scale=scale)
+        resident_out, resident_lse = reference.attend(q, self.resident_k[layer], self.resident_v[layer],
+                                                      resident_valid[:, None], scale=scale)
+        out, _ = reference.merge_attention(resident_out, resident_lse, middle_out, middle_lse)
+        if cache.collect_stats:
+            stats = self._stats
+            stats["decode_calls"] += 1
+            stats["rows_read"] += int(counts.sum())
+            stats["rows_fetched"] += int(middle_counts.sum())
+            stats["rows_cached"] += sum(self.lengths_host[layer]) * book.num_kv_heads
+        return out[:, None].to(query.dtype)  # (B, 1, Hq, D)
+
+    def materialize(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _materialize(self.store, layer, self.device)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    def reset_stats(self) -> None:
+        self._stats = dict.fromkeys(self._stats, 0)
+
+    def reset(self) -> None:
+        self.store.reset()
+        self.lengths_host = [[0] * self.batch for _ in self.layers]
+        for lengths in self.lengths_device:
+            lengths.zero_()
+
+
+def _materialize(store, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All stored rows of ``layer`` as dense (B, Hkv, T, D) tensors (equal lengths only)."""
+    length = int(store.lengths()[layer][0])
+    batch, num_kv = store.batch, store.num_kv_heads
+    indices = torch.arange(length, dtype=torch.int32).expand(batch, num_kv, length).contiguous()
+    counts = torch.full((batch, num_kv), length, dtype=torch.int32)
+    out_k = torch.empty(batch, num_kv, length, store.head_dim, dtype=getattr(torch, store.dtype), device=device)
+    out_v = torch.empty_like(out_k)
+    store.gather(layer, indices, counts, out_k, out_v)
+    return out_k, out_v
+
+
 class A2ATSLayer(CacheLayerMixin):
-    """Cache state of one retrieval layer: its codes on the compute device, rows in the host store."""
+    """transformers' view of one retrieval layer; its rows and codes live in the cache's steps."""
 
     is_sliding = False
     is_compileable = False
@@ -162,50 +370,32 @@ class A2ATSLayer(CacheLayerMixin):
         self.store_layer = store_layer
         self.keys = self.values = None
         self.is_initialized = False
-        self.seq_length = 0           # length in the model's (padded) layout, for masks
-        self.lengths_host: list[int] = []  # valid rows stored per batch row
-        self.lengths: torch.Tensor | None = None  # (B,) int32 on the compute device
-        self.codes: torch.Tensor | None = None    # (B, Hkv, capacity, M) int16
-        # Copies of the always-attended rows on the compute device, so that only the selected
-        # middle rows cross from host memory: (B, Hkv, sink + window, D), slots [0, sink) hold
-        # positions [0, sink), slots [sink, sink + window) a ring with position p at
-        # sink + p % window.
-        self.resident_k = self.resident_v = None
+        self.seq_length = 0  # length in the model's (padded) layout, for masks
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- transformers' CacheLayerMixin protocol --------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.cache._initialize(key_states)
-        batch = key_states.shape[0]
-        self.lengths_host = [0] * batch
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=key_states.device)
-        book = self.cache.codebook
-        self.codes = torch.zeros(batch, book.num_kv_heads, self.cache.capacity, book.num_subspaces,
-                                 dtype=torch.int16, device=key_states.device)
-        config = self.cache.config
-        resident = dict(dtype=key_states.dtype, device=key_states.device)
-        self.resident_k, self.resident_v = (
-            torch.zeros(batch, book.num_kv_heads, config.sink + config.window, book.head_dim, **resident)
-            for _ in range(2))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != len(self.lengths_host):
+        if key_states.shape[0] != self.cache.batch:
             raise ValueError(f"batch of {key_states.shape[0]} rows but this A2ATSCache holds "
-                             f"{len(self.lengths_host)}; use a new cache per batch")
+                             f"{self.cache.batch}; use a new cache per batch")
         if self.store_layer == 0:
             self.cache._check_whole_steps()
         self._pending = (key_states, value_states)
         keys, values = key_states, value_states
         if key_states.shape[2] > 1 and self.seq_length > 0:
             # A multi-token step after the prompt (chunked prefill): dense attention needs the past.
-            if self.cache.padded or len(set(self.lengths_host)) > 1:
+            held = self.cache.steps.lengths()[self.store_layer]
+            if self.cache.padded or len(set(held.tolist())) > 1:
                 self._pending = None
                 raise NotImplementedError("a multi-token step after a padded or ragged prompt is not "
                                           "supported; prefill the whole prompt at once")
-            past_k, past_v = self.cache._materialize(self)
+            past_k, past_v = self.cache.steps.materialize(self.store_layer)
             keys, values = torch.cat([past_k, key_states], 2), torch.cat([past_v, value_states], 2)
         tagged = keys.detach().view_as(keys)  # a fresh tensor object to carry the tag
         tagged._a2ats_layer = self
@@ -221,9 +411,6 @@ class A2ATSLayer(CacheLayerMixin):
         return self.cache.capacity
 
     def reset(self) -> None:
-        if self.is_initialized:
-            self.lengths_host = [0] * len(self.lengths_host)
-            self.lengths.zero_()
         self.seq_length = 0
         self._pending = None
 
@@ -237,57 +424,15 @@ class A2ATSLayer(CacheLayerMixin):
         raise NotImplementedError("A2ATSCache does not support beam search")
 
     # ---- the A²ATS work, called from the attention function ---------------------------------
-    def _take_pending(self, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pending is None:
             raise RuntimeError(f"layer {self.layer_idx}: attention called without a cache update")
         pending, self._pending = self._pending, None
         return pending
 
-    def _check_room(self, counts: list[int]) -> None:
-        for b, (have, new) in enumerate(zip(self.lengths_host, counts)):
-            if have + new > self.cache.capacity:
-                raise ValueError(f"A2ATSCache capacity exceeded: batch row {b} holds {have} tokens, "
-                                 f"{new} more would exceed capacity {self.cache.capacity}; "
-                                 "pass A2ATSConfig(capacity=...) large enough for prompt + new tokens")
-
-    def _encode(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Codes (B, Hkv, t, M) of post-RoPE keys (B, Hkv, t, D) at positions (B, t)."""
-        cache = self.cache
-        return encode_keys(keys, positions, cache.inv_freq, cache.chol[self.layer_idx],
-                           cache.centroids[self.layer_idx])
-
-    def _append(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, counts: list[int]) -> None:
-        """Stores the first counts[b] rows of each batch row; all checks happened before."""
-        counts_t = torch.tensor(counts, dtype=torch.int32)
-        self.cache.store.append(self.store_layer, keys, values, num_tokens=counts_t)
-        sink, window = self.cache.config.sink, self.cache.config.window
-        if keys.shape[2] == 1 and min(self.lengths_host) >= sink:
-            # Decode: one row per sequence, past the sink; codes and ring slot in one indexed copy.
-            rows = torch.arange(len(counts), device=keys.device)
-            starts = self.lengths.long()
-            self.codes[rows, :, starts] = codes[:, :, 0]
-            slots = sink + starts % window
-            self.resident_k[rows, :, slots] = keys[:, :, 0]
-            self.resident_v[rows, :, slots] = values[:, :, 0]
-            self.lengths_host = [n + 1 for n in self.lengths_host]
-            self.lengths += 1
-            return
-        for b, n in enumerate(counts):
-            start = self.lengths_host[b]
-            self.codes[b, :, start:start + n] = codes[b, :, :n]
-            in_sink = max(0, min(sink, start + n) - start)
-            self.resident_k[b, :, start:start + in_sink] = keys[b, :, :in_sink]
-            self.resident_v[b, :, start:start + in_sink] = values[b, :, :in_sink]
-            in_window = min(window, n)
-            slots = sink + torch.arange(start + n - in_window, start + n, device=keys.device) % window
-            self.resident_k[b][:, slots] = keys[b, :, n - in_window:n]
-            self.resident_v[b][:, slots] = values[b, :, n - in_window:n]
-            self.lengths_host[b] = start + n
-        self.lengths.copy_(torch.tensor(self.lengths_host, dtype=torch.int32))
-
     def prefill(self, module, query, key, value, attention_mask, scaling, dropout, position_ids, fallback, kwargs):
         """Dense attention over ``key``/``value`` (past + new), then the new rows are stored and encoded."""
-        keys, values = self._take_pending(None)
+        keys, values = self._take_pending()
         batch, _, t, _ = keys.shape
         # Valid rows of this chunk: the mask row of its last query over the chunk's keys.
         if attention_mask is not None and attention_mask.dtype == torch.bool:
@@ -297,24 +442,20 @@ class A2ATSLayer(CacheLayerMixin):
         else:
             valid = torch.ones(batch, t, dtype=torch.bool, device=keys.device)
         counts = valid.sum(1).tolist()
-        self._check_room(counts)
+        held = self.cache.steps.lengths()[self.store_layer]
+        self.cache._check_room(held, counts)
         if position_ids is None:
-            position_ids = torch.arange(t, device=keys.device)[None] + torch.tensor(
-                self.lengths_host, device=keys.device)[:, None]
+            position_ids = torch.arange(t, device=keys.device)[None] + torch.from_numpy(held).to(keys.device)[:, None]
         position_ids = position_ids.expand(batch, t)
         padded = not bool(valid.all())
         if padded:
             # Valid rows first, in order, so the store holds each sequence contiguously.
             order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # (B, t)
             gather_rows = order[:, None, :, None].expand_as(keys)
-            keys_packed = keys.gather(2, gather_rows)
-            values_packed = values.gather(2, gather_rows)
-            positions_packed = position_ids.gather(1, order.to(position_ids.device))
-        else:
-            keys_packed, values_packed, positions_packed = keys, values, position_ids
+            keys, values = keys.gather(2, gather_rows), values.gather(2, gather_rows)
+            position_ids = position_ids.gather(1, order.to(position_ids.device))
         output = fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        codes = self._encode(keys_packed, positions_packed)
-        self._append(keys_packed, values_packed, codes, counts)
+        self.cache.steps.prefill(self.store_layer, keys, values, position_ids, counts)
         self.cache.padded |= padded
         self.seq_length += t
         return output
@@ -322,68 +463,19 @@ class A2ATSLayer(CacheLayerMixin):
     def decode(self, query: torch.Tensor, scaling: float, position_ids: torch.Tensor | None):
         """Attention output (B, 1, Hq, D) for one new token per batch row."""
         cache = self.cache
-        started = time.perf_counter()
-        keys, values = self._take_pending(None)
-        batch = keys.shape[0]
-        self._check_room([1] * batch)
+        started = time.perf_counter() if cache.collect_stats else 0.0
+        keys, values = self._take_pending()
+        if self.store_layer == 0:
+            cache._plan_step()
         if position_ids is None:
-            positions = torch.tensor(self.lengths_host, device=keys.device)[:, None]
+            positions = torch.from_numpy(cache.steps.lengths()[self.store_layer]).to(keys.device)
         else:
-            positions = position_ids.expand(batch, 1).to(keys.device)
-        codes = self._encode(keys, positions)
-        self._append(keys, values, codes, [1] * batch)
+            positions = position_ids.expand(keys.shape[0], 1)[:, 0].to(keys.device, torch.int64)
+        out = cache.steps.decode(self.store_layer, query, keys, values, positions, scaling)
         self.seq_length += 1
-        length = max(self.lengths_host)
-        book = cache.codebook
-        group = book.group_size
-        q_dual = dual_queries(query, positions, cache.wrope_position, cache.inv_freq, cache.dual[self.layer_idx])
-        scores = a2ats_core.lut_scores(q_dual, cache.centroids[self.layer_idx],
-                                       self.codes[:, :, :length], self.lengths,
-                                       out=cache.scores_buffer[:batch, :, :length])
-        k = cache.config.budget(length)
-        sink, window = cache.config.sink, cache.config.window
-        kmax = group * k + sink + window
-        indices, counts = a2ats_core.select_topk(
-            scores, k, self.lengths, group_size=group, sink=sink, window=window,
-            out_indices=cache.indices_buffer(batch, kmax), out_counts=cache.counts_buffer[:batch])
-        # Each row of indices is ascending: its sink rows, the selected middle rows, its window
-        # rows. Sink and window are resident, so only the middle crosses from the host store;
-        # a row with any middle rows has all `sink` sink rows, so the middle starts at `sink`.
-        lengths = self.lengths.long()[:, None]  # (B, 1)
-        sink_valid = torch.arange(sink, device=lengths.device) < lengths  # (B, sink)
-        # Position held by each ring slot j: the latest p < length with p ≡ j (mod window);
-        # it counts when it is not a sink row (and exists).
-        slot = torch.arange(window, device=lengths.device)
-        window_positions = lengths - 1 - (lengths - 1 - slot).remainder(window)  # (B, window)
-        resident_valid = torch.cat([sink_valid, window_positions >= sink], 1)  # (B, sink + window)
-        middle_counts = counts - resident_valid.sum(1, dtype=torch.int32)[:, None]  # (B, Hkv)
-        middle = group * k
-        middle_indices = indices[:, :, sink:sink + middle]
-        # Exact attention with the model's own RoPE query over the resident rows and the middle
-        # rows separately, merged through their log-sum-exp: one softmax over both parts without
-        # ever concatenating the rows.
-        q = query[:, :, 0].float()  # (B, Hq, D)
-        if cache.attend_in_place:
-            middle_out, middle_lse = cache.store.attend(self.store_layer, q, middle_indices, middle_counts,
-                                                        scale=scaling)
-        else:
-            middle_k, middle_v = cache.rows_buffers(batch, middle)
-            cache.store.gather(self.store_layer, middle_indices, middle_counts, middle_k, middle_v)
-            middle_valid = torch.arange(middle, device=lengths.device) < middle_counts[..., None]
-            middle_out, middle_lse = reference.attend(q, middle_k, middle_v, middle_valid, scale=scaling)
-        resident_out, resident_lse = reference.attend(q, self.resident_k, self.resident_v,
-                                                      resident_valid[:, None], scale=scaling)
-        out, _ = reference.merge_attention(resident_out, resident_lse, middle_out, middle_lse)
-        num_kv = book.num_kv_heads
-        out = out[:, None].to(query.dtype)  # (B, 1, Hq, D)
         if cache.collect_stats:
             _synchronize(out.device)
-            stats = cache.stats
-            stats.decode_calls += 1
-            stats.attention_seconds += time.perf_counter() - started
-            stats.rows_read += int(counts.sum())
-            stats.rows_fetched += int(middle_counts.sum())
-            stats.rows_cached += sum(self.lengths_host) * num_kv
+            cache.attention_seconds += time.perf_counter() - started
         return out
 
 
@@ -393,8 +485,14 @@ class A2ATSCache(Cache):
     model: a loaded causal LM; codebook: a :class:`~a2ats.Codebook` built for it (checked);
     config: :class:`A2ATSConfig`. Layers without a codebook (Gemma 3's sliding-window layers)
     keep transformers' own cache layers and attention. The host store is created at the first
-    forward, when the batch size is known. Use one cache per ``generate`` call.
+    forward, when the batch size is known. Use one cache per ``generate`` call, or ``reset()``.
+
+    On a CPU each decode step of a layer is one native call (:class:`a2ats_core.Pipeline`); on a
+    GPU it is composed from the native ops and torch until the CUDA pipeline lands.
     """
+
+    # "native" (a2ats_core.Pipeline, CPU only) or "torch" (the composed step); None picks by device.
+    decode_path: str | None = None
 
     def __init__(self, model, codebook: Codebook, config: A2ATSConfig | None = None):
         if not isinstance(codebook, Codebook):
@@ -424,9 +522,10 @@ class A2ATSCache(Cache):
         self.codebook = codebook
         self.wrope_position = int(self.config.wrope_position or codebook.relative_position)
         self.collect_stats = True
-        self.stats = _Stats()
+        self.attention_seconds = 0.0
         self.padded = False
-        self.store = None
+        self.steps: _NativeSteps | _TorchSteps | None = None
+        self.batch = 0
         self.device: torch.device | None = None
         layer_types = getattr(text_config, "layer_types", None)
         layers = []
@@ -444,6 +543,11 @@ class A2ATSCache(Cache):
         self.layout = layout
         register_attention()
         _use_a2ats_attention(model)
+
+    @property
+    def store(self):
+        """The host K/V store (:class:`a2ats_core.KVStore`), None before the first forward."""
+        return self.steps.store if self.steps is not None else None
 
     @classmethod
     def from_dense(cls, model, codebook: Codebook, dense: Cache, config: A2ATSConfig | None = None) -> "A2ATSCache":
@@ -467,9 +571,9 @@ class A2ATSCache(Cache):
             batch, _, length, _ = keys.shape
             if not layer.is_initialized:
                 layer.lazy_initialization(keys, values)
-            layer._check_room([length] * batch)
+            cache._check_room(cache.steps.lengths()[layer.store_layer], [length] * batch)
             positions = torch.arange(length, device=keys.device).expand(batch, length)
-            layer._append(keys, values, layer._encode(keys, positions), [length] * batch)
+            cache.steps.prefill(layer.store_layer, keys, values, positions, [length] * batch)
             layer.seq_length = length
         return cache
 
@@ -477,98 +581,74 @@ class A2ATSCache(Cache):
         """Forgets every sequence: the layers' lengths and the host store's rows. The store and
         the buffers stay allocated for the next prompt of the same batch size."""
         super().reset()
-        if self.store is not None:
-            self.store.reset()
+        if self.steps is not None:
+            self.steps.reset()
         self.padded = False
 
-    def _check_whole_steps(self) -> None:
-        """Raises when an earlier step stopped inside the model (an exception or KeyboardInterrupt
-        between two retrieval layers, or between a layer's store append and its bookkeeping), so
-        that layers hold different rows. Called as each step enters the first retrieval layer."""
-        layers = list(self.retrieval.values())
-        stored = self.store.lengths() if self.store is not None else None
-        batch = len(layers[0].lengths_host)
-        # A layer not initialized yet (its first prefill never reached it) holds no rows.
-        rows = [layer.lengths_host if layer.is_initialized else [0] * batch for layer in layers]
-        for layer, held in zip(layers, rows):
-            if (layer.seq_length != layers[0].seq_length or held != rows[0]
-                    or (stored is not None and stored[layer.store_layer].tolist() != held)):
-                per_layer = {l.layer_idx: held for l, held in zip(layers, rows)}
-                raise RuntimeError(
-                    "this A2ATSCache holds a half-applied step: an earlier forward stopped inside the model, "
-                    f"so its layers hold different rows (rows per layer and batch row: {per_layer}; host "
-                    f"store: {stored.tolist() if stored is not None else None}). Call cache.reset() and "
-                    "prefill again, or use a new cache")
+    def reset_stats(self) -> None:
+        """Zeroes the counters :meth:`summary` reports (rows read, attention time)."""
+        self.attention_seconds = 0.0
+        if self.steps is not None:
+            self.steps.reset_stats()
 
     # ---- shared state -------------------------------------------------------------------------
     def _initialize(self, key_states: torch.Tensor) -> None:
-        """Creates the host store and moves the codebook to the compute device (first forward)."""
-        if self.store is not None:
+        """Creates the host store and the per-step state (first forward)."""
+        if self.steps is not None:
             return
-        book = self.codebook
         self.device = key_states.device
-        batch = key_states.shape[0]
-        on_gpu = self.device.type == "cuda"
-        if on_gpu and not a2ats_core.built_with_cuda():
-            raise RuntimeError("the model runs on CUDA but a2ats_core was built without CUDA; "
-                               "reinstall with nvcc available (see README)")
-        self.store = a2ats_core.KVStore(len(self.retrieval), batch, book.num_kv_heads, book.head_dim,
-                                        self.capacity, key_states.dtype, pinned=self.config.pinned and on_gpu,
-                                        threads=self.config.threads)
-        dev = self.device
-        self.inv_freq = book.inv_freq.to(dev, torch.float32).contiguous()
-        self.centroids = {l: book.centroids[l].to(dev).contiguous() for l in book.layers}
-        self.chol = {l: book.chol[l].to(dev) for l in book.layers}
-        self.dual = {l: dual_matrices(book.chol_inv[l], book.group_size).to(dev) for l in book.layers}
-        num_q = book.num_q_heads
-        self.scores_buffer = torch.empty(batch, num_q, self.capacity, dtype=torch.float32, device=dev)
-        self.counts_buffer = torch.empty(batch, book.num_kv_heads, dtype=torch.int32, device=dev)
-        self._indices = torch.empty(0, dtype=torch.int32, device=dev)
-        self._rows = (torch.empty(0, dtype=key_states.dtype, device=dev),) * 2
-        # How the middle rows reach attention: read straight from the host store on a CPU
-        # (KVStore.attend), gathered into device buffers on a GPU. Either path works on a CPU;
-        # the tests run both.
-        self.attend_in_place = not on_gpu
+        self.batch = key_states.shape[0]
+        path = self.decode_path or ("native" if self.device.type == "cpu" else "torch")
+        if path == "native" and self.device.type != "cpu":
+            raise ValueError("decode_path 'native' runs on the CPU; the CUDA pipeline is not built yet")
+        if path == "native":
+            self.steps = _NativeSteps(self, self.batch, key_states.dtype)
+        else:
+            self.steps = _TorchSteps(self, self.batch, key_states.dtype, self.device)
 
-    def indices_buffer(self, batch: int, kmax: int) -> torch.Tensor:
-        """(B, Hkv, kmax) int32 view of a buffer grown as the budget grows."""
-        need = batch * self.codebook.num_kv_heads * kmax
-        if self._indices.numel() < need:
-            self._indices = torch.empty(2 * need, dtype=torch.int32, device=self.device)
-        return self._indices[:need].view(batch, self.codebook.num_kv_heads, kmax)
+    def _check_room(self, held, counts) -> None:
+        for b, (have, new) in enumerate(zip(held.tolist(), counts)):
+            if have + new > self.capacity:
+                raise ValueError(f"A2ATSCache capacity exceeded: batch row {b} holds {have} tokens, "
+                                 f"{new} more would exceed capacity {self.capacity}; "
+                                 "pass A2ATSConfig(capacity=...) large enough for prompt + new tokens")
 
-    def rows_buffers(self, batch: int, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Hkv, kmax, D) views for gathered K and V."""
-        book = self.codebook
-        need = batch * book.num_kv_heads * kmax * book.head_dim
-        if self._rows[0].numel() < need:
-            self._rows = tuple(torch.zeros(2 * need, dtype=self._rows[0].dtype, device=self.device) for _ in range(2))
-        shape = (batch, book.num_kv_heads, kmax, book.head_dim)
-        return self._rows[0][:need].view(shape), self._rows[1][:need].view(shape)
+    def _check_whole_steps(self) -> None:
+        """Raises when an earlier step stopped inside the model (an exception or KeyboardInterrupt
+        between two retrieval layers, or inside one), so that layers hold different rows. Called
+        as each step enters the first retrieval layer."""
+        layers = list(self.retrieval.values())
+        held = self.steps.lengths()
+        stored = self.store.lengths()
+        consistent = (len({layer.seq_length for layer in layers}) == 1 and (held == held[:1]).all()
+                      and (stored == held).all())
+        if not consistent:
+            per_layer = {layer.layer_idx: held[layer.store_layer].tolist() for layer in layers}
+            raise RuntimeError(
+                "this A2ATSCache holds a half-applied step: an earlier forward stopped inside the model, "
+                f"so its layers hold different rows (rows per layer and batch row: {per_layer}; host "
+                f"store: {stored.tolist()}). Call cache.reset() and prefill again, or use a new cache")
 
-    def _materialize(self, layer: A2ATSLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored rows of ``layer`` as dense (B, Hkv, T, D) tensors (equal lengths only)."""
-        length = layer.lengths_host[0]
-        batch, num_kv = len(layer.lengths_host), self.codebook.num_kv_heads
-        indices = torch.arange(length, dtype=torch.int32).expand(batch, num_kv, length).contiguous()
-        counts = torch.full((batch, num_kv), length, dtype=torch.int32)
-        shape = (batch, num_kv, length, self.codebook.head_dim)
-        out_k = torch.empty(shape, dtype=self._rows[0].dtype, device=self.device)
-        out_v = torch.empty_like(out_k)
-        self.store.gather(layer.store_layer, indices, counts, out_k, out_v)
-        return out_k, out_v
+    def _plan_step(self) -> None:
+        """Plans a decode step for every layer: one new row each, k rows per query head."""
+        held = self.steps.lengths()[0]
+        self._check_room(held, [1] * len(held))
+        self.steps.plan(self.config.budget(int(held.max()) + 1))
 
     def summary(self) -> dict[str, Any]:
         """Measured figures: share of KV rows read per decode step, attention time per step."""
-        s = self.stats
-        steps = s.decode_calls / max(1, len(self.retrieval))
+        s = self.steps.stats() if self.steps is not None else dict(decode_calls=0, rows_read=0, rows_fetched=0,
+                                                                   rows_cached=0)
+        steps = s["decode_calls"] / max(1, len(self.retrieval))
+        cached = s["rows_cached"]
         return {
             "decode_steps": steps,
-            "rows_read_share": s.rows_read / s.rows_cached if s.rows_cached else float("nan"),
-            "rows_fetched_share": s.rows_fetched / s.rows_cached if s.rows_cached else float("nan"),
-            "attention_seconds_per_step": s.attention_seconds / steps if steps else float("nan"),
+            "rows_read_share": s["rows_read"] / cached if cached else float("nan"),
+            "rows_fetched_share": s["rows_fetched"] / cached if cached else float("nan"),
+            "attention_seconds_per_step": self.attention_seconds / steps if steps else float("nan"),
             "kv_location": ("pinned host memory" if self.store is not None and self.store.pinned else "host memory"),
             "compute_device": str(self.device),
+            "decode_path": self.steps.name if self.steps is not None else None,
             "host_store_bytes": self.store.nbytes if self.store is not None else 0,
         }
 
