@@ -115,6 +115,25 @@ def decode(model, cache, batch: int, length: int, steps: int) -> float:
     return time.perf_counter() - started
 
 
+def read_bandwidth(device: torch.device) -> float:
+    """Bytes per second this machine reads now: the best of five sums over 1 GiB (float32)."""
+    big = torch.ones(2**28, device=device)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        big.sum().item()
+        best = min(best, time.perf_counter() - started)
+    return big.numel() * 4 / best
+
+
+# Native calls a retrieval layer makes per decode step: the Pipeline's decode, plus the step's
+# one plan() shared by all layers; the composed (GPU) path calls rotary and vq_encode (new key),
+# KVStore.append, rotary (query), lut_scores, select_topk and KVStore.gather.
+NATIVE_CALLS = {"native": lambda layers: 1 + 1 / layers, "torch": lambda layers: 7}
+
+
 def measure(model, name, codebook, length, batch, steps, topk) -> dict:
     layout = describe_model(model)
     elem = next(model.parameters()).element_size()
@@ -149,6 +168,9 @@ def measure(model, name, codebook, length, batch, steps, topk) -> dict:
         "attention_speedup": dense_attention / summary["attention_seconds_per_step"],
         "dense_attention_MB": dense_bytes / 1e6, "a2ats_attention_MB": ours_bytes / 1e6,
         "bytes_share": ours_bytes / dense_bytes, "rows_read_share": summary["rows_read_share"],
+        "a2ats_read_GBps": ours_bytes / summary["attention_seconds_per_step"] / 1e9,
+        "decode_path": summary["decode_path"],
+        "native_calls_per_layer_step": NATIVE_CALLS[summary["decode_path"]](layers),
     }
 
 
@@ -169,9 +191,11 @@ def main(argv=None) -> int:
     print(f"{torch.get_num_threads()} CPU threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
           f"device {device}; each row: dense and A²ATS "
           f"decode the same {args.steps} steps over the same cached rows")
+    bandwidth = read_bandwidth(device)
+    print(f"machine read bandwidth now (sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s")
     header = (f"{'model':42} {'T':>6} {'B':>3} | {'tok/s dense':>11} {'A²ATS':>8} {'ratio':>6} | "
               f"{'attn ms dense':>13} {'A²ATS':>8} {'speed-up':>8} | {'MB read dense':>13} "
-              f"{'A²ATS':>8} {'share':>6}")
+              f"{'A²ATS':>8} {'share':>6} | {'A²ATS GB/s':>10} {'of peak':>7} | calls/layer")
     rows = []
     for which in args.models:
         if which == "random":
@@ -197,7 +221,10 @@ def main(argv=None) -> int:
                       f"{row['a2ats_tok_s']:>8.2f} {row['throughput_ratio']:>5.2f}x | "
                       f"{row['dense_attention_ms']:>13.2f} {row['a2ats_attention_ms']:>8.2f} "
                       f"{row['attention_speedup']:>7.2f}x | {row['dense_attention_MB']:>13.1f} "
-                      f"{row['a2ats_attention_MB']:>8.1f} {row['bytes_share']:>6.1%}", flush=True)
+                      f"{row['a2ats_attention_MB']:>8.1f} {row['bytes_share']:>6.1%} | "
+                      f"{row['a2ats_read_GBps']:>10.2f} {row['a2ats_read_GBps'] * 1e9 / bandwidth:>7.1%} | "
+                      f"{row['native_calls_per_layer_step']:.2f} ({row['decode_path']})", flush=True)
+                row["machine_read_GBps"] = bandwidth / 1e9
         del model
     if rows:
         path = Path(args.csv)
