@@ -558,8 +558,122 @@ def fuzz_attend(rng, model: StoreModel):
     return False
 
 
+# ----------------------------------------------------------------------------- Pipeline
+
+class PipelineModel:
+    """A Pipeline and the reference composition of the ops (tests/test_pipeline.py) beside it."""
+
+    def __init__(self, rng):
+        from test_pipeline import ReferencePipeline, random_codebook
+
+        self.L, self.B, self.Hkv, self.G = rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 2), rng.choice([1, 2, 3])
+        self.D = rng.choice([4, 8, 16])
+        M, C = rng.choice([1, 2]), rng.choice([1, 4, 16])
+        self.cap, self.sink, self.window = rng.randint(4, 40), rng.randint(0, 4), rng.randint(1, 6)
+        bins = rng.choice([1, 1, 2, 3])
+        distances = [rng.randint(0, 64) for _ in range(bins)]
+        edges = sorted(rng.randint(0, self.cap) for _ in range(bins - 1))
+        self.dtype = rng.choice(FLOATS)
+        book = random_codebook(self.L, self.Hkv, self.D, M, C, torch.Generator().manual_seed(rng.randrange(2**31)))
+        self.store = a2ats_core.KVStore(self.L, self.B, self.Hkv, self.D, self.cap, self.dtype)
+        self.pipe = a2ats_core.Pipeline(self.store, num_q_heads=self.Hkv * self.G, inv_freq=book[3], chol=book[0],
+                                        chol_inv=book[1], centroids=book[2], sink=self.sink, window=self.window,
+                                        wrope_distances=distances, bin_edges=edges)
+        self.ref = ReferencePipeline(self.L, self.B, self.Hkv * self.G, self.Hkv, self.D, self.cap, self.dtype, book,
+                                     self.sink, self.window, distances, edges)
+        self.next_layer = None  # the layer a planned step decodes next
+        self.k = 0
+
+    def state(self):
+        return {"lengths": torch.from_numpy(self.store.lengths().copy()),
+                **{f"codes{layer}": torch.from_numpy(self.pipe.codes(layer)) for layer in range(self.L)}}
+
+    def rows(self, rng, t, dtype=None):
+        return strided(rng, (self.B, self.Hkv, t, self.D), dtype or self.dtype)
+
+
+def fuzz_pipeline(rng, model: PipelineModel):
+    """One Pipeline call: the next layer of a planned step, or else a prefill or a plan."""
+    B, Hq, D = model.B, model.Hkv * model.G, model.D
+    invalid = rng.random() < 0.5
+    if model.next_layer is not None:
+        layer = model.next_layer
+        q = strided(rng, (B, Hq, D), model.dtype)
+        k, v = model.rows(rng, 1), model.rows(rng, 1)
+        positions = torch.from_numpy(model.store.lengths()[layer].copy()) + rng.randint(0, 5)
+        kw = dict(layer=layer, q=q, k=k, v=v, positions=positions, scale=rng.choice([0.25, 1.0]))
+        mutations = [("q", dict(q=q.double())), ("q", dict(q=torch.zeros(B, Hq + 1, D, dtype=model.dtype))),
+                     ("k", dict(k=model.rows(rng, 2))), ("v", dict(v=v.to(torch.float64))),
+                     ("positions", dict(positions=positions.int())), ("positions", dict(positions=positions[None])),
+                     ("scale", dict(scale=float("nan"))), ("layer", dict(layer=model.L)),
+                     ("layer", dict(layer=layer - 1) if layer > 0 else dict(layer=-1))]
+        if q.is_contiguous():
+            mutations.append(("out", dict(out=q)))
+        if invalid:
+            cite, change = rng.choice(mutations)
+            kw.update(change)
+            before = model.state()
+            expect_rejected(lambda: model.pipe.decode(kw.pop("layer"), kw.pop("q"), kw.pop("k"), kw.pop("v"),
+                                                      kw.pop("positions"), **kw), {cite}, before, model.state,
+                            "Pipeline.decode")
+            return True
+        out = model.pipe.decode(layer, q, k, v, positions, scale=kw["scale"])
+        selection = tuple(torch.from_numpy(a) for a in model.pipe.last_selection())
+        want, _ = model.ref.decode(layer, q, k, v, positions, model.k, kw["scale"],
+                                   codes=torch.from_numpy(model.pipe.codes(layer)), selection=selection)
+        tol = tolerance(model.dtype)
+        torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
+        model.next_layer = layer + 1 if layer + 1 < model.L else None
+        return False
+    lengths = model.store.lengths()
+    behind = [layer for layer in range(model.L) if (lengths[layer] != lengths[0]).any()]
+    if not behind and rng.random() < 0.5 and int(lengths[0].max()) < model.cap:  # plan a step
+        k = rng.randint(0, 8)
+        if invalid:
+            expect_rejected(lambda: model.pipe.plan(rng.choice([-1, 2**31])), {"k"}, model.state(), model.state,
+                            "Pipeline.plan")
+            return True
+        model.pipe.plan(k)
+        model.k, model.next_layer = k, 0
+        return False
+    # A prefill of layer 0, or of a layer catching up with layer 0's rows (plan() needs the layers
+    # to agree).
+    if behind:
+        layer = behind[0]
+        counts = [int(n) for n in lengths[0] - lengths[layer]]
+        t = max(counts) + rng.randint(0, 2)
+    else:
+        layer, t = 0, rng.randint(0, 6)
+        counts = [rng.randint(0, min(t, int(r))) for r in model.cap - lengths[0]]
+    k, v = model.rows(rng, t), model.rows(rng, t)
+    positions = torch.randint(0, 200, (B, t))
+    kw = dict(k=k, v=v, positions=positions, num_tokens=torch.tensor(counts, dtype=torch.int32))
+    if invalid:
+        mutations = [("k", dict(k=k.to(torch.float64))), ("v", dict(v=model.rows(rng, t + 1))),
+                     ("positions", dict(positions=positions.int())), ("positions", dict(positions=positions[:, :0]
+                                                                                       if t else positions[:, None])),
+                     ("num_tokens", dict(num_tokens=torch.full((B,), t + 1, dtype=torch.int32))),
+                     ("num_tokens", dict(num_tokens=torch.zeros(B, dtype=torch.int64))),
+                     ("layer", dict(layer=model.L))]
+        if t:
+            mutations.append(("capacity", dict(k=model.rows(rng, model.cap + 1), v=model.rows(rng, model.cap + 1),
+                                               positions=torch.zeros(B, model.cap + 1, dtype=torch.int64),
+                                               num_tokens=None)))
+        cite, change = rng.choice(mutations)
+        kw.update(change)
+        expect_rejected(lambda: model.pipe.prefill(kw.pop("layer", layer), kw.pop("k"), kw.pop("v"),
+                                                   kw.pop("positions"), **kw), {cite}, model.state(), model.state,
+                        "Pipeline.prefill")
+        return True
+    model.pipe.prefill(layer, k, v, positions, num_tokens=kw["num_tokens"])
+    model.ref.append(layer, k, v, positions, counts)
+    if not np.array_equal(model.store.lengths(), model.ref.lengths.numpy()):
+        raise Mismatch("Pipeline.prefill stored a different number of rows than asked")
+    return False
+
+
 STORE_OPS = {"KVStore.append": fuzz_append, "KVStore.gather": fuzz_gather, "KVStore.attend": fuzz_attend}
-ALL = [*BINDINGS, "KVStore", *STORE_OPS]
+ALL = [*BINDINGS, "KVStore", *STORE_OPS, "Pipeline"]
 
 
 def main(argv=None) -> int:
@@ -572,7 +686,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     summary = {name: {"valid": 0, "invalid": 0} for name in ALL}
     failures = []
-    model = StoreModel(rng)
+    model, pipeline = StoreModel(rng), None
     for i in range(args.calls * len(ALL)):
         name = ALL[i % len(ALL)]
         try:
@@ -580,6 +694,10 @@ def main(argv=None) -> int:
                 invalid = fuzz_function(rng, name)
             elif name == "KVStore":
                 invalid = fuzz_store_constructor(rng)
+            elif name == "Pipeline":
+                if pipeline is None or i % (40 * len(ALL)) == len(ALL) - 1:
+                    pipeline = PipelineModel(rng)
+                invalid = fuzz_pipeline(rng, pipeline)
             else:
                 if i % (50 * len(ALL)) < len(ALL) and name == "KVStore.append":
                     model = StoreModel(rng)
