@@ -156,8 +156,12 @@ def measure(model, name, codebook, length, batch, steps, topk) -> dict:
     mean_length = length + 1 + steps / 2
     dense_bytes = layers * batch * kv * mean_length * row_bytes
     read_rows = summary["rows_read_share"] * batch * kv * mean_length * layers
+    # Rows attended, codes scored, and each layer's centroid table (float32), which every step's
+    # lookup tables are built from: at short contexts and large C that table outweighs the rows.
+    centroid_bytes = layers * kv * codebook.num_centroids * layout.head_dim * 4
     ours_bytes = (read_rows * row_bytes
-                  + layers * batch * kv * mean_length * codebook.num_subspaces * 2)
+                  + layers * batch * kv * mean_length * codebook.num_subspaces * 2
+                  + centroid_bytes)
     return {
         "model": name, "device": str(next(model.parameters()).device), "context": length,
         "batch": batch, "steps": steps, "topk": topk,
