@@ -280,6 +280,26 @@ def test_other_architectures_full_budget_equal_dense_attention(smollm2, kind):
         assert list(codebook.layers) == [1, 3]  # the global layers; sliding ones stay dense
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_models_full_budget_equal_dense_attention(smollm2, dtype, path):
+    """A model in float16 or bfloat16 stores 16-bit rows; with a budget covering every token both
+    decode paths give dense attention's logits, up to the dtype's rounding."""
+    model, codebook = _tiny_setup(smollm2, "llama")
+    model = model.to(dtype)
+    input_ids = torch.randint(49152, (2, 40), generator=torch.Generator().manual_seed(4))
+    attention_mask = torch.ones(2, 40, dtype=torch.long)
+    attention_mask[0, :7] = 0  # left padding
+    dense = _forward_steps(model, DynamicCache(config=model.config), input_ids, attention_mask, steps=4)
+    cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=1.0, sink=2, window=4, capacity=64))
+    cache.decode_path = path
+    ours = _forward_steps(model, cache, input_ids, attention_mask, steps=4)
+    assert cache.store.dtype == str(dtype).removeprefix("torch.")
+    tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for step, (want, got) in enumerate(zip(dense, ours)):
+        assert (want - got).abs().max().item() <= tolerance * want.abs().max().item(), f"step {step}"
+
+
 def test_reset_forgets_the_previous_prompt(smollm2):
     """After reset() the next prompt is answered from its own rows alone, cycle after cycle (the
     store used to keep the old rows: a full budget answered with the previous prompt's text and
