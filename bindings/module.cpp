@@ -797,7 +797,9 @@ centroids (L, Hkv, M, C, D/M). WRoPE: far tokens are scored at distance wrope_di
 bin j = #{bin_edges <= d} (d = length - 1 - n; one distance and no edges is the paper's method).
 
 Per step: plan(k) once, then decode(layer, ...) for every layer. Rows are those of the store: the
-store's lengths are the one count of what the pipeline holds, codes included.)doc")
+store's lengths are the one count of what the pipeline holds, codes included. Thread safety: every
+method holds the store's lock for the whole call, as the store's own methods do; the steps of one
+pipeline are a sequence, so share one only to read it (stats, codes) while another thread decodes.)doc")
       .def(py::init<py::object, int64_t, py::handle, py::handle, py::handle, py::handle, int64_t, int64_t,
                     std::vector<int64_t>, std::vector<int32_t>, bool>(),
            py::arg("store"), py::kw_only(), py::arg("num_q_heads"), py::arg("inv_freq"), py::arg("chol"),
