@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -346,7 +347,6 @@ class PyKVStore {
   }
 
   void append(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle num_tokens_obj, py::handle stream_obj) {
-    refuse_if_owned("append");
     KVStore& s = *store_;
     TensorArg k(k_obj, "k"), v(v_obj, "v");
     const std::vector<int64_t> expected = {s.batch(), s.num_kv_heads(), k.ndim() == 4 ? k.size(2) : 0, s.head_dim()};
@@ -364,6 +364,7 @@ class PyKVStore {
     const int32_t* counts = num_tokens ? num_tokens->data<int32_t>() : nullptr;
     RowsView kv{k.data(), {k.stride(0), k.stride(1), k.stride(2)}}, vv{v.data(), {v.stride(0), v.stride(1), v.stride(2)}};
     auto lock = acquire();
+    refuse_if_owned("append");  // under the lock: a Pipeline may take the store meanwhile
     try {
       if (k.is_cuda()) {
 #ifdef A2ATS_WITH_CUDA
@@ -490,19 +491,22 @@ class PyKVStore {
   }
 
   void reset() {
-    refuse_if_owned("reset");
     auto lock = acquire();
+    refuse_if_owned("reset");
     store_->reset();
   }
 
   const KVStore& store() const { return *store_; }
   KVStore& store() { return *store_; }
 
-  // A Pipeline keeps codes for exactly the rows of its store, so only it may change them.
+  // A Pipeline keeps codes for exactly the rows of its store, so only it may change them while it
+  // lives. set_owned is called with the store's lock held.
   void set_owned() {
     if (owned_) throw_value("store already belongs to another Pipeline; give each Pipeline its own KVStore");
     owned_ = true;
   }
+  void release_owned() { owned_ = false; }
+  bool owned() const { return owned_; }
   void refuse_if_owned(const char* what) const {
     if (owned_)
       throw_value(std::string("this KVStore belongs to a Pipeline, which keeps codes for exactly its rows; ") + what +
@@ -522,7 +526,7 @@ class PyKVStore {
  private:
   std::unique_ptr<KVStore> store_;
   std::mutex mutex_;
-  bool owned_ = false;
+  std::atomic<bool> owned_{false};
 };
 
 // Python-facing Pipeline: validates every array, then runs the step with the store's lock held
@@ -565,6 +569,7 @@ class PyPipeline {
     PipelineCodebook book{copy(chol), copy(chol_inv), copy(centroids), copy(inv_freq), std::move(wrope_distances),
                           std::move(bin_edges)};
     auto lock = py_store_.acquire();
+    if (py_store_.owned()) throw_value("store already belongs to another Pipeline; give each Pipeline its own KVStore");
     try {
       pipeline_ = std::make_unique<Pipeline>(s, shape, std::move(book));
     } catch (const std::invalid_argument& e) {
@@ -572,6 +577,12 @@ class PyPipeline {
     }
     py_store_.set_owned();
   }
+
+  // The store may outlive its pipeline (Python holds it too): it is an ordinary store again. No
+  // lock: nothing else can be using a pipeline that is being destroyed, and owned_ is atomic.
+  ~PyPipeline() { py_store_.release_owned(); }
+  PyPipeline(const PyPipeline&) = delete;
+  PyPipeline& operator=(const PyPipeline&) = delete;
 
   void prefill(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle positions_obj, py::handle num_tokens_obj) {
     const KVStore& s = py_store_.store();

@@ -186,7 +186,28 @@ const TensorArg& TensorArg::expect_no_internal_overlap() const {
     if (shape_[size_t(d)] > 1 && strides_[size_t(d)] == 0)
       throw_value(name_ + " has stride 0 in dimension " + std::to_string(d) + " (an expanded view), so several of "
                   "its elements share memory; pass a separate array");
+  // Dimensions by stride: each must step past everything the smaller ones span, or two index
+  // tuples can name one element (a sufficient test; every dense or sliced layout passes it).
+  std::vector<int> dims;
+  for (int d = 0; d < ndim(); ++d)
+    if (shape_[size_t(d)] > 1) dims.push_back(d);
+  std::sort(dims.begin(), dims.end(), [&](int a, int b) { return strides_[size_t(a)] < strides_[size_t(b)]; });
+  int64_t span = 0;  // largest offset the smaller dimensions reach
+  for (int d : dims) {
+    if (strides_[size_t(d)] <= span)
+      throw_value(name_ + " has strides " + strides_str() + " for shape " + shape_str() +
+                  ", under which several of its elements share memory; pass a separate array");
+    span += (shape_[size_t(d)] - 1) * strides_[size_t(d)];
+  }
   return *this;
+}
+
+std::string TensorArg::strides_str() const {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < strides_.size(); ++i) os << (i ? ", " : "") << strides_[i];
+  os << (strides_.size() == 1 ? ",)" : ")");
+  return os.str();
 }
 
 namespace {

@@ -1,6 +1,7 @@
 """a2ats_core.Pipeline, the fused decode step, against the composition of the reference ops."""
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -246,6 +247,32 @@ def test_the_store_belongs_to_the_pipeline():
     with pytest.raises(ValueError, match="another Pipeline"):
         a2ats_core.Pipeline(pipe.store, num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1],
                             centroids=book[2], sink=1, window=1, wrope_distances=[8])
+    # Gone with its pipeline: the store is an ordinary one again.
+    store = pipe.store
+    del pipe
+    gc.collect()
+    store.append(0, kv, kv)
+    assert store.lengths().tolist() == [[1]]
+    # A store that already holds rows has no codes for them: refused.
+    with pytest.raises(ValueError, match="store must be empty"):
+        a2ats_core.Pipeline(store, num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1],
+                            centroids=book[2], sink=1, window=1, wrope_distances=[8])
+    store.reset()
+    a2ats_core.Pipeline(store, num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1],
+                        centroids=book[2], sink=1, window=1, wrope_distances=[8])
+
+
+def test_last_selection_is_the_last_decode_s_even_after_a_larger_plan():
+    pipe, ref, generator = make(L=1, B=2, G=3, capacity=64, sink=4, window=8)
+    prefill_both(pipe, ref, generator, [30, 20], torch.float32)
+    with pytest.raises(ValueError, match="no decode"):
+        pipe.last_selection()
+    pipe.plan(2)
+    pipe.decode(0, torch.randn(2, 6, 16), torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16), torch.tensor([30, 20]),
+                scale=0.5)
+    pipe.plan(50)  # a larger Kmax planned, nothing decoded with it yet
+    indices, counts = pipe.last_selection()
+    assert indices.shape == (2, 2, 3 * 2 + 4 + 8) and (counts <= indices.shape[2]).all()
 
 
 def test_bad_arguments_name_themselves_and_change_nothing():
@@ -276,13 +303,19 @@ def test_bad_arguments_name_themselves_and_change_nothing():
     store = a2ats_core.KVStore(1, 1, 2, 16, 8, "float32")
     good = dict(num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1], centroids=book[2], sink=1, window=1,
                 wrope_distances=[8])
-    for name, change in [("num_q_heads", dict(num_q_heads=3)), ("chol", dict(chol=book[0][:, :1])),
+    for name, change in [("num_q_heads", dict(num_q_heads=3)), ("num_q_heads", dict(num_q_heads=2**17)),
+                         ("chol", dict(chol=book[0][:, :1])),
                          ("centroids", dict(centroids=book[2][..., :3])), ("inv_freq", dict(inv_freq=torch.ones(9))),
                          ("window", dict(window=0)), ("bin_edges", dict(bin_edges=[1])),
                          ("wrope_distances", dict(wrope_distances=[]))]:
         with pytest.raises(ValueError, match=rf"\b{name}\b"):
             a2ats_core.Pipeline(store, **(good | change))
     a2ats_core.Pipeline(store, **good)  # the store was not taken by the failed constructions
+    wide = a2ats_core.KVStore(1, 1, 1, 1026, 8, "float32")
+    wide_book = random_codebook(1, 1, 1026, 1, 2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="head_dim"):
+        a2ats_core.Pipeline(wide, num_q_heads=1, inv_freq=wide_book[3], chol=wide_book[0], chol_inv=wide_book[1],
+                            centroids=wide_book[2], sink=1, window=1, wrope_distances=[8])
 
 
 _DETERMINISM = textwrap.dedent("""

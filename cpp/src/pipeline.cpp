@@ -1,6 +1,7 @@
 #include "a2ats/pipeline.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -16,6 +17,7 @@ namespace {
 // Bound on sink, window, k and the rows selected per KV head: far past any real budget, and
 // small enough that no product of them overflows.
 constexpr int64_t kMaxSelected = int64_t(1) << 30;
+constexpr int64_t kMaxQHeads = int64_t(1) << 16;
 
 template <typename T>
 void rows_to_f32(const T* src, const int64_t stride[3], int64_t n0, int64_t n1, int64_t n2, int64_t d, float* dst) {
@@ -90,6 +92,10 @@ Pipeline::Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook 
   const int64_t L = store.num_layers(), Hkv = store.num_kv_heads(), D = store.head_dim();
   const int64_t M = shape.num_subspaces, C = shape.num_centroids;
   const auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
+  if (D > kMaxHeadDim) fail("head_dim must be <= " + std::to_string(kMaxHeadDim) + ", got " + std::to_string(D));
+  if (store.capacity() > INT32_MAX) fail("the store's capacity must fit int32 (lengths and indices are int32)");
+  if (shape.num_q_heads > kMaxQHeads)
+    fail("num_q_heads must be <= " + std::to_string(kMaxQHeads) + ", got " + std::to_string(shape.num_q_heads));
   if (shape.num_q_heads < 1 || shape.num_q_heads % Hkv != 0)
     fail("num_q_heads must be a positive multiple of the store's num_kv_heads " + std::to_string(Hkv) + ", got " +
          std::to_string(shape.num_q_heads));
@@ -109,6 +115,12 @@ Pipeline::Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook 
   if (int64_t(codebook_.chol.size()) != L * Hkv * D * D || codebook_.chol_inv.size() != codebook_.chol.size() ||
       int64_t(codebook_.centroids.size()) != L * Hkv * C * D || int64_t(codebook_.inv_freq.size()) * 2 != shape.rotary_dim)
     fail("codebook arrays do not match the store's layers, heads and head_dim");
+  // Codes exist for exactly the store's rows: rows stored before the pipeline have none.
+  for (int64_t layer = 0; layer < L; ++layer)
+    for (int64_t b = 0; b < store.batch(); ++b)
+      if (store.length(layer, b) != 0)
+        fail("store must be empty: the pipeline keeps a code for every row it stores, and layer " +
+             std::to_string(layer) + " already holds " + std::to_string(store.length(layer, b)) + " rows");
   layer_codes_ = store.batch() * Hkv * store.capacity() * M;
   int64_t total = 0;
   if (__builtin_mul_overflow(layer_codes_, L, &total) || total > (int64_t(1) << 40))
@@ -212,16 +224,26 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
       throw std::invalid_argument("layer " + std::to_string(layer) + " holds " + std::to_string(store_.length(layer, b)) +
                                   " rows of batch row " + std::to_string(b) + " but this step planned " +
                                   std::to_string(step_lengths_[size_t(b)] - 1) + "; reset() and prefill again");
+  // Every buffer first: an allocation that fails must leave the store as it was.
+  const int64_t capacity = store_.capacity();
+  grow(q_, B * Hq * D);
+  grow(q_wrope_, B * Hq * NB * D);
+  grow(q_dual_, B * Hq * NB * D);
+  grow(rotate_by_, std::max(B * NB, B));
+  grow(scores_, B * Hq * capacity);
+  grow(indices_, B * Hkv * max_selected_);
+  grow(counts_, B * Hkv);
+  grow(out_, B * Hq * D);
+  grow(lse_, B * Hq);
+  grow(keys_, B * Hkv * D);
+  grow(whitened_, B * Hkv * D);
+  grow(new_codes_, B * Hkv * M);
   const int64_t pos2[2] = {pos_stride, 0};
   encode_and_append(layer, k, v, 1, positions, pos2, nullptr);
   decoded_[size_t(layer)] = 1;
   if (std::all_of(decoded_.begin(), decoded_.end(), [](char d) { return d != 0; })) planned_ = false;
 
   // The exact query in float32, and its WRoPE forms: bin j moved to distance wrope_distances[j].
-  grow(q_, B * Hq * D);
-  grow(q_wrope_, B * Hq * NB * D);
-  grow(q_dual_, B * Hq * NB * D);
-  grow(rotate_by_, B * NB);
   to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), B, Hq, 1, D, q_.data());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < NB; ++j)
@@ -238,8 +260,6 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   rows_times_matrix(q_wrope_.data(), chol_inv, B * Hq * NB, group * NB, Hkv, D, true, q_dual_.data());
 
   // Scores of every stored token from the codes, then the selection.
-  const int64_t capacity = store_.capacity();
-  grow(scores_, B * Hq * capacity);
   LutScoresParams lp;
   lp.batch = B; lp.num_q_heads = Hq; lp.num_kv_heads = Hkv; lp.head_dim = D; lp.num_subspaces = M;
   lp.num_centroids = shape_.num_centroids; lp.capacity = capacity; lp.num_bins = NB;
@@ -250,8 +270,6 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   if (!lut_scores_cpu(q_dual_.data(), centroids, codes(layer), step_lengths_.data(),
                       NB > 1 ? codebook_.bin_edges.data() : nullptr, scores_.data(), lp))
     throw std::logic_error("a stored code is outside the codebook");  // encoded here, so unreachable
-  grow(indices_, B * Hkv * max_selected_);
-  grow(counts_, B * Hkv);
   SelectTopkParams sp;
   sp.batch = B; sp.num_q_heads = Hq; sp.group_size = group; sp.capacity = capacity;
   sp.k = k_; sp.sink = shape_.sink; sp.window = shape_.window; sp.max_selected = max_selected_;
@@ -259,11 +277,10 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   sp.indices_stride[0] = Hkv * max_selected_; sp.indices_stride[1] = max_selected_;
   sp.counts_stride[0] = Hkv; sp.counts_stride[1] = 1;
   select_topk_cpu(scores_.data(), step_lengths_.data(), indices_.data(), counts_.data(), sp);
+  last_max_selected_ = max_selected_;
 
   // Exact attention with the model's own query over the selected rows (sink and window
   // included), read straight from the store.
-  grow(out_, B * Hq * D);
-  grow(lse_, B * Hq);
   KVStore::AttendParams ap;
   ap.group_size = group; ap.scale = scale;
   ap.q_stride[0] = Hq * D; ap.q_stride[1] = D;

@@ -92,7 +92,7 @@ class Pipeline {
   // The selection of the last decode call: indices (B, Hkv, Kmax) int32, counts (B, Hkv) int32.
   const int32_t* last_indices() const { return indices_.data(); }
   const int32_t* last_counts() const { return counts_.data(); }
-  int64_t last_max_selected() const { return max_selected_; }
+  int64_t last_max_selected() const { return last_max_selected_; }
 
  private:
   void encode_and_append(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
@@ -107,6 +107,7 @@ class Pipeline {
   // The current step's plan.
   bool planned_ = false;
   int64_t k_ = 0, max_selected_ = 0;
+  int64_t last_max_selected_ = 0;      // Kmax of the selection the last decode made
   std::vector<int32_t> step_lengths_;  // (B,) lengths after this step's append
   std::vector<char> decoded_;          // (L,) layers done this step
 
