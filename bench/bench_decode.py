@@ -149,6 +149,7 @@ def measure(model, name, codebook, length, batch, steps, topk) -> dict:
     dense_attention = attention_timer.seconds / (attention_timer.calls / len(layout.layers))
     del dense
     ours.reset_stats()
+    ours.time_attention = True
     ours_seconds = decode(model, ours, batch, length, steps)
     summary = ours.summary()
     layers, kv = len(layout.layers), layout.num_kv_heads

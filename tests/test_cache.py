@@ -1,6 +1,7 @@
 """A²ATS inside transformers on the real SmolLM2-135M: exactness at full budget, budgets,
 ragged batches, errors that leave the cache intact."""
 import gc
+import math
 import pydoc_data.topics
 from pathlib import Path
 
@@ -298,6 +299,25 @@ def test_half_precision_models_full_budget_equal_dense_attention(smollm2, dtype,
     tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     for step, (want, got) in enumerate(zip(dense, ours)):
         assert (want - got).abs().max().item() <= tolerance * want.abs().max().item(), f"step {step}"
+
+
+def test_statistics_cost_no_sync_and_timing_is_opt_in(smollm2):
+    """Row counters add up without reading back per layer; the attention part is timed where that
+    is free (CPU) unless turned off, and only when asked on a GPU (time_attention)."""
+    model, codebook = _tiny_setup(smollm2, "llama")
+    input_ids = torch.randint(49152, (2, 30), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones(2, 30, dtype=torch.long)
+    for path in ("native", "torch"):
+        for timing in (None, False):
+            cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=2, sink=2, window=4, capacity=40))
+            cache.decode_path, cache.time_attention = path, timing
+            _forward_steps(model, cache, input_ids, attention_mask, steps=3)
+            summary = cache.summary()
+            assert summary["decode_steps"] == 3 and 0 < summary["rows_read_share"] < 1, (path, timing)
+            timed = summary["attention_seconds_per_step"]
+            assert (timed > 0) if timing is None else math.isnan(timed), (path, timing)
+            cache.reset_stats()
+            assert cache.summary()["decode_steps"] == 0
 
 
 def test_reset_forgets_the_previous_prompt(smollm2):

@@ -151,6 +151,7 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
     length = prompt.input_ids.shape[1]
     config = A2ATSConfig(topk=topk, window=window, sink=sink, capacity=length + max_new_tokens)
     cache = A2ATSCache(model, codebook, config)  # also routes dense attention through the timer
+    cache.time_attention = True
     facts = ", ".join(f"{colour} {number}" for colour, number in prompt.facts.items())
     log(f"prompt: {length} tokens of Python documentation hiding {len(prompt.facts)} secret "
         f"numbers ({facts}); question: the {prompt.colour} box")
