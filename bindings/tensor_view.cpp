@@ -27,6 +27,15 @@ bool dtype_from_dl(DLDataType t, DType* out) {
   return true;
 }
 
+// Python's spelling of a tuple: (2, 3), (4,), ().
+std::string tuple_str(const std::vector<int64_t>& values) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < values.size(); ++i) os << (i ? ", " : "") << values[i];
+  os << (values.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
 std::string dl_dtype_str(DLDataType t) {
   const char* kind = t.code == kDLFloat ? "float" : t.code == kDLBfloat ? "bfloat" : t.code == kDLInt ? "int"
                      : t.code == 1 ? "uint" : t.code == 6 ? "bool" : "code" ;
@@ -102,13 +111,7 @@ int64_t TensorArg::numel() const {
   return n;
 }
 
-std::string TensorArg::shape_str() const {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < shape_.size(); ++i) os << (i ? ", " : "") << shape_[i];
-  os << (shape_.size() == 1 ? ",)" : ")");
-  return os.str();
-}
+std::string TensorArg::shape_str() const { return tuple_str(shape_); }
 
 const TensorArg& TensorArg::expect_dtype(std::initializer_list<DType> allowed) const {
   if (std::find(allowed.begin(), allowed.end(), dtype_) != allowed.end()) return *this;
@@ -135,13 +138,8 @@ const TensorArg& TensorArg::expect_size(int dim, int64_t size, const std::string
 const TensorArg& TensorArg::expect_shape(const std::vector<int64_t>& shape, const std::string& what) const {
   expect_ndim(int(shape.size()));
   for (size_t d = 0; d < shape.size(); ++d) {
-    if (shape_[d] != shape[d]) {
-      std::ostringstream os;
-      os << "(";
-      for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-      os << (shape.size() == 1 ? ",)" : ")");
-      throw_value(name_ + " must have shape " + os.str() + " (" + what + "), got " + shape_str());
-    }
+    if (shape_[d] != shape[d])
+      throw_value(name_ + " must have shape " + tuple_str(shape) + " (" + what + "), got " + shape_str());
   }
   return *this;
 }
@@ -195,20 +193,14 @@ const TensorArg& TensorArg::expect_no_internal_overlap() const {
   int64_t span = 0;  // largest offset the smaller dimensions reach
   for (int d : dims) {
     if (strides_[size_t(d)] <= span)
-      throw_value(name_ + " has strides " + strides_str() + " for shape " + shape_str() +
+      throw_value(name_ + " has strides " + tuple_str(strides_) + " for shape " + shape_str() +
                   ", under which several of its elements share memory; pass a separate array");
     span += (shape_[size_t(d)] - 1) * strides_[size_t(d)];
   }
   return *this;
 }
 
-std::string TensorArg::strides_str() const {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < strides_.size(); ++i) os << (i ? ", " : "") << strides_[i];
-  os << (strides_.size() == 1 ? ",)" : ")");
-  return os.str();
-}
+
 
 namespace {
 

@@ -68,7 +68,6 @@ class TensorArg {
   int64_t stride(int dim) const { return strides_[size_t(dim < 0 ? dim + ndim() : dim)]; }
   int64_t numel() const;
   std::string shape_str() const;
-  std::string strides_str() const;
 
   // Checks; each throws py::type_error / py::value_error naming this argument.
   const TensorArg& expect_dtype(std::initializer_list<DType> allowed) const;
