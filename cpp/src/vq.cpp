@@ -255,17 +255,15 @@ void build_lut(const float* const* q_heads, int64_t group_size, const float* cen
 typedef float f32x4 __attribute__((vector_size(16)));
 
 // scores of lanes [lane_begin, lane_begin + lanes) of one quad (C, 4) of an M = 1 table into
-// rows[0, lanes), for tokens [t_begin, t_end); returns false on an out-of-range code. Four
-// tokens at a time: their 4-lane entries are loaded whole and transposed into one 4-token
-// store per lane.
+// rows[0, lanes), for tokens [t_begin, t_end). Four tokens at a time: their 4-lane entries are
+// loaded whole and transposed into one 4-token store per lane. The codes were checked before;
+// the clamp only keeps a caller that rewrites them meanwhile from reading outside the table.
 A2ATS_MULTIVERSION
-bool score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
+void score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
                        int64_t t_begin, int64_t t_end, float* const* rows, int lane_begin, int lanes) {
-  uint32_t bad = 0;
   const uint32_t limit = uint32_t(num_centroids);
   const auto entry = [&](int64_t t) {
-    uint32_t c = uint16_t(codes[t * codes_t_stride]);
-    bad |= uint32_t(c >= limit);
+    const uint32_t c = uint16_t(codes[t * codes_t_stride]);
     return quad + (c < limit ? c : 0) * 4;
   };
   int64_t t = t_begin;
@@ -286,28 +284,23 @@ bool score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_
     const float* e = entry(t);
     for (int h = 0; h < lanes; ++h) rows[h][t] = e[lane_begin + h];
   }
-  return bad == 0;
 }
 
 // M > 1: scores[t] = sum_m lut[m][codes[t][m]] for t in [t_begin, t_end) from one head's
-// (M, C) table; returns false on an out-of-range code.
+// (M, C) table; codes clamped as in score_tokens_quad.
 A2ATS_MULTIVERSION
-bool score_tokens(const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
+void score_tokens(const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
                   int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores) {
-  uint32_t bad = 0;
   const uint32_t limit = uint32_t(num_centroids);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int16_t* code = codes + t * codes_t_stride;
     float s = 0.f;
     for (int64_t m = 0; m < num_subspaces; ++m) {
-      uint32_t c = uint16_t(code[m]);
-      bad |= uint32_t(c >= limit);
-      c = c < limit ? c : 0;
-      s += lut[m * num_centroids + c];
+      const uint32_t c = uint16_t(code[m]);
+      s += lut[m * num_centroids + (c < limit ? c : 0)];
     }
     scores[t] = s;
   }
-  return bad == 0;
 }
 
 }  // namespace
@@ -352,7 +345,6 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
   const int64_t head_blocks = (group_size + block_heads - 1) / block_heads;
   const int64_t rows_per_build = head_blocks == 1 ? kLutHeads / block_heads : 1;
   const int64_t row_blocks = (p.batch + rows_per_build - 1) / rows_per_build;
-  std::atomic<bool> ok{true};
   ThreadPool::global().parallel_for(p.num_kv_heads * row_blocks, [&](int64_t begin, int64_t end) {
     // Grows once per thread; no allocation in steady state.
     thread_local std::vector<float> lut;
@@ -382,7 +374,6 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
           }
           if (!any) continue;
           build_lut(q_heads, (b1 - b0) * heads, centroids_g, layout, dsub, scale, lut.data());
-          bool good = true;
           for (int64_t b = b0; b < b1; ++b) {
             if (!bin_tokens(b, j, t_begin, t_end)) continue;
             const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
@@ -396,17 +387,16 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
                 const int64_t quad_end = std::min(first + heads, (slot / 4 + 1) * 4);
                 float* rows[4];
                 for (int64_t s = slot; s < quad_end; ++s) rows[s - slot] = row(s - first);
-                good &= score_tokens_quad(layout.row(lut.data(), slot / 4 * 4, 0), codes_bg, p.codes_stride[2],
-                                          p.num_centroids, t_begin, t_end, rows, int(slot % 4), int(quad_end - slot));
+                score_tokens_quad(layout.row(lut.data(), slot / 4 * 4, 0), codes_bg, p.codes_stride[2],
+                                  p.num_centroids, t_begin, t_end, rows, int(slot % 4), int(quad_end - slot));
                 slot = quad_end;
               }
             } else {
               for (int64_t h = 0; h < heads; ++h)
-                good &= score_tokens(layout.row(lut.data(), first + h, 0), codes_bg, p.codes_stride[2],
-                                     p.num_subspaces, p.num_centroids, t_begin, t_end, row(h));
+                score_tokens(layout.row(lut.data(), first + h, 0), codes_bg, p.codes_stride[2],
+                             p.num_subspaces, p.num_centroids, t_begin, t_end, row(h));
             }
           }
-          if (!good) ok.store(false, std::memory_order_relaxed);
         }
       }
       for (int64_t b = b0; b < b1; ++b)
@@ -416,7 +406,7 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
         }
     }
   }, ThreadPool::min_chunk_for(rows_per_build * group_size * (table * dsub + p.capacity * p.num_subspaces)));
-  return ok.load();
+  return true;
 }
 
 }  // namespace a2ats
