@@ -506,7 +506,6 @@ class PyKVStore {
     owned_ = true;
   }
   void release_owned() { owned_ = false; }
-  bool owned() const { return owned_; }
   void refuse_if_owned(const char* what) const {
     if (owned_)
       throw_value(std::string("this KVStore belongs to a Pipeline, which keeps codes for exactly its rows; ") + what +
@@ -547,19 +546,11 @@ class PyPipeline {
     chol.expect_shape({L, Hkv, D, D}, "(num_layers, num_kv_heads, head_dim, head_dim) of the store");
     chol_inv.expect_shape({L, Hkv, D, D}, "the shape of chol");
     centroids.expect_ndim(5).expect_size(0, L, "num_layers of the store").expect_size(1, Hkv, "num_kv_heads of the store");
-    const int64_t M = centroids.size(2), C = centroids.size(3);
+    const int64_t M = centroids.size(2), C = centroids.size(3);  // C checked by the Pipeline
     if (M < 1 || centroids.size(4) * M != D)
       throw_value("centroids must be (num_layers, num_kv_heads, M, C, head_dim / M), got " + centroids.shape_str());
-    if (C < 1 || C > kMaxCentroids)
-      throw_value("centroids.shape[3] (C) must be in [1, " + std::to_string(kMaxCentroids) + "], got " + std::to_string(C));
-    if (2 * inv_freq.size(0) > D || inv_freq.size(0) < 1)
-      throw_value("inv_freq must hold 1 to head_dim / 2 frequencies, got " + std::to_string(inv_freq.size(0)));
-    if (num_q_heads < 1 || num_q_heads % Hkv != 0)
-      throw_value("num_q_heads must be a positive multiple of the store's num_kv_heads " + std::to_string(Hkv) +
-                  ", got " + std::to_string(num_q_heads));
-    if (wrope_distances.empty()) throw_value("wrope_distances must hold at least one distance");
-    for (int64_t d : wrope_distances)
-      if (d < 0 || d > (int64_t(1) << 40)) throw_value("wrope_distances must be in [0, 2^40], got " + std::to_string(d));
+    // Sizes and values (num_q_heads, C, inv_freq, sink, window, WRoPE distances, bins) are the
+    // Pipeline's own checks, raised as ValueError below; here only what it cannot see: the arrays.
     const auto copy = [](const TensorArg& t) {
       return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
     };
@@ -569,13 +560,16 @@ class PyPipeline {
     PipelineCodebook book{copy(chol), copy(chol_inv), copy(centroids), copy(inv_freq), std::move(wrope_distances),
                           std::move(bin_edges)};
     auto lock = py_store_.acquire();
-    if (py_store_.owned()) throw_value("store already belongs to another Pipeline; give each Pipeline its own KVStore");
+    py_store_.set_owned();  // first: refuses a store another Pipeline has
     try {
       pipeline_ = std::make_unique<Pipeline>(s, shape, std::move(book));
     } catch (const std::invalid_argument& e) {
+      py_store_.release_owned();
       throw_value(e.what());
+    } catch (...) {
+      py_store_.release_owned();
+      throw;
     }
-    py_store_.set_owned();
   }
 
   // The store may outlive its pipeline (Python holds it too): it is an ordinary store again. No

@@ -100,13 +100,18 @@ Pipeline::Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook 
     fail("num_q_heads must be a positive multiple of the store's num_kv_heads " + std::to_string(Hkv) + ", got " +
          std::to_string(shape.num_q_heads));
   if (shape.rotary_dim < 2 || shape.rotary_dim % 2 || shape.rotary_dim > D)
-    fail("inv_freq must hold between 1 and head_dim / 2 = " + std::to_string(D / 2) + " frequencies");
-  if (M < 1 || D % M || C < 1 || C > kMaxCentroids) fail("centroids must be (L, Hkv, M, C, D/M) with C <= 32768");
+    fail("inv_freq must hold between 1 and head_dim / 2 = " + std::to_string(D / 2) + " frequencies, got " +
+         std::to_string(shape.rotary_dim / 2));
+  if (M < 1 || D % M || C < 1 || C > kMaxCentroids)
+    fail("centroids must be (L, Hkv, M, C, D/M) with M dividing head_dim " + std::to_string(D) + " and C in [1, " +
+         std::to_string(kMaxCentroids) + "], got M = " + std::to_string(M) + ", C = " + std::to_string(C));
   if (shape.sink < 0 || shape.window < 1 || shape.sink > kMaxSelected || shape.window > kMaxSelected)
     fail("sink must be in [0, 2^30] and window in [1, 2^30], got sink = " + std::to_string(shape.sink) +
          ", window = " + std::to_string(shape.window));
   const int64_t nb = int64_t(codebook_.wrope_distances.size());
   if (nb < 1) fail("wrope_distances must hold at least one distance");
+  for (const int64_t d : codebook_.wrope_distances)
+    if (d < 0 || d > (int64_t(1) << 40)) fail("wrope_distances must be in [0, 2^40], got " + std::to_string(d));
   if (int64_t(codebook_.bin_edges.size()) != nb - 1)
     fail("bin_edges must hold len(wrope_distances) - 1 = " + std::to_string(nb - 1) + " edges, got " +
          std::to_string(codebook_.bin_edges.size()));
