@@ -256,7 +256,7 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
 }
 
 py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, int64_t group_size, int64_t sink,
-                      int64_t window, py::handle out_indices_obj, py::handle out_counts_obj, py::handle stream_obj) {
+                      int64_t window, bool add_resident, py::handle out_indices_obj, py::handle out_counts_obj, py::handle stream_obj) {
   TensorArg scores(scores_obj, "scores"), lengths(lengths_obj, "lengths");
   scores.expect_dtype({DType::kFloat32}).expect_ndim(3).expect_last_dim_contiguous();
   const int64_t B = scores.size(0), Hq = scores.size(1), Tcap = scores.size(2);
@@ -271,7 +271,7 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
     throw_value("group_size * k + sink + window (the selected rows per KV head) must fit int32, got group_size = " +
                 std::to_string(group_size) + ", k = " + std::to_string(k) + ", sink = " + std::to_string(sink) +
                 ", window = " + std::to_string(window));
-  const int64_t max_selected = group_size * k + sink + window;
+  const int64_t max_selected = group_size * k + (add_resident ? sink + window : 0);
   check_lengths(lengths, B, Tcap, scores);
   const int64_t Hkv = Hq / group_size;
   Output indices(out_indices_obj, "out_indices", scores, {B, Hkv, max_selected}, DType::kInt32);
@@ -280,7 +280,7 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
   counts.disjoint_from({&scores, &lengths, &indices.view});
   SelectTopkParams p;
   p.batch = B; p.num_q_heads = Hq; p.group_size = group_size; p.capacity = Tcap;
-  p.k = k; p.sink = sink; p.window = window; p.max_selected = max_selected;
+  p.k = k; p.sink = sink; p.window = window; p.max_selected = max_selected; p.add_resident = add_resident;
   p.scores_stride[0] = scores.stride(0); p.scores_stride[1] = scores.stride(1);
   p.indices_stride[0] = indices.view.stride(0); p.indices_stride[1] = indices.view.stride(1);
   p.counts_stride[0] = counts.view.stride(0); p.counts_stride[1] = counts.view.stride(1);
@@ -745,12 +745,13 @@ token n of row b at distance d = lengths[b] - 1 - n uses bin j = #{edges <= d}. 
 Scores are -inf at and past each length. A code outside [0, C) raises ValueError on CPU inputs; on
 CUDA inputs (not read back to the host) it gives that token a NaN score, which select_topk ranks lowest.)doc");
   m.def("select_topk", &select_topk, py::arg("scores"), py::arg("k"), py::arg("lengths"), py::kw_only(),
-        py::arg("group_size"), py::arg("sink"), py::arg("window"), py::arg("out_indices") = py::none(),
-        py::arg("out_counts") = py::none(), py::arg("stream") = py::none(),
+        py::arg("group_size"), py::arg("sink"), py::arg("window"), py::arg("add_resident") = true,
+        py::arg("out_indices") = py::none(), py::arg("out_counts") = py::none(), py::arg("stream") = py::none(),
         R"doc(Rows to attend over: (indices (B, Hkv, G*k + sink + window) int32 ascending, padded with -1; counts (B, Hkv) int32).
 
 Per query head the top k of tokens [sink, length - window) (all when fewer), united over the
-group_size heads of each KV head, plus the first sink and last window tokens.)doc");
+group_size heads of each KV head, plus the first sink and last window tokens. add_resident=False
+leaves those out (indices (B, Hkv, G*k)): for a caller that holds the sink and window rows itself.)doc");
 
   py::class_<PyKVStore>(m, "KVStore", R"doc(Host-memory K/V store (num_layers, batch, num_kv_heads, capacity, head_dim).
 

@@ -49,6 +49,7 @@ struct RowState {
 struct TopkArgs {
   int64_t batch, num_q_heads, group_size, num_kv_heads, capacity;
   int64_t k, sink, window, max_selected;
+  bool add_resident;
   int64_t scores_stride[2], indices_stride[2], counts_stride[2];
   int64_t tiles, words;  // tiles of kTile tokens per row; 32-token bitmap words per (b, g)
 };
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t bits = 0;
       if (w < num_words) {
         if (rg.select) bits = words[w];
-        bits |= range_bits(w, 0, sink_end) | range_bits(w, window_begin, rg.len);
+        if (a.add_resident) bits |= range_bits(w, 0, sink_end) | range_bits(w, window_begin, rg.len);
         if (rg.take_all) bits |= range_bits(w, rg.lo, rg.hi);
         bits &= range_bits(w, 0, rg.len);
       }
@@ -301,6 +302,7 @@ cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_
   a.batch = p.batch; a.num_q_heads = p.num_q_heads; a.group_size = p.group_size;
   a.num_kv_heads = p.num_q_heads / p.group_size; a.capacity = p.capacity;
   a.k = p.k; a.sink = p.sink; a.window = p.window; a.max_selected = p.max_selected;
+  a.add_resident = p.add_resident;
   for (int d = 0; d < 2; ++d) {
     a.scores_stride[d] = p.scores_stride[d];
     a.indices_stride[d] = p.indices_stride[d];

@@ -658,6 +658,34 @@ def test_select_topk_matches_reference(device, B, G, k, sink_window):
     assert torch.equal(idx.cpu(), ref_idx)
 
 
+@pytest.mark.parametrize("sink_window", [(0, 1), (4, 16), (3, 5)], ids=["s0w1", "s4w16", "s3w5"])
+@pytest.mark.parametrize("k", [0, 2, 9, 1000])
+@pytest.mark.parametrize("G", [1, 3, 7])
+def test_select_topk_without_resident_rows(device, G, k, sink_window):
+    """add_resident=False: the same selection with the sink and window rows left out."""
+    sink, window = sink_window
+    Hkv, Tcap = 2, 120
+    sw = sink + window
+    lengths = torch.tensor(sorted({0, 1, max(sw - 1, 0), sw, sw + 1, min(sw + k + 1, Tcap), 77, Tcap}), dtype=torch.int32)
+    B = len(lengths)
+    scores = distinct_scores(B, Hkv * G, Tcap, lengths, garbage=1e30)
+    idx, cnt = a2ats_core.select_topk(scores.to(device), k, lengths.to(device), group_size=G, sink=sink, window=window,
+                                      add_resident=False)
+    sync(device)
+    assert idx.shape == (B, Hkv, G * k)
+    ref_idx, ref_cnt = reference.select_topk(scores, k, lengths, group_size=G, sink=sink, window=window,
+                                             add_resident=False)
+    assert torch.equal(cnt.cpu(), ref_cnt) and torch.equal(idx.cpu(), ref_idx)
+    full_idx, full_cnt = reference.select_topk(scores, k, lengths, group_size=G, sink=sink, window=window)
+    for b, length in enumerate(lengths.tolist()):
+        middle_lo, middle_hi = sink, length - window
+        for g in range(Hkv):
+            full = full_idx[b, g, :full_cnt[b, g]]
+            middle = full[(full >= middle_lo) & (full < middle_hi)]
+            assert torch.equal(idx.cpu()[b, g, :cnt[b, g]], middle)
+            assert (idx.cpu()[b, g, cnt[b, g]:] == -1).all()
+
+
 @pytest.mark.parametrize("sink_window", [(0, 0), (8, 64), (3, 5)], ids=["s0w0", "s8w64", "s3w5"])
 @pytest.mark.parametrize("G", [1, 3, 7])
 def test_select_topk_edge_lengths(device, G, sink_window):

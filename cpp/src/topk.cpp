@@ -215,9 +215,11 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
       const int64_t length = lengths[b];
       uint8_t* mark = keep.data();
       std::memset(mark, 0, size_t(length));
-      std::memset(mark, 1, size_t(std::min(p.sink, length)));
-      const int64_t window_begin = std::max<int64_t>(0, length - p.window);
-      std::memset(mark + window_begin, 1, size_t(length - window_begin));
+      if (p.add_resident) {
+        std::memset(mark, 1, size_t(std::min(p.sink, length)));
+        const int64_t window_begin = std::max<int64_t>(0, length - p.window);
+        std::memset(mark + window_begin, 1, size_t(length - window_begin));
+      }
       const int64_t lo = p.sink, hi = length - p.window, num_candidates = hi - lo;
       if (num_candidates > 0 && p.k > 0) {
         if (num_candidates <= p.k) {

@@ -94,25 +94,26 @@ def lut_scores(q: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
 
 
 def select_topk(scores: torch.Tensor, k: int, lengths: torch.Tensor, *, group_size: int,
-                sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                sink: int, window: int, add_resident: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows to attend over per (batch, KV head).
 
     scores (B, Hq, Tcap). Candidates of row b are tokens [sink, lengths[b] - window); each query
     head takes its top ``k`` candidates (all of them when there are <= k), the G heads of a KV
-    head are united, and the first ``sink`` and last ``window`` tokens are added.
-    Returns indices (B, Hkv, G*k + sink + window) int32, ascending, padded with -1, and
-    counts (B, Hkv) int32.
+    head are united, and the first ``sink`` and last ``window`` tokens are added (unless
+    ``add_resident`` is False). Returns indices (B, Hkv, G*k + sink + window) int32 (G*k without
+    the resident rows), ascending, padded with -1, and counts (B, Hkv) int32.
     """
     B, Hq, _ = scores.shape
     Hkv = Hq // group_size
-    kmax = group_size * k + sink + window
+    kmax = group_size * k + (sink + window if add_resident else 0)
     indices = torch.full((B, Hkv, kmax), -1, dtype=torch.int32)
     counts = torch.zeros((B, Hkv), dtype=torch.int32)
     for b in range(B):
         length = int(lengths[b])
         keep = torch.zeros(Hkv, length, dtype=torch.bool)
-        keep[:, :min(sink, length)] = True
-        keep[:, max(length - window, 0):] = True
+        if add_resident:
+            keep[:, :min(sink, length)] = True
+            keep[:, max(length - window, 0):] = True
         lo, hi = sink, length - window
         take = min(k, hi - lo)
         if take > 0:
