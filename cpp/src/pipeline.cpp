@@ -87,7 +87,7 @@ void grow(std::vector<T>& v, int64_t n) {
 
 }  // namespace
 
-Pipeline::Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
+PipelineBase::PipelineBase(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
     : store_(store), shape_(shape), codebook_(std::move(codebook)) {
   const int64_t L = store.num_layers(), Hkv = store.num_kv_heads(), D = store.head_dim();
   const int64_t M = shape.num_subspaces, C = shape.num_centroids;
@@ -126,12 +126,88 @@ Pipeline::Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook 
       if (store.length(layer, b) != 0)
         fail("store must be empty: the pipeline keeps a code for every row it stores, and layer " +
              std::to_string(layer) + " already holds " + std::to_string(store.length(layer, b)) + " rows");
-  layer_codes_ = store.batch() * Hkv * store.capacity() * M;
   int64_t total = 0;
-  if (__builtin_mul_overflow(layer_codes_, L, &total) || total > (int64_t(1) << 40))
+  if (__builtin_mul_overflow(store.batch() * Hkv * store.capacity() * M, L, &total) || total > (int64_t(1) << 40))
     fail("the codes of this store would not fit in memory");
-  codes_.assign(size_t(total), 0);
   decoded_.assign(size_t(L), 0);
+}
+
+void PipelineBase::plan(int64_t k) {
+  const int64_t L = store_.num_layers(), B = store_.batch();
+  if (k < 0 || k > kMaxSelected) throw std::invalid_argument("k must be in [0, 2^30], got " + std::to_string(k));
+  const int64_t max_selected = group_size() * k + shape_.sink + shape_.window;
+  if (max_selected > kMaxSelected)
+    throw std::invalid_argument("group_size * k + sink + window must be <= 2^30, got " + std::to_string(max_selected));
+  for (int64_t layer = 0; layer < L; ++layer)
+    for (int64_t b = 0; b < B; ++b)
+      if (store_.length(layer, b) != store_.length(0, b))
+        throw std::invalid_argument(
+            "the layers hold different rows (layer 0 holds " + std::to_string(store_.length(0, b)) + " of batch row " +
+            std::to_string(b) + ", layer " + std::to_string(layer) + " holds " +
+            std::to_string(store_.length(layer, b)) +
+            "): an earlier step stopped inside the model; reset() and prefill again");
+  for (int64_t b = 0; b < B; ++b)
+    if (store_.length(0, b) + 1 > store_.capacity())
+      throw std::invalid_argument("capacity exceeded: batch row " + std::to_string(b) + " holds " +
+                                  std::to_string(store_.length(0, b)) + " rows, the store " +
+                                  std::to_string(store_.capacity()));
+  step_lengths_.resize(size_t(B));
+  for (int64_t b = 0; b < B; ++b) step_lengths_[size_t(b)] = int32_t(store_.length(0, b) + 1);
+  std::fill(decoded_.begin(), decoded_.end(), 0);
+  k_ = k;
+  max_selected_ = max_selected;
+  planned_ = true;
+}
+
+void PipelineBase::check_prefill() const {
+  if (planned_)
+    throw std::invalid_argument("prefill during a planned decode step: finish the step's layers or reset()");
+}
+
+void PipelineBase::check_decode(int64_t layer) const {
+  const int64_t L = store_.num_layers(), B = store_.batch();
+  if (layer < 0 || layer >= L)
+    throw std::invalid_argument("layer must be in [0, " + std::to_string(L) + "), got " + std::to_string(layer));
+  if (!planned_) throw std::invalid_argument("decode before plan(): plan each step once, then decode its layers");
+  if (decoded_[size_t(layer)])
+    throw std::invalid_argument("layer " + std::to_string(layer) + " was already decoded in this step; plan() the next");
+  for (int64_t b = 0; b < B; ++b)
+    if (store_.length(layer, b) + 1 != step_lengths_[size_t(b)])
+      throw std::invalid_argument("layer " + std::to_string(layer) + " holds " + std::to_string(store_.length(layer, b)) +
+                                  " rows of batch row " + std::to_string(b) + " but this step planned " +
+                                  std::to_string(step_lengths_[size_t(b)] - 1) + "; reset() and prefill again");
+}
+
+void PipelineBase::finish_decode(int64_t layer) {
+  decoded_[size_t(layer)] = 1;
+  if (std::all_of(decoded_.begin(), decoded_.end(), [](char d) { return d != 0; })) planned_ = false;
+}
+
+void PipelineBase::count_step(const int32_t* selected, bool include_resident) {
+  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads();
+  stats_.decode_calls += 1;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = step_lengths_[size_t(b)];
+    const int64_t resident = std::min(n, shape_.sink + shape_.window);  // the sink and window rows
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t count = selected[b * Hkv + g];
+      const int64_t fetched = include_resident ? count - std::min(count, resident) : count;
+      stats_.rows_read += fetched + resident;
+      stats_.rows_fetched += fetched;
+    }
+    stats_.rows_cached += n * Hkv;
+  }
+}
+
+void PipelineBase::forget_plan() {
+  planned_ = false;
+  std::fill(decoded_.begin(), decoded_.end(), 0);
+}
+
+Pipeline::Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
+    : PipelineBase(store, shape, std::move(codebook)) {
+  layer_codes_ = store.batch() * store.num_kv_heads() * store.capacity() * shape.num_subspaces;
+  codes_.assign(size_t(layer_codes_ * store.num_layers()), 0);
 }
 
 void Pipeline::encode_and_append(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
@@ -181,54 +257,16 @@ void Pipeline::encode_and_append(int64_t layer, const ConstRows& k, const ConstR
 
 void Pipeline::prefill(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new, const int64_t* positions,
                        const int64_t pos_stride[2], const int32_t* num_tokens) {
-  if (planned_)
-    throw std::invalid_argument("prefill during a planned decode step: finish the step's layers or reset()");
+  check_prefill();
   encode_and_append(layer, k, v, num_new, positions, pos_stride, num_tokens);
-}
-
-void Pipeline::plan(int64_t k) {
-  const int64_t L = store_.num_layers(), B = store_.batch(), Hkv = store_.num_kv_heads();
-  const int64_t group = shape_.num_q_heads / Hkv;
-  if (k < 0 || k > kMaxSelected) throw std::invalid_argument("k must be in [0, 2^30], got " + std::to_string(k));
-  const int64_t max_selected = group * k + shape_.sink + shape_.window;
-  if (max_selected > kMaxSelected)
-    throw std::invalid_argument("group_size * k + sink + window must be <= 2^30, got " + std::to_string(max_selected));
-  for (int64_t layer = 0; layer < L; ++layer)
-    for (int64_t b = 0; b < B; ++b)
-      if (store_.length(layer, b) != store_.length(0, b))
-        throw std::invalid_argument(
-            "the layers hold different rows (layer 0 holds " + std::to_string(store_.length(0, b)) + " of batch row " +
-            std::to_string(b) + ", layer " + std::to_string(layer) + " holds " +
-            std::to_string(store_.length(layer, b)) +
-            "): an earlier step stopped inside the model; reset() and prefill again");
-  for (int64_t b = 0; b < B; ++b)
-    if (store_.length(0, b) + 1 > store_.capacity())
-      throw std::invalid_argument("capacity exceeded: batch row " + std::to_string(b) + " holds " +
-                                  std::to_string(store_.length(0, b)) + " rows, the store " +
-                                  std::to_string(store_.capacity()));
-  step_lengths_.resize(size_t(B));
-  for (int64_t b = 0; b < B; ++b) step_lengths_[size_t(b)] = int32_t(store_.length(0, b) + 1);
-  std::fill(decoded_.begin(), decoded_.end(), 0);
-  k_ = k;
-  max_selected_ = max_selected;
-  planned_ = true;
 }
 
 void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, const ConstRows& v,
                       const int64_t* positions, int64_t pos_stride, float scale, void* out,
                       const int64_t out_stride[2]) {
-  const int64_t L = store_.num_layers(), B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
+  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
   const int64_t Hq = shape_.num_q_heads, group = Hq / Hkv, M = shape_.num_subspaces, NB = num_bins();
-  if (layer < 0 || layer >= L)
-    throw std::invalid_argument("layer must be in [0, " + std::to_string(L) + "), got " + std::to_string(layer));
-  if (!planned_) throw std::invalid_argument("decode before plan(): plan each step once, then decode its layers");
-  if (decoded_[size_t(layer)])
-    throw std::invalid_argument("layer " + std::to_string(layer) + " was already decoded in this step; plan() the next");
-  for (int64_t b = 0; b < B; ++b)
-    if (store_.length(layer, b) + 1 != step_lengths_[size_t(b)])
-      throw std::invalid_argument("layer " + std::to_string(layer) + " holds " + std::to_string(store_.length(layer, b)) +
-                                  " rows of batch row " + std::to_string(b) + " but this step planned " +
-                                  std::to_string(step_lengths_[size_t(b)] - 1) + "; reset() and prefill again");
+  check_decode(layer);
   // Every buffer first: an allocation that fails must leave the store as it was.
   const int64_t capacity = store_.capacity();
   grow(q_, B * Hq * D);
@@ -245,8 +283,7 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   grow(new_codes_, B * Hkv * M);
   const int64_t pos2[2] = {pos_stride, 0};
   encode_and_append(layer, k, v, 1, positions, pos2, nullptr);
-  decoded_[size_t(layer)] = 1;
-  if (std::all_of(decoded_.begin(), decoded_.end(), [](char d) { return d != 0; })) planned_ = false;
+  finish_decode(layer);
 
   // The exact query in float32, and its WRoPE forms: bin j moved to distance wrope_distances[j].
   to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), B, Hq, 1, D, q_.data());
@@ -300,24 +337,12 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
     default: f32_to_rows(out_.data(), B, Hq, D, static_cast<bfloat16_t*>(out), out_stride); break;
   }
 
-  // Counters; the resident rows of a row of length n are its sink and window rows.
-  stats_.decode_calls += 1;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = step_lengths_[size_t(b)];
-    const int64_t resident = std::min(shape_.sink, n) + std::max<int64_t>(0, std::min(shape_.window, n - shape_.sink));
-    for (int64_t g = 0; g < Hkv; ++g) {
-      const int64_t count = counts_[size_t(b * Hkv + g)];
-      stats_.rows_read += count;
-      stats_.rows_fetched += count - std::min(count, resident);
-    }
-    stats_.rows_cached += n * Hkv;
-  }
+  count_step(counts_.data(), true);
 }
 
 void Pipeline::reset() {
   store_.reset();
-  planned_ = false;
-  std::fill(decoded_.begin(), decoded_.end(), 0);
+  forget_plan();
 }
 
 }  // namespace a2ats

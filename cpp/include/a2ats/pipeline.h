@@ -58,9 +58,53 @@ struct ConstRows {
   int64_t stride[3] = {0, 0, 0};
 };
 
-class Pipeline {
+// What the CPU and CUDA pipelines share: the checked shape and codebook, the plan of the
+// current step and the counters. The store's per-row lengths are the one count of the rows.
+class PipelineBase {
  public:
-  // Throws std::invalid_argument when the shape or codebook does not fit the store.
+  // Throws std::invalid_argument when the shape or codebook does not fit the store, or the
+  // store already holds rows (they would have no codes).
+  PipelineBase(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook);
+
+  // Starts a decode step that appends one row to every batch row of every layer and selects k
+  // middle rows per query head. Throws when the layers hold different rows (an earlier step
+  // stopped partway) or a layer is full.
+  void plan(int64_t k);
+
+  const PipelineShape& shape() const { return shape_; }
+  int64_t num_bins() const { return int64_t(codebook_.wrope_distances.size()); }
+  int64_t planned_k() const { return k_; }
+  bool planned() const { return planned_; }
+  const PipelineStats& stats() const { return stats_; }
+  KVStore& store() const { return store_; }
+  int64_t group_size() const { return shape_.num_q_heads / store_.num_kv_heads(); }
+
+ protected:
+  // Throws unless `layer` may decode now: in range, planned, not yet decoded in this step, and
+  // holding the rows the plan counted.
+  void check_decode(int64_t layer) const;
+  // Marks `layer` decoded; the plan ends with the last layer.
+  void finish_decode(int64_t layer);
+  void check_prefill() const;
+  // Counters of one decode call from its host counts (B, Hkv): `selected` rows per KV head, of
+  // which the sink and window rows are part when `include_resident`, else read besides them.
+  void count_step(const int32_t* selected, bool include_resident);
+  void forget_plan();
+
+  KVStore& store_;
+  PipelineShape shape_;
+  PipelineCodebook codebook_;
+  bool planned_ = false;
+  int64_t k_ = 0;
+  int64_t max_selected_ = 0;           // G * k + sink + window: a selection with the resident rows
+  std::vector<int32_t> step_lengths_;  // (B,) lengths after this step's append
+  std::vector<char> decoded_;          // (L,) layers done this step
+  PipelineStats stats_;
+};
+
+// The CPU pipeline: attends the selected rows, sink and window included, straight from the store.
+class Pipeline : public PipelineBase {
+ public:
   Pipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook);
 
   // Stores the first num_tokens[b] (all t when null) rows of k, v (B, Hkv, t, D) per batch row,
@@ -68,11 +112,6 @@ class Pipeline {
   // Everything is checked first; a throw leaves the pipeline as it was.
   void prefill(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new, const int64_t* positions,
                const int64_t pos_stride[2], const int32_t* num_tokens);
-
-  // Starts a decode step that appends one row to every batch row of every layer and selects k
-  // middle rows per query head. Throws when the layers hold different rows (an earlier step
-  // stopped partway) or a layer is full.
-  void plan(int64_t k);
 
   // One decode step of `layer`: q (B, Hq, D), k, v (B, Hkv, 1, D) of the store's dtype, post-RoPE
   // at positions (B,) int64; writes out (B, Hq, D) of the store's dtype (element strides
@@ -82,11 +121,6 @@ class Pipeline {
 
   void reset();  // forgets every row (the store's too) and the current plan
 
-  const PipelineShape& shape() const { return shape_; }
-  int64_t num_bins() const { return int64_t(codebook_.wrope_distances.size()); }
-  int64_t planned_k() const { return k_; }
-  bool planned() const { return planned_; }
-  const PipelineStats& stats() const { return stats_; }
   // (B, Hkv, capacity, M) int16 codes of `layer`; rows past the store's lengths are stale.
   const int16_t* codes(int64_t layer) const { return codes_.data() + layer * layer_codes_; }
   // The selection of the last decode call: indices (B, Hkv, Kmax) int32, counts (B, Hkv) int32.
@@ -98,18 +132,9 @@ class Pipeline {
   void encode_and_append(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
                          const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens);
 
-  KVStore& store_;
-  PipelineShape shape_;
-  PipelineCodebook codebook_;
   int64_t layer_codes_ = 0;     // B * Hkv * capacity * M
   std::vector<int16_t> codes_;  // (L, B, Hkv, capacity, M)
-
-  // The current step's plan.
-  bool planned_ = false;
-  int64_t k_ = 0, max_selected_ = 0;
-  int64_t last_max_selected_ = 0;      // Kmax of the selection the last decode made
-  std::vector<int32_t> step_lengths_;  // (B,) lengths after this step's append
-  std::vector<char> decoded_;          // (L,) layers done this step
+  int64_t last_max_selected_ = 0;  // Kmax of the selection the last decode made
 
   // Scratch, grown on demand and reused.
   std::vector<float> keys_, whitened_;  // (B, Hkv, t, D)
@@ -119,7 +144,6 @@ class Pipeline {
   std::vector<float> scores_;           // (B, Hq, capacity)
   std::vector<int32_t> indices_, counts_;  // (B, Hkv, Kmax), (B, Hkv)
   std::vector<float> out_, lse_;        // (B, Hq, D), (B, Hq)
-  PipelineStats stats_;
 };
 
 }  // namespace a2ats
