@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "a2ats/kv_store.h"
+#include "a2ats/pipeline.h"
 #include "a2ats/rotary.h"
 #include "a2ats/topk.h"
 #include "a2ats/vq.h"
@@ -52,12 +53,15 @@ cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_
                              const SelectTopkParams& params, cudaStream_t stream);
 
 // Appends k, v (B, Hkv, num_new, D) on the device to `layer` of the host store: one
-// cudaMemcpy2DAsync per (b, g) block and tensor, then synchronises `stream`, so that the rows are
-// in host memory when the call returns. Does NOT advance the lengths: the caller runs
-// store.check_append before and store.commit_append after a successful return.
+// cudaMemcpy2DAsync per (b, g) block and tensor, then, when `synchronize`, synchronises `stream`
+// so that the rows are in host memory when the call returns. Without it they arrive in stream
+// order: the caller must not let the host read them before the stream gets there (the pipeline
+// reads them only in a later kv_gather_cuda, whose index copy synchronises the same stream).
+// Does NOT advance the lengths: the caller runs store.check_append before and
+// store.commit_append after a successful return.
 // num_tokens: host (B,) or null (all num_new rows of every batch row).
 cudaError_t kv_append_cuda(KVStore& store, int64_t layer, const RowsView& k, const RowsView& v, int64_t num_new,
-                           const int32_t* num_tokens, cudaStream_t stream);
+                           const int32_t* num_tokens, cudaStream_t stream, bool synchronize = true);
 
 // Gathers rows indices[b, g, :counts[b, g]] of `layer` into device outputs out_k, out_v
 // (B, Hkv, max_selected, D). indices (B, Hkv, max_selected) / counts (B, Hkv) int32 live on the
@@ -68,9 +72,121 @@ cudaError_t kv_append_cuda(KVStore& store, int64_t layer, const RowsView& k, con
 // a scatter kernel puts its rows in place. Two staging slots, each guarded by an event, so that
 // filling chunk i overlaps the copy of chunk i-1 and no slot is refilled while in flight.
 // Returns once the last chunk is enqueued (the outputs are ready in `stream` order).
-// Slots of the outputs past counts are left untouched.
+// Slots of the outputs past counts are left untouched. host_counts, when not null, receives the
+// counts (B, Hkv) dense on the host.
 cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
                            bool indices_on_device, const int32_t* counts, const int64_t counts_stride[2],
-                           const RowsView& out_k, const RowsView& out_v, int64_t max_selected, cudaStream_t stream);
+                           const RowsView& out_k, const RowsView& out_v, int64_t max_selected, cudaStream_t stream,
+                           int32_t* host_counts = nullptr);
+
+// Exact attention of each query head over the rows of its KV head that are on the device.
+// For (b, h), with g = h / group_size and n = counts[b, g] (clamped to [0, max_rows]):
+//   out[b, h] = softmax(scale * K q) V     // (B, Hq, D) f32, K = keys[b, g, :n], V likewise
+//   lse[b, h] = log sum exp(scale * K q)  // (B, Hq) f32; -inf and out = 0 when n == 0
+struct AttendRowsParams {
+  int64_t batch = 0, num_q_heads = 0, group_size = 1, head_dim = 0;
+  int64_t max_rows = 0;                // rows per (b, g) the buffers hold
+  float scale = 1.f;
+  DType dtype = DType::kFloat32;       // of keys and values
+  int64_t q_stride[2] = {0, 0};        // q (B, Hq, D) f32, head_dim contiguous
+  int64_t rows_stride[3] = {0, 0, 0};  // keys, values (B, Hkv, max_rows, D), head_dim contiguous
+  int64_t counts_stride[2] = {0, 0};   // counts (B, Hkv) int32
+  int64_t out_stride[2] = {0, 0};      // out (B, Hq, D) f32, head_dim contiguous
+  int64_t lse_stride[2] = {0, 0};      // lse (B, Hq) f32
+};
+cudaError_t attend_rows_cuda(const float* q, const void* keys, const void* values, const int32_t* counts, float* out,
+                             float* lse, const AttendRowsParams& params, cudaStream_t stream);
+
+// Attention over the union of two disjoint row sets from their states:
+//   out = (e^(lse_a - m) out_a + e^(lse_b - m) out_b) / (e^(lse_a - m) + e^(lse_b - m)),
+// m = max(lse_a, lse_b); 0 when both sets are empty. out_a, out_b (B, H, D) f32, lse (B, H) f32;
+// out (B, H, D) of dtype, head_dim contiguous everywhere.
+struct MergeAttentionParams {
+  int64_t batch = 0, num_heads = 0, head_dim = 0;
+  DType dtype = DType::kFloat32;  // of out
+  int64_t out_a_stride[2] = {0, 0}, lse_a_stride[2] = {0, 0};
+  int64_t out_b_stride[2] = {0, 0}, lse_b_stride[2] = {0, 0};
+  int64_t out_stride[2] = {0, 0};
+};
+cudaError_t merge_attention_cuda(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
+                                 void* out, const MergeAttentionParams& params, cudaStream_t stream);
+
+// The decode pipeline on one CUDA device, the twin of the CPU Pipeline (pipeline.h). The
+// codebook, the codes and the resident rows live on the device; the full K/V in the host store.
+//   resident rows   // (L, B, Hkv, sink + window, D) of K and of V, the store's dtype: slot n
+//                   // holds row n < sink, slot sink + (n - sink) % window a window row; a row
+//                   // of length len holds its min(len, sink + window) resident rows in a prefix
+// decode() appends the new row (to the host store asynchronously, and to the resident rows),
+// encodes its key, builds the binned WRoPE dual query, scores, selects k middle rows per query
+// head, gathers them from the host store (the one host synchronisation of a layer: the host
+// threads need the indices), attends them and the resident rows, and merges the two by their
+// log-sum-exp into out. No other host synchronisation happens in plan() or decode(); prefill()
+// synchronises once (its rows must be in host memory). All arrays are on the pipeline's device
+// except num_tokens (host). Checks throw std::invalid_argument before any work; CUDA failures are
+// returned as errors.
+class CudaPipeline : public PipelineBase {
+ public:
+  // Runs on the current device, which becomes the pipeline's. Throws std::invalid_argument as
+  // PipelineBase, std::runtime_error when the device memory cannot be had.
+  CudaPipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook);
+  ~CudaPipeline();
+  CudaPipeline(const CudaPipeline&) = delete;
+  CudaPipeline& operator=(const CudaPipeline&) = delete;
+
+  // k, v (B, Hkv, t, D) of the store's dtype, post-RoPE at positions (B, t) int64 (strides
+  // pos_stride); num_tokens host (B,) or null.
+  void plan(int64_t k);  // PipelineBase::plan; the step's lengths go to the device with its first decode
+  cudaError_t prefill(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
+                      const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens,
+                      cudaStream_t stream);
+  // q (B, Hq, D), k, v (B, Hkv, 1, D), positions (B,) int64, out (B, Hq, D): as Pipeline::decode.
+  cudaError_t decode(int64_t layer, const ConstRows& q, const ConstRows& k, const ConstRows& v,
+                     const int64_t* positions, int64_t pos_stride, float scale, void* out, const int64_t out_stride[2],
+                     cudaStream_t stream);
+  void reset();
+
+  int device() const { return device_; }
+  // Device arrays: codes (B, Hkv, capacity, M) int16 of `layer`; the last decode's middle
+  // selection, indices (B, Hkv, G * k) int32 ascending, padded with -1, and counts (B, Hkv).
+  const int16_t* codes(int64_t layer) const { return codes_ + layer * layer_codes_; }
+  const int32_t* last_indices() const { return indices_; }
+  const int32_t* last_counts() const { return counts_; }
+  int64_t last_max_selected() const { return last_max_selected_; }
+  // Resident rows of `layer` (B, Hkv, sink + window, D).
+  const void* resident_k(int64_t layer) const;
+  const void* resident_v(int64_t layer) const;
+
+ private:
+  cudaError_t encode_and_store(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
+                               const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens,
+                               bool decoding, cudaStream_t stream);
+  cudaError_t allocate();
+  cudaError_t ensure_selection(int64_t max_middle);
+  void release();
+
+  int device_ = -1;
+  int64_t layer_codes_ = 0, resident_rows_ = 0, layer_resident_ = 0;  // B*Hkv*cap*M, S+W, B*Hkv*(S+W)*D
+  int64_t last_max_selected_ = 0;
+  bool plan_uploaded_ = false;
+  cudaStream_t last_stream_ = nullptr;  // of the last prefill or decode
+  bool has_stream_ = false;
+  std::vector<int32_t> host_meta_, host_counts_;  // staged metadata; counts (B, Hkv) of the gather
+  // Device memory.
+  float *chol_ = nullptr, *chol_inv_ = nullptr, *centroids_ = nullptr, *inv_freq_ = nullptr;
+  int32_t* bin_edges_ = nullptr;  // (max(NB - 1, 1),)
+  int64_t* wrope_ = nullptr;      // (NB,)
+  int16_t* codes_ = nullptr;      // (L, B, Hkv, capacity, M)
+  char *resident_k_ = nullptr, *resident_v_ = nullptr;
+  int32_t* meta_ = nullptr;       // (4, B): step lengths, step starts, resident counts, scratch
+  float *q_ = nullptr, *q_wrope_ = nullptr, *q_dual_ = nullptr;  // (B, Hq, D), (B, Hq, NB, D) x 2
+  int64_t* rotate_by_ = nullptr;  // (B, NB) and, in decode, (B,)
+  float *keys_ = nullptr, *whitened_ = nullptr;  // (B, Hkv, D)
+  int16_t* new_codes_ = nullptr;  // (B, Hkv, M)
+  float* scores_ = nullptr;       // (B, Hq, capacity)
+  float *out_middle_ = nullptr, *lse_middle_ = nullptr, *out_resident_ = nullptr, *lse_resident_ = nullptr;
+  int64_t selection_capacity_ = -1;  // G * k the selection buffers hold
+  int32_t *indices_ = nullptr, *counts_ = nullptr;
+  char *gathered_k_ = nullptr, *gathered_v_ = nullptr;  // (B, Hkv, G * k, D)
+};
 
 }  // namespace a2ats

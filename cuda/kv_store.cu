@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kScatterThreads)
 }  // namespace
 
 cudaError_t kv_append_cuda(KVStore& store, int64_t layer, const RowsView& k, const RowsView& v, int64_t num_new,
-                           const int32_t* num_tokens, cudaStream_t stream) {
+                           const int32_t* num_tokens, cudaStream_t stream, bool synchronize) {
   const int64_t elem = dtype_size(store.dtype());
   const size_t row = size_t(store.row_bytes());
   for (int64_t b = 0; b < store.batch(); ++b) {
@@ -262,13 +262,15 @@ cudaError_t kv_append_cuda(KVStore& store, int64_t layer, const RowsView& k, con
                                size_t(v.stride[2] * elem), row, n, cudaMemcpyDeviceToHost, stream));
     }
   }
-  // The rows must be in host memory before the caller advances the lengths.
-  return cudaStreamSynchronize(stream);
+  // The rows must be in host memory before the caller advances the lengths (or, without
+  // synchronize, before anything on the host reads them).
+  return synchronize ? cudaStreamSynchronize(stream) : cudaSuccess;
 }
 
 cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
                            bool indices_on_device, const int32_t* counts, const int64_t counts_stride[2],
-                           const RowsView& out_k, const RowsView& out_v, int64_t max_selected, cudaStream_t stream) {
+                           const RowsView& out_k, const RowsView& out_v, int64_t max_selected, cudaStream_t stream,
+                           int32_t* host_counts) {
   CudaStoreState& st = state_of(store);
   std::lock_guard<std::mutex> lock(st.mutex);
   const int64_t B = store.batch(), Hkv = store.num_kv_heads();
@@ -294,6 +296,9 @@ cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices
 
   // 2. Validation (throws std::invalid_argument before anything is written).
   store.check_gather(layer, idx, idx_stride, cnt, cnt_stride, max_selected);
+  if (host_counts)
+    for (int64_t bg = 0; bg < B * Hkv; ++bg)
+      host_counts[bg] = cnt[(bg / Hkv) * cnt_stride[0] + (bg % Hkv) * cnt_stride[1]];
 
   // 3. Rows flattened over (b, g, i) in order; chunks of chunk_rows of them.
   std::vector<int64_t>& seg = st.seg_start;

@@ -11,6 +11,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "a2ats_cuda.h"
@@ -337,6 +338,195 @@ static void test_kv_store(DType dtype, int64_t D) {
   }
 }
 
+// ---- attend_rows / merge_attention against a double-precision scalar reference ----------------
+template <typename T>
+static void test_attend_merge(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t max_rows) {
+  const int64_t Hq = Hkv * G, rs = D + 3;  // padded rows
+  std::vector<T> keys(size_t(B * Hkv * max_rows * rs)), values(keys.size());
+  for (auto& x : keys) x = to_t<T>(randn());
+  for (auto& x : values) x = to_t<T>(randn());
+  std::vector<float> q(size_t(B * Hq * D));
+  for (auto& x : q) x = randn();
+  std::vector<int32_t> counts(size_t(B * Hkv));
+  for (int64_t i = 0; i < B * Hkv; ++i) counts[size_t(i)] = i == 1 || max_rows == 0 ? 0 : randint(1, int(max_rows));  // one empty
+  AttendRowsParams p;
+  p.batch = B; p.num_q_heads = Hq; p.group_size = G; p.head_dim = D; p.max_rows = max_rows; p.scale = 0.3f;
+  p.dtype = std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, half_t> ? DType::kFloat16 : DType::kBFloat16;
+  p.q_stride[0] = Hq * D; p.q_stride[1] = D;
+  p.rows_stride[0] = Hkv * max_rows * rs; p.rows_stride[1] = max_rows * rs; p.rows_stride[2] = rs;
+  p.counts_stride[0] = Hkv; p.counts_stride[1] = 1;
+  p.out_stride[0] = Hq * D; p.out_stride[1] = D;
+  p.lse_stride[0] = Hq; p.lse_stride[1] = 1;
+  std::vector<float> out(size_t(B * Hq * D), 7.f), lse(size_t(B * Hq), 7.f);
+  CUDA_OK(attend_rows_cuda(q.data(), keys.data(), values.data(), counts.data(), out.data(), lse.data(), p, nullptr));
+  double worst = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t g = h / G, n = counts[size_t(b * Hkv + g)];
+      const T* kr = keys.data() + b * p.rows_stride[0] + g * p.rows_stride[1];
+      const T* vr = values.data() + b * p.rows_stride[0] + g * p.rows_stride[1];
+      std::vector<double> logit(static_cast<size_t>(n));
+      double m = -INFINITY;
+      for (int64_t i = 0; i < n; ++i) {
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += double(as_f(kr[i * rs + d])) * q[size_t((b * Hq + h) * D + d)];
+        logit[size_t(i)] = dot * 0.3f;
+        m = std::max(m, logit[size_t(i)]);
+      }
+      double sum = 0;
+      for (auto& l : logit) sum += std::exp(l - m);
+      const double ref_lse = n ? m + std::log(sum) : -INFINITY;
+      const float got_lse = lse[size_t(b * Hq + h)];
+      if (n == 0) CHECK(got_lse == -INFINITY, "attend: empty rows must give lse -inf, got %g", got_lse);
+      else worst = std::max(worst, std::fabs(got_lse - ref_lse));
+      for (int64_t d = 0; d < D; ++d) {
+        double acc = 0;
+        for (int64_t i = 0; i < n; ++i) acc += std::exp(logit[size_t(i)] - m) / sum * as_f(vr[i * rs + d]);
+        worst = std::max(worst, std::fabs(out[size_t((b * Hq + h) * D + d)] - acc));
+      }
+    }
+  CHECK(worst < 2e-4, "attend B=%lld Hkv=%lld G=%lld D=%lld rows=%lld: max error %g", (long long)B, (long long)Hkv,
+        (long long)G, (long long)D, (long long)max_rows, worst);
+  // Merge with a second state (the first one again, a different "row set"): both halves equal
+  // weights where lse are equal; check against the formula, and the empty cases.
+  std::vector<float> out_b(out.size()), lse_b(lse.size());
+  for (auto& x : out_b) x = randn();
+  for (size_t i = 0; i < lse_b.size(); ++i) lse_b[i] = i % 5 == 0 ? -INFINITY : randn() * 3.f;
+  MergeAttentionParams mp;
+  mp.batch = B; mp.num_heads = Hq; mp.head_dim = D; mp.dtype = p.dtype;
+  mp.out_a_stride[0] = mp.out_b_stride[0] = Hq * D; mp.out_a_stride[1] = mp.out_b_stride[1] = D;
+  mp.lse_a_stride[0] = mp.lse_b_stride[0] = Hq; mp.lse_a_stride[1] = mp.lse_b_stride[1] = 1;
+  mp.out_stride[0] = Hq * (D + 1); mp.out_stride[1] = D + 1;
+  std::vector<T> merged(size_t(B * Hq * (D + 1)), to_t<T>(9.f));
+  CUDA_OK(merge_attention_cuda(out.data(), lse.data(), out_b.data(), lse_b.data(), merged.data(), mp, nullptr));
+  double worst_merge = 0;
+  for (int64_t bh = 0; bh < B * Hq; ++bh) {
+    const double la = lse[size_t(bh)], lb = lse_b[size_t(bh)], m = std::max(la, lb);
+    const double wa = m == -INFINITY ? 0 : std::exp(la - m), wb = m == -INFINITY ? 0 : std::exp(lb - m);
+    for (int64_t d = 0; d < D; ++d) {
+      const double ref = wa + wb > 0 ? (wa * out[size_t(bh * D + d)] + wb * out_b[size_t(bh * D + d)]) / (wa + wb) : 0;
+      const double got = as_f(merged[size_t(bh * (D + 1) + d)]);
+      worst_merge = std::max(worst_merge, std::fabs(got - ref) / (1 + std::fabs(ref)));
+    }
+    CHECK(as_f(merged[size_t(bh * (D + 1) + D)]) == 9.f, "merge wrote past head_dim");
+  }
+  const double tol = std::is_same_v<T, float> ? 1e-5 : std::is_same_v<T, half_t> ? 1e-3 : 8e-3;
+  CHECK(worst_merge < tol, "merge dtype=%s: max error %g", dtype_name(p.dtype), worst_merge);
+}
+
+// ---- the CUDA pipeline against the CPU pipeline, step by step -----------------------------------
+// Codes of the rows `store` holds, equal in both pipelines.
+template <typename A, typename B_>
+static bool same_codes(const A& x, const B_& y, const KVStore& store, int64_t layer, int64_t M) {
+  for (int64_t b = 0; b < store.batch(); ++b)
+    for (int64_t g = 0; g < store.num_kv_heads(); ++g) {
+      const int64_t off = (b * store.num_kv_heads() + g) * store.capacity() * M;
+      if (std::memcmp(x.codes(layer) + off, y.codes(layer) + off, size_t(store.length(layer, b) * M) * 2) != 0)
+        return false;
+    }
+  return true;
+}
+
+template <typename T>
+static void test_pipeline(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t NB, int64_t sink, int64_t window,
+                          int64_t k, std::vector<int32_t> prompt, int steps) {
+  const int64_t L = 2, Hq = Hkv * G, M = 2, C = 64, cap = 400, R = D;
+  const DType dtype =
+      std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, half_t> ? DType::kFloat16 : DType::kBFloat16;
+  PipelineShape shape;
+  shape.num_q_heads = Hq; shape.rotary_dim = R; shape.num_subspaces = M; shape.num_centroids = C;
+  shape.sink = sink; shape.window = window;
+  PipelineCodebook book;
+  book.chol.resize(size_t(L * Hkv * D * D));
+  book.chol_inv.resize(book.chol.size());
+  for (auto& x : book.chol) x = randn() * 0.2f;
+  for (auto& x : book.chol_inv) x = randn() * 0.2f;
+  book.centroids.resize(size_t(L * Hkv * C * D));
+  for (auto& x : book.centroids) x = randn();
+  for (int64_t i = 0; i < R / 2; ++i) book.inv_freq.push_back(std::pow(10000.f, -2.f * float(i) / float(R)));
+  for (int64_t j = 0; j < NB; ++j) book.wrope_distances.push_back(window + 16 * j);
+  for (int64_t j = 1; j < NB; ++j) book.bin_edges.push_back(int32_t(window + 8 * j));
+  KVStore cpu_store(L, B, Hkv, D, cap, dtype, false, 2), dev_store(L, B, Hkv, D, cap, dtype, true, 3);
+  Pipeline cpu(cpu_store, shape, book);
+  CudaPipeline dev(dev_store, shape, book);
+  const auto rand_rows = [](int64_t n) {
+    std::vector<T> rows(static_cast<size_t>(n));
+    for (auto& x : rows) x = to_t<T>(randn());
+    return rows;
+  };
+  // Prefill: ragged prompts (num_tokens), positions 0.. per row.
+  const int64_t t = *std::max_element(prompt.begin(), prompt.end());
+  std::vector<int64_t> pos(size_t(B * t));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < t; ++i) pos[size_t(b * t + i)] = i;
+  const int64_t pos_stride[2] = {t, 1};
+  for (int64_t layer = 0; layer < L; ++layer) {
+    auto kr = rand_rows(B * Hkv * t * D), vr = rand_rows(B * Hkv * t * D);
+    const ConstRows kc{kr.data(), {Hkv * t * D, t * D, D}}, vc{vr.data(), {Hkv * t * D, t * D, D}};
+    cpu.prefill(layer, kc, vc, t, pos.data(), pos_stride, prompt.data());
+    CUDA_OK(dev.prefill(layer, kc, vc, t, pos.data(), pos_stride, prompt.data(), nullptr));
+    CHECK(same_codes(cpu, dev, dev_store, layer, M), "prefill codes differ at layer %lld", (long long)layer);
+  }
+  double worst = 0;
+  for (int step = 0; step < steps; ++step) {
+    cpu.plan(k);
+    dev.plan(k);
+    for (int64_t layer = 0; layer < L; ++layer) {
+      std::vector<int64_t> dpos(static_cast<size_t>(B));
+      for (int64_t b = 0; b < B; ++b) dpos[size_t(b)] = dev_store.length(layer, b);
+      auto q = rand_rows(B * Hq * D), kr = rand_rows(B * Hkv * D), vr = rand_rows(B * Hkv * D);
+      const ConstRows qc{q.data(), {Hq * D, D, 0}}, kc{kr.data(), {Hkv * D, D, D}}, vc{vr.data(), {Hkv * D, D, D}};
+      const int64_t os[2] = {Hq * (D + 2), D + 2};  // strided output
+      std::vector<T> out_cpu(size_t(B * Hq * (D + 2)), to_t<T>(5.f)), out_dev(out_cpu);
+      cpu.decode(layer, qc, kc, vc, dpos.data(), 1, 0.125f, out_cpu.data(), os);
+      const long long syncs = emu::stream_syncs;
+      CUDA_OK(dev.decode(layer, qc, kc, vc, dpos.data(), 1, 0.125f, out_dev.data(), os, nullptr));
+      CHECK(emu::stream_syncs - syncs == (G * k > 0 ? 1 : 0), "decode synchronised %lld times",
+            emu::stream_syncs - syncs);
+      CHECK(same_codes(cpu, dev, dev_store, layer, M), "codes differ at step %d layer %lld", step, (long long)layer);
+      // The CUDA selection is the CPU selection without its sink and window rows.
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t len = cpu_store.length(layer, b);
+        for (int64_t g = 0; g < Hkv; ++g) {
+          std::vector<int32_t> middle;
+          const int32_t* ci = cpu.last_indices() + (b * Hkv + g) * cpu.last_max_selected();
+          for (int64_t i = 0; i < cpu.last_counts()[b * Hkv + g]; ++i)
+            if (ci[i] >= sink && ci[i] < len - window) middle.push_back(ci[i]);
+          const int32_t* di = dev.last_indices() + (b * Hkv + g) * dev.last_max_selected();
+          const int64_t n = dev.last_counts()[b * Hkv + g];
+          CHECK(int64_t(middle.size()) == n && std::equal(middle.begin(), middle.end(), di),
+                "selection differs at step %d layer %lld b %lld g %lld (%zu vs %lld rows)", step, (long long)layer,
+                (long long)b, (long long)g, middle.size(), (long long)n);
+        }
+      }
+      for (int64_t bh = 0; bh < B * Hq; ++bh) {
+        for (int64_t d = 0; d < D; ++d) {
+          const double a = as_f(out_cpu[size_t(bh * (D + 2) + d)]), e = as_f(out_dev[size_t(bh * (D + 2) + d)]);
+          worst = std::max(worst, std::fabs(a - e) / (1 + std::fabs(a)));
+        }
+        CHECK(as_f(out_dev[size_t(bh * (D + 2) + D)]) == 5.f, "decode wrote past head_dim");
+      }
+    }
+  }
+  const double tol = std::is_same_v<T, float> ? 2e-5 : std::is_same_v<T, half_t> ? 2e-3 : 1.6e-2;
+  CHECK(worst < tol, "pipeline dtype=%s B=%lld G=%lld NB=%lld k=%lld: outputs differ by %g", dtype_name(dtype),
+        (long long)B, (long long)G, (long long)NB, (long long)k, worst);
+  CHECK(dev.stats().rows_read == cpu.stats().rows_read && dev.stats().rows_fetched == cpu.stats().rows_fetched &&
+            dev.stats().rows_cached == cpu.stats().rows_cached,
+        "stats differ: read %lld vs %lld, fetched %lld vs %lld", (long long)dev.stats().rows_read,
+        (long long)cpu.stats().rows_read, (long long)dev.stats().rows_fetched, (long long)cpu.stats().rows_fetched);
+  // The host stores hold the same rows.
+  for (int64_t layer = 0; layer < L; ++layer)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const size_t bytes = size_t(cpu_store.length(layer, b) * cpu_store.row_bytes());
+        CHECK(cpu_store.length(layer, b) == dev_store.length(layer, b) &&
+                  std::memcmp(cpu_store.k_rows(layer, b, g), dev_store.k_rows(layer, b, g), bytes) == 0 &&
+                  std::memcmp(cpu_store.v_rows(layer, b, g), dev_store.v_rows(layer, b, g), bytes) == 0,
+              "host store rows differ at layer %lld b %lld g %lld", (long long)layer, (long long)b, (long long)g);
+      }
+}
+
 int main() {
   setenv("A2ATS_GATHER_CHUNK_BYTES", "8192", 1);  // many chunks, so both slots are reused
   section("rotary...");
@@ -373,6 +563,17 @@ int main() {
   test_kv_store(DType::kFloat16, 64);
   test_kv_store(DType::kFloat32, 6);    // 24-byte rows: 4-byte copies in the scatter kernel
   test_kv_store(DType::kBFloat16, 3);   // 6-byte rows: 2-byte copies
+  section("attend and merge...");
+  test_attend_merge<float>(2, 2, 3, 64, 600);     // 3 tiles, ragged, one empty (b, g)
+  test_attend_merge<half_t>(3, 1, 7, 40, 100);
+  test_attend_merge<bfloat16_t>(1, 3, 1, 128, 257);
+  test_attend_merge<float>(2, 1, 2, 16, 0);       // no rows at all
+  section("pipeline...");
+  test_pipeline<float>(3, 2, 3, 32, 1, 4, 16, 6, {120, 7, 60}, 3);     // row 1 shorter than sink + window
+  test_pipeline<half_t>(2, 1, 7, 32, 3, 2, 8, 4, {90, 150}, 2);        // binned
+  test_pipeline<bfloat16_t>(1, 2, 1, 64, 2, 0, 4, 3, {100}, 2);        // no sink
+  test_pipeline<float>(2, 1, 2, 32, 1, 4, 16, 0, {50, 3}, 2);          // k = 0: no gather, no sync
+  test_pipeline<float>(5, 1, 3, 16, 1, 2, 4, 500, {30, 1, 0, 17, 64}, 2);  // every row; an empty prompt
   std::printf("%lld kernel launches, %lld memcpys, %lld event syncs, %lld stream syncs\n", emu::launches,
               emu::memcpy_calls, emu::event_syncs, emu::stream_syncs);
   if (g_failures) {
