@@ -373,3 +373,73 @@ def test_the_selection_check_refuses_a_wrong_selection():
     wrong[0, 0, :int(counts[0, 0])] = wrong[0, 0, :int(counts[0, 0])].sort().values
     with pytest.raises(AssertionError, match="not a top-3 selection"):
         ref.decode(0, q, kv, kv, positions, 3, 0.25, codes=codes, selection=(wrong, counts))
+
+
+CUDA = a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0 and torch.cuda.is_available()
+
+
+def test_device_argument_is_checked():
+    book = random_codebook(1, 2, 16, 1, 16, torch.Generator().manual_seed(0))
+    good = dict(num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1], centroids=book[2], sink=1, window=1,
+                wrope_distances=[8])
+    store = a2ats_core.KVStore(1, 1, 2, 16, 8, "float32")
+    for bad in ["tpu", "cuda:x", "cuda:", "cudax"]:
+        with pytest.raises(ValueError, match=r"\bdevice\b"):
+            a2ats_core.Pipeline(store, **good, device=bad)
+    if not CUDA:  # a CUDA build without a device, or a build without CUDA: refused, not crashed
+        with pytest.raises(ValueError, match=r"\bdevice\b"):
+            a2ats_core.Pipeline(store, **good, device="cuda")
+    for cpu in [None, "cpu", torch.device("cpu")]:
+        pipe = a2ats_core.Pipeline(store, **good, device=cpu)  # the failed constructions left the store free
+        assert pipe.device == "cpu"
+        del pipe
+        gc.collect()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA build of a2ats_core, a CUDA device and torch with CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("G", [1, 3, 7])
+@pytest.mark.parametrize("prompts", [[40], [40, 3, 60], [3, 90, 12, 55, 1]], ids=["B1", "B3-ragged", "B5-ragged"])
+@pytest.mark.parametrize("bins", [((64,), ()), ((8, 24, 64), (16, 40))], ids=["1bin", "3bins"])
+@pytest.mark.parametrize("k", [0, 3, 1000], ids=["k0", "k3", "kall"])
+def test_cuda_pipeline_equals_the_cpu_pipeline(dtype, G, prompts, bins, k):
+    """The CUDA twin, step by step against the CPU pipeline on the same rows and codebook."""
+    L, Hkv, D, capacity, sink, window = 2, 2, 16, 128, 4, 8
+    B = len(prompts)
+    generator = torch.Generator().manual_seed(5)
+    book = random_codebook(L, Hkv, D, 1, 16, generator)
+    common = dict(num_q_heads=Hkv * G, inv_freq=book[3], chol=book[0], chol_inv=book[1], centroids=book[2],
+                  sink=sink, window=window, wrope_distances=list(bins[0]), bin_edges=list(bins[1]))
+    cpu = a2ats_core.Pipeline(a2ats_core.KVStore(L, B, Hkv, D, capacity, dtype), **common)
+    dev = a2ats_core.Pipeline(a2ats_core.KVStore(L, B, Hkv, D, capacity, dtype), **common, device="cuda")
+    t = max(prompts)
+    counts = torch.tensor(prompts, dtype=torch.int32)
+    positions = torch.arange(t).expand(B, t).contiguous()
+    for layer in range(L):
+        keys, values = (torch.randn(B, Hkv, t, D, generator=generator).to(dtype) for _ in range(2))
+        cpu.prefill(layer, keys, values, positions, num_tokens=counts)
+        dev.prefill(layer, keys.cuda(), values.cuda(), positions.cuda(), num_tokens=counts)
+    for _ in range(3):
+        cpu.plan(k)
+        dev.plan(k)
+        step_positions = torch.from_numpy(cpu.store.lengths()[0]).long() + 3
+        for layer in range(L):
+            q = torch.randn(B, Hkv * G, D, generator=generator).to(dtype)
+            keys, values = (torch.randn(B, Hkv, 1, D, generator=generator).to(dtype) for _ in range(2))
+            want = cpu.decode(layer, q, keys, values, step_positions, scale=0.25)
+            got = dev.decode(layer, q.cuda(), keys.cuda(), values.cuda(), step_positions.cuda(), scale=0.25)
+            assert got.device.type == "cuda"
+            torch.testing.assert_close(got.cpu().float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+            lengths = cpu.store.lengths()[layer]
+            for b in range(B):
+                n = int(lengths[b])
+                mismatches = int((dev.codes(layer)[b, :, :n] != cpu.codes(layer)[b, :, :n]).sum())
+                assert mismatches <= 1 + 0.02 * Hkv * n
+            indices, counts_ = dev.last_selection()
+            assert indices.shape == (B, Hkv, G * k) and (counts_ <= G * k).all()
+            for b in range(B):
+                for g in range(Hkv):
+                    middle = indices[b, g, :counts_[b, g]]
+                    assert ((middle >= sink) & (middle < lengths[b] - window)).all()
+    assert cpu.stats() == dev.stats()
+    assert (cpu.store.lengths() == dev.store.lengths()).all()
