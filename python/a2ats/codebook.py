@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 import torch
 
-from . import reference
+import a2ats_core
+
 from .models import ModelLayout, RopeSpec, describe_model, fingerprints_match, \
     key_projection_fingerprint
 
@@ -222,9 +223,23 @@ class Codebook:
         return torch.einsum("bhnd,hed->bhne", q_w.float(), per_q_head)
 
     def encode(self, layer: int, k_pre: torch.Tensor) -> torch.Tensor:
-        """Codes (B, Hkv, T, M) int16 of pre-RoPE keys k_pre (B, Hkv, T, D) (reference op)."""
-        return reference.vq_encode(self.whiten_keys(layer, k_pre),
-                                   self.centroids[layer].to(k_pre.device))
+        """Codes (B, Hkv, T, M) int16 of pre-RoPE keys k_pre (B, Hkv, T, D)."""
+        return a2ats_core.vq_encode(self.whiten_keys(layer, k_pre).contiguous(),
+                                    self.centroids[layer].to(k_pre.device).contiguous())
+
+    def encode_keys(self, layer: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Codes (B, Hkv, T, M) int16 of post-RoPE keys (B, Hkv, T, D) at positions (B, T): rotated
+        back to pre-RoPE form, whitened, nearest centroid (the pipeline's prefill, as single ops)."""
+        k_pre = a2ats_core.rotary(keys, (-positions).to(torch.int64), self.inv_freq.to(keys.device).float())
+        return self.encode(layer, k_pre)
+
+    def wrope_dual_queries(self, layer: int, query: torch.Tensor, positions: torch.Tensor,
+                           wrope_distance: int) -> torch.Tensor:
+        """Scoring queries (B, Hq, D) f32 for post-RoPE queries (B, Hq, D) at positions (B,): moved
+        to the WRoPE distance b, R(b - m) q, then into the dual space of their KV head."""
+        q_w = a2ats_core.rotary(query[:, :, None], (wrope_distance - positions[:, None]).to(torch.int64),
+                                self.inv_freq.to(query.device).float())
+        return self.dual_queries(layer, q_w[:, :, 0]).contiguous()
 
     def reconstruct_keys(self, layer: int, codes: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys ``ĉ L⁻¹`` (B, Hkv, T, D) f32 the codes (B, Hkv, T, M) stand for."""

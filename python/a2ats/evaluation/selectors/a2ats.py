@@ -1,5 +1,6 @@
 """A²ATS: query-aware codebook codes of the un-rotated keys, scored with the WRoPE query in the
-dual space (the same functions the decode path of :class:`~a2ats.A2ATSCache` uses).
+dual space (the single native ops that :class:`a2ats_core.Pipeline` fuses, through the codebook's
+maths: :meth:`~a2ats.Codebook.encode_keys` and :meth:`~a2ats.Codebook.wrope_dual_queries`).
 
 With an ablation codebook (see :attr:`a2ats.Codebook.ablation`) the same selector runs the
 ablated method: "no-query-awareness" codebooks have L = I, so nothing else changes;
@@ -10,7 +11,6 @@ import torch
 
 import a2ats_core
 
-from ...cache import dual_matrices, dual_queries, encode_keys
 from .base import Selector
 
 
@@ -21,8 +21,6 @@ class A2ATS(Selector):
                      "no-query-awareness": "a2ats-no-qa"}[codebook.ablation]
         self.wrope = codebook.ablation != "no-wrope"
         self.wrope_position = int(wrope_position or codebook.relative_position)
-        book = codebook
-        self.dual = {layer: dual_matrices(book.chol_inv[layer], book.group_size) for layer in book.layers}
         self.codes: dict[int, torch.Tensor] = {}
 
     def reset(self):
@@ -31,8 +29,8 @@ class A2ATS(Selector):
     def _encode(self, layer, keys, positions):
         book = self.codebook
         if not self.wrope:
-            return a2ats_core.vq_encode(torch.matmul(keys.float(), book.chol[layer])[None], book.centroids[layer])[0]
-        return encode_keys(keys[None], positions[None], book.inv_freq, book.chol[layer], book.centroids[layer])[0]
+            return book.encode(layer, keys[None])[0]
+        return book.encode_keys(layer, keys[None], positions[None])[0]
 
     def prefill(self, layer, keys):
         self.codes[layer] = self._encode(layer, keys, torch.arange(keys.shape[1]))
@@ -43,10 +41,9 @@ class A2ATS(Selector):
     def scores(self, layer, query, keys, position):
         book = self.codebook
         if self.wrope:
-            q_dual = dual_queries(query[None, :, None], torch.tensor([[position]]), self.wrope_position,
-                                  book.inv_freq, self.dual[layer])
+            q_dual = book.wrope_dual_queries(layer, query[None], torch.tensor([position]), self.wrope_position)
         else:
-            q_dual = torch.matmul(query.float()[:, None], self.dual[layer])[:, 0][None].contiguous()
+            q_dual = book.dual_queries(layer, query[None]).contiguous()
         codes = self.codes[layer][None]
         lengths = torch.tensor([codes.shape[2]], dtype=torch.int32)
         return a2ats_core.lut_scores(q_dual, book.centroids[layer], codes, lengths)[0]
