@@ -8,12 +8,14 @@
 #    so nothing is installed; falls back to `pip install --no-build-isolation --no-deps .`);
 # 3. runs the CUDA tests (everything selected by `-k cuda` in the kernel, KV-store, error and
 #    CUDA test files), JUnit XML into OUTDIR;
-# 4. runs `bench/bench_kernels.py --device cuda` (if present) and bench/bench_gather_cuda.py;
+# 4. runs `bench/bench_kernels.py --device cuda`, the decode benchmark (bench/bench_decode.py: the
+#    Llama-3.1-8B shape, random bf16 weights, 32k and 128k) and bench/bench_gather_cuda.py;
 # 5. if time is left, runs compute-sanitizer (memcheck, then racecheck) over one small call of
 #    every kernel.
 # Writes OUTDIR/gpu_check.log (everything), summary.txt (one line per step), tests.xml,
-# kernels_cuda.csv, gather_cuda.csv. Every step has a time limit and the whole run stays under
-# 8 minutes (A2ATS_GPU_CHECK_BUDGET seconds, default 470); a failing step does not stop the rest.
+# kernels_cuda.csv, decode_cuda_*.csv, gather_cuda.csv. Every step has a time limit and the whole
+# run stays under 9.5 minutes (A2ATS_GPU_CHECK_BUDGET seconds, default 560); a failing step does
+# not stop the rest.
 set -u
 
 if [ $# -lt 1 ]; then
@@ -31,7 +33,7 @@ SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 exec > >(tee -a "$LOG") 2>&1
 
-BUDGET="${A2ATS_GPU_CHECK_BUDGET:-470}"
+BUDGET="${A2ATS_GPU_CHECK_BUDGET:-560}"
 START=$(date +%s)
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
@@ -131,7 +133,7 @@ step import 60 "$PY" -c "import a2ats_core as c; print(c.__file__, 'built_with_c
 
 # ---- 3. tests -------------------------------------------------------------------------------
 TEST_FILES=()
-for f in tests/test_cuda.py tests/test_kernels.py tests/test_kv_store.py tests/test_errors.py; do
+for f in tests/test_cuda.py tests/test_kernels.py tests/test_kv_store.py tests/test_errors.py tests/test_pipeline.py; do
   [ -f "$f" ] && TEST_FILES+=("$f")
 done
 step tests 200 "$PY" -m pytest "${TEST_FILES[@]}" -k cuda -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml"
@@ -141,6 +143,14 @@ if [ -f bench/bench_kernels.py ]; then
   step bench_kernels 120 "$PY" bench/bench_kernels.py --device cuda --csv "$OUT/kernels_cuda.csv"
 else
   echo "bench/bench_kernels.py not found; skipped" | tee -a "$SUMMARY"
+fi
+# The decode step end to end: the Llama-3.1-8B shape with random weights in bf16, dense and A²ATS on
+# the same rows; 32k at batch 1 and 4, 128k at batch 1 (the dense cache must fit beside the model).
+if [ -f bench/bench_decode.py ]; then
+  step bench_decode_32k 150 "$PY" bench/bench_decode.py --models random --contexts 32768 --batches 1 4 --steps 4 \
+    --device cuda --csv "$OUT/decode_cuda_32k.csv"
+  step bench_decode_128k 120 "$PY" bench/bench_decode.py --models random --contexts 131072 --batches 1 --steps 4 \
+    --device cuda --csv "$OUT/decode_cuda_128k.csv"
 fi
 step bench_gather 120 "$PY" bench/bench_gather_cuda.py --csv "$OUT/gather_cuda.csv"
 rc=$?
@@ -172,6 +182,23 @@ store.append(0, torch.randn(1, 2, 5000, 64, device=d, dtype=torch.float16),
              torch.randn(1, 2, 5000, 64, device=d, dtype=torch.float16))
 out = torch.empty(1, 2, idx.shape[-1], 64, device=d, dtype=torch.float16)
 store.gather(0, idx, cnt, out, out.clone())
+# The CUDA pipeline: prefill, then a few decode steps (attend, merge, resident rows, codes).
+L, B, Hkv, G, D = 2, 2, 2, 3, 64
+pstore = c.KVStore(L, B, Hkv, D, 600, torch.float16)
+chol = torch.eye(D).expand(L, Hkv, D, D).contiguous()
+pipe = c.Pipeline(pstore, num_q_heads=Hkv * G, inv_freq=1 / 10000 ** (torch.arange(0, D, 2).float() / D), chol=chol,
+                  chol_inv=chol, centroids=torch.randn(L, Hkv, 1, 256, D), sink=4, window=16,
+                  wrope_distances=[32, 256], bin_edges=[64], device=d)
+for layer in range(L):
+    kv = torch.randn(B, Hkv, 500, D, device=d, dtype=torch.float16)
+    pipe.prefill(layer, kv, kv.clone(), torch.arange(500, device=d).expand(B, 500).contiguous(),
+                 num_tokens=torch.tensor([500, 300], dtype=torch.int32))
+for step in range(3):
+    pipe.plan(20)
+    for layer in range(L):
+        new = torch.randn(B, Hkv, 1, D, device=d, dtype=torch.float16)
+        pipe.decode(layer, torch.randn(B, Hkv * G, D, device=d, dtype=torch.float16), new, new.clone(),
+                    torch.tensor([500 + step, 300 + step], device=d), scale=0.125)
 torch.cuda.synchronize()
 print("sanitizer script done")
 EOF

@@ -112,8 +112,7 @@ def _check_selection(cache, layer_idx, query, positions, indices, counts):
     length = int(lengths.max())
     k, group = config.budget(length), book.group_size
     q_w = reference.rotary(query, cache.wrope_position - positions, cache.codebook.inv_freq.float())
-    chol_inv = book.chol_inv[layer_idx].repeat_interleave(group, 0)  # (Hq, D, D)
-    q_dual = torch.einsum("bhd,hed->bhe", q_w[:, :, 0].float(), chol_inv)  # q_w L^-T
+    q_dual = book.dual_queries(layer_idx, q_w[:, :, 0])  # q_w L^-T
     scores = reference.lut_scores(q_dual, book.centroids[layer_idx], _codes(cache, layer)[:, :, :length], lengths)
     for b, n in enumerate(lengths.tolist()):
         lo, hi = config.sink, n - config.window
@@ -134,9 +133,7 @@ def _check_selection(cache, layer_idx, query, positions, indices, counts):
 
 def _codes(cache, layer):
     """Codes (B, Hkv, capacity, M) int16 that the cache keeps for ``layer``."""
-    if cache.steps.name == "native":
-        return torch.from_numpy(cache.steps.pipeline.codes(layer.store_layer))
-    return cache.steps.codes[layer.store_layer].cpu()
+    return torch.from_numpy(cache.steps.pipeline.codes(layer.store_layer))
 
 
 def _attention_over(cache, layer_idx, query, indices, counts):
@@ -159,29 +156,21 @@ def _attention_over(cache, layer_idx, query, indices, counts):
     return out.reshape(batch, book.num_q_heads, 1, -1).transpose(1, 2)
 
 
-@pytest.mark.parametrize("path", ["native", "torch"])
-def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, small_codebook, batch, path):
+def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, small_codebook, batch):
     """At 3%: the selection is a valid top-k under the reference scores, and the output is exact
-    attention over the selected rows, whether the step is one native call (the CPU path) or
-    composed with resident sink/window rows and gathered middle rows (the GPU path)."""
+    attention over the selected rows."""
     model, _ = smollm2
     input_ids, attention_mask = batch
     cache = a2ats.A2ATSCache(model, small_codebook,
                              a2ats.A2ATSConfig(topk=0.03, sink=5, window=24, capacity=1100))
-    cache.decode_path = path
     _prefill(model, cache, input_ids, attention_mask)
     steps, seen = cache.steps, {}
     decode = steps.decode
 
     def recording_decode(layer, query, keys, values, positions, scale):
         out = decode(layer, query, keys, values, positions, scale)
-        if path == "native":
-            selection = tuple(torch.from_numpy(a) for a in steps.pipeline.last_selection())
-        else:
-            kmax = cache.codebook.group_size * steps.k + 5 + 24
-            selection = steps.indices_buffer(kmax).clone(), steps.counts_buffer.clone()
-        seen[cache.steps.layers[layer] if path == "torch" else list(cache.retrieval)[layer]] = (
-            query.detach().clone(), positions[:, None].clone(), out, *selection)
+        selection = tuple(torch.from_numpy(a) for a in steps.pipeline.last_selection())
+        seen[list(cache.retrieval)[layer]] = (query.detach().clone(), positions[:, None].clone(), out, *selection)
         return out
 
     steps.decode = recording_decode
@@ -194,7 +183,7 @@ def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, sma
         want = _attention_over(cache, layer_idx, query, indices, counts)
         torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-5)
     summary = cache.summary()
-    assert summary["decode_path"] == path
+    assert summary["decode_path"] == "a2ats_core.Pipeline (cpu)"
     assert 0 < summary["rows_fetched_share"] < summary["rows_read_share"]
 
 
@@ -202,19 +191,8 @@ def test_small_budget_reads_few_rows(smollm2, small_codebook, batch):
     model, _ = smollm2
     input_ids, attention_mask = batch
     cache = a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=0.03, capacity=1100))
-    # The composed (GPU) path reuses gather buffers between steps: stale rows past the selected
-    # ones must get no weight. Huge finite stand-ins would swamp the output if they did. The
-    # reference is the native path: the two paths agree.
-    cache.decode_path = "torch"
     _prefill(model, cache, input_ids, attention_mask)
-    reference_cache = a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=0.03, capacity=1100))
-    _prefill(model, reference_cache, input_ids, attention_mask)
-    want = _decode(model, reference_cache, attention_mask, steps=2)
-    for buffer in cache.steps.rows_buffers(2048):
-        buffer.fill_(1e30)
-    logits = _decode(model, cache, attention_mask, steps=2)
-    for step, got in zip(want, logits):
-        torch.testing.assert_close(got, step, rtol=1e-4, atol=1e-4)  # two float orders
+    _decode(model, cache, attention_mask, steps=2)
     summary = cache.summary()
     # 3 query heads x 3% + 8 sink + 64 window of ~850 tokens: well under a fifth of the rows.
     assert 0.05 < summary["rows_read_share"] < 0.2
@@ -281,11 +259,10 @@ def test_other_architectures_full_budget_equal_dense_attention(smollm2, kind):
         assert list(codebook.layers) == [1, 3]  # the global layers; sliding ones stay dense
 
 
-@pytest.mark.parametrize("path", ["native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_half_precision_models_full_budget_equal_dense_attention(smollm2, dtype, path):
-    """A model in float16 or bfloat16 stores 16-bit rows; with a budget covering every token both
-    decode paths give dense attention's logits, up to the dtype's rounding."""
+def test_half_precision_models_full_budget_equal_dense_attention(smollm2, dtype):
+    """A model in float16 or bfloat16 stores 16-bit rows; with a budget covering every token the
+    decode step gives dense attention's logits, up to the dtype's rounding."""
     model, codebook = _tiny_setup(smollm2, "llama")
     model = model.to(dtype)
     input_ids = torch.randint(49152, (2, 40), generator=torch.Generator().manual_seed(4))
@@ -293,7 +270,6 @@ def test_half_precision_models_full_budget_equal_dense_attention(smollm2, dtype,
     attention_mask[0, :7] = 0  # left padding
     dense = _forward_steps(model, DynamicCache(config=model.config), input_ids, attention_mask, steps=4)
     cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=1.0, sink=2, window=4, capacity=64))
-    cache.decode_path = path
     ours = _forward_steps(model, cache, input_ids, attention_mask, steps=4)
     assert cache.store.dtype == str(dtype).removeprefix("torch.")
     tolerance = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
@@ -307,17 +283,16 @@ def test_statistics_cost_no_sync_and_timing_is_opt_in(smollm2):
     model, codebook = _tiny_setup(smollm2, "llama")
     input_ids = torch.randint(49152, (2, 30), generator=torch.Generator().manual_seed(5))
     attention_mask = torch.ones(2, 30, dtype=torch.long)
-    for path in ("native", "torch"):
-        for timing in (None, False):
-            cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=2, sink=2, window=4, capacity=40))
-            cache.decode_path, cache.time_attention = path, timing
-            _forward_steps(model, cache, input_ids, attention_mask, steps=3)
-            summary = cache.summary()
-            assert summary["decode_steps"] == 3 and 0 < summary["rows_read_share"] < 1, (path, timing)
-            timed = summary["attention_seconds_per_step"]
-            assert (timed > 0) if timing is None else math.isnan(timed), (path, timing)
-            cache.reset_stats()
-            assert cache.summary()["decode_steps"] == 0
+    for timing in (None, False):
+        cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=2, sink=2, window=4, capacity=40))
+        cache.time_attention = timing
+        _forward_steps(model, cache, input_ids, attention_mask, steps=3)
+        summary = cache.summary()
+        assert summary["decode_steps"] == 3 and 0 < summary["rows_read_share"] < 1, timing
+        timed = summary["attention_seconds_per_step"]
+        assert (timed > 0) if timing is None else math.isnan(timed), timing
+        cache.reset_stats()
+        assert cache.summary()["decode_steps"] == 0
 
 
 def test_reset_forgets_the_previous_prompt(smollm2):
@@ -344,48 +319,27 @@ class _Interrupt(Exception):
     """Stands for KeyboardInterrupt, which pytest would take for the user's."""
 
 
-@pytest.mark.parametrize("path, where", [("native", "between layers"), ("torch", "between layers"),
-                                         ("torch", "inside a layer")])
-def test_a_step_interrupted_mid_model_is_refused_until_reset(smollm2, path, where):
-    """A decode stopped partway leaves layers holding different rows; the next step says so
-    (it used to fail with an unrelated tensor-size error), and reset() makes the cache whole."""
+def test_a_step_interrupted_mid_model_is_refused_until_reset(smollm2):
+    """A decode stopped between two layers leaves them holding different rows; the next step says
+    so (it used to fail with an unrelated tensor-size error), and reset() makes the cache whole.
+    Inside a layer there is no such point: the native step validates, then changes, in one call."""
     model, codebook = _tiny_setup(smollm2, "llama")
     config = a2ats.A2ATSConfig(topk=1.0, sink=2, window=4, capacity=64)
     input_ids = torch.randint(49152, (2, 30), generator=torch.Generator().manual_seed(3))
     attention_mask = torch.ones(2, 30, dtype=torch.long)
     cache = a2ats.A2ATSCache(model, codebook, config)
-    cache.decode_path = path
     _prefill(model, cache, input_ids, attention_mask)
-    if where == "between layers":
-        def stop(module, args, kwargs):
-            raise _Interrupt
-        handle = decoder_layers(model)[1].register_forward_pre_hook(stop, with_kwargs=True)
-    else:
-        # After layer 0's rows reached the host store, before the layer's own bookkeeping (the
-        # native step has no such point: it validates, then changes, inside one call).
-        real = cache.steps.store
 
-        class Store:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def append(self, *args, **kwargs):
-                real.append(*args, **kwargs)
-                raise _Interrupt
-        cache.steps.store = Store()
-        handle = None
+    def stop(module, args, kwargs):
+        raise _Interrupt
+    handle = decoder_layers(model)[1].register_forward_pre_hook(stop, with_kwargs=True)
     with pytest.raises(_Interrupt):
         _decode(model, cache, attention_mask, steps=1)
-    if handle is not None:
-        handle.remove()
-    else:
-        cache.steps.store = real
+    handle.remove()
     with pytest.raises(RuntimeError, match="half-applied step.*reset"):
         _decode(model, cache, attention_mask, steps=1)
     cache.reset()
-    fresh_cache = a2ats.A2ATSCache(model, codebook, config)
-    fresh_cache.decode_path = path
-    fresh = _forward_steps(model, fresh_cache, input_ids, attention_mask, steps=2)
+    fresh = _forward_steps(model, a2ats.A2ATSCache(model, codebook, config), input_ids, attention_mask, steps=2)
     again = _forward_steps(model, cache, input_ids, attention_mask, steps=2)
     for want, got in zip(fresh, again):
         assert torch.equal(want, got)

@@ -20,8 +20,8 @@ new rows and returns them tagged with the layer (``key._a2ats_layer``); the atte
   cached token through the WRoPE dual query, selects ``k`` per query head (united per KV head,
   plus sink and window) and attends exactly over them with the model's own query.
 
-On a CPU a decode step of a layer is one native call (:class:`a2ats_core.Pipeline`); on a GPU it
-is composed from the native ops and torch until the CUDA pipeline lands. Batches may mix
+A decode step of a layer is one native call (:class:`a2ats_core.Pipeline`) on the CPU and on a
+GPU alike, with no torch op inside it. Batches may mix
 prompt lengths (left or right padding): only valid rows are stored, each row at its own
 length. A step that fails leaves the cache as it was; one cut short inside the model is
 refused at the next step until ``reset()``.
@@ -42,12 +42,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import a2ats_core
 
-from . import reference
 from .codebook import Codebook
 from .models import decoder_layers, describe_model
 
-__all__ = ["A2ATSConfig", "A2ATSCache", "A2ATSLayer", "ATTENTION_NAME", "register_attention", "attention_timer",
-           "encode_keys", "dual_matrices", "dual_queries"]
+__all__ = ["A2ATSConfig", "A2ATSCache", "A2ATSLayer", "ATTENTION_NAME", "register_attention", "attention_timer"]
 
 ATTENTION_NAME = "a2ats"
 
@@ -116,49 +114,25 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def encode_keys(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, chol: torch.Tensor,
-                centroids: torch.Tensor) -> torch.Tensor:
-    """Codes (B, Hkv, t, M) int16 of post-RoPE keys (B, Hkv, t, D) at positions (B, t): rotated
-    back to pre-RoPE form, whitened by chol (Hkv, D, D), nearest of centroids (Hkv, M, C, D/M)."""
-    k_pre = a2ats_core.rotary(keys, (-positions).to(torch.int64), inv_freq)
-    whitened = torch.matmul(k_pre.float(), chol)  # (B, Hkv, t, D) @ (Hkv, D, D)
-    return a2ats_core.vq_encode(whitened, centroids)
+class _PipelineSteps:
+    """The decode step as one native call per layer: :class:`a2ats_core.Pipeline` on the model's
+    device. The pipeline owns the host store and the codes (and on a GPU the resident sink and
+    window rows); the store's lengths are the one count of what the cache holds."""
 
-
-def dual_matrices(chol_inv: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(Hq, D, D) with [h, d, e] = L⁻¹[g(h)][e, d], from chol_inv (Hkv, D, D): q' = q_w @ dual[h]."""
-    return chol_inv.transpose(1, 2).repeat_interleave(group_size, 0).contiguous()
-
-
-def dual_queries(query: torch.Tensor, positions: torch.Tensor, wrope_position: int, inv_freq: torch.Tensor,
-                 dual: torch.Tensor) -> torch.Tensor:
-    """Scoring queries (B, Hq, D) f32 for post-RoPE queries (B, Hq, 1, D) at positions (B, 1):
-    moved to the WRoPE distance, R(b - m) q, then into the dual space of their KV head with
-    dual (Hq, D, D) = L⁻ᵀ per query head."""
-    q_w = a2ats_core.rotary(query, (wrope_position - positions).to(torch.int64), inv_freq)
-    return torch.matmul(q_w.float(), dual)[:, :, 0].contiguous()
-
-
-class _NativeSteps:
-    """The decode step as one native call per layer: :class:`a2ats_core.Pipeline` (CPU).
-
-    The pipeline owns the host store and the codes; the store's lengths are the one count of
-    what the cache holds. Sink and window rows are read from the store like the others.
-    """
-
-    name = "native"
-
-    def __init__(self, cache: "A2ATSCache", batch: int, dtype: torch.dtype):
+    def __init__(self, cache: "A2ATSCache", batch: int, dtype: torch.dtype, device: torch.device):
         book, layers, config = cache.codebook, list(cache.retrieval), cache.config
+        self.device = device
+        on_gpu = device.type == "cuda"
         self.store = a2ats_core.KVStore(len(layers), batch, book.num_kv_heads, book.head_dim, cache.capacity, dtype,
-                                        pinned=False, threads=config.threads)
+                                        pinned=config.pinned and on_gpu, threads=config.threads)
 
         def stacked(per_layer):
-            return torch.stack([per_layer[layer].float() for layer in layers]).contiguous()
+            return torch.stack([per_layer[layer].float().cpu() for layer in layers]).contiguous()
         self.pipeline = a2ats_core.Pipeline(
-            self.store, num_q_heads=book.num_q_heads, inv_freq=book.inv_freq.float().contiguous(),
+            self.store, num_q_heads=book.num_q_heads, inv_freq=book.inv_freq.float().cpu().contiguous(),
             chol=stacked(book.chol), chol_inv=stacked(book.chol_inv), centroids=stacked(book.centroids),
-            sink=config.sink, window=config.window, wrope_distances=[cache.wrope_position])
+            sink=config.sink, window=config.window, wrope_distances=[cache.wrope_position],
+            device=str(device) if on_gpu else None)
         self._stats_base = self.pipeline.stats()
 
     def lengths(self) -> np.ndarray:
@@ -166,7 +140,7 @@ class _NativeSteps:
         return self.store.lengths()
 
     def prefill(self, layer: int, keys, values, positions, counts: list[int]) -> None:
-        self.pipeline.prefill(layer, keys, values, positions.to(torch.int64),
+        self.pipeline.prefill(layer, keys, values, positions.to(torch.int64).contiguous(),
                               num_tokens=torch.tensor(counts, dtype=torch.int32))
 
     def plan(self, k: int) -> None:
@@ -174,12 +148,15 @@ class _NativeSteps:
 
     def decode(self, layer: int, query, keys, values, positions, scale: float) -> torch.Tensor:
         batch, num_q_heads, _, head_dim = query.shape
-        out = torch.empty(batch, 1, num_q_heads, head_dim, dtype=query.dtype)
+        out = torch.empty(batch, 1, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
         self.pipeline.decode(layer, query[:, :, 0], keys, values, positions, scale=scale, out=out[:, 0])
         return out
 
     def materialize(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _materialize(self.store, layer, torch.device("cpu"))
+        # Decode steps on a GPU leave their rows in flight to the host store until the stream
+        # gets there; the host reads below must come after.
+        _synchronize(self.device)
+        return _materialize(self.store, layer, self.device)
 
     def stats(self) -> dict[str, int]:
         now = self.pipeline.stats()
@@ -190,161 +167,6 @@ class _NativeSteps:
 
     def reset(self) -> None:
         self.pipeline.reset()
-
-
-class _TorchSteps:
-    """The decode step composed from the single ops and torch: the GPU path until the CUDA
-    pipeline exists. Codes, the resident sink/window rows and the lengths live on the compute
-    device per layer; the selected middle rows are gathered from the host store into device
-    buffers, attended there and merged with the resident rows by their log-sum-exp."""
-
-    name = "torch"
-
-    def __init__(self, cache: "A2ATSCache", batch: int, dtype: torch.dtype, device: torch.device):
-        book, config = cache.codebook, cache.config
-        self.cache, self.device, self.batch = cache, device, batch
-        self.store = a2ats_core.KVStore(len(cache.retrieval), batch, book.num_kv_heads, book.head_dim, cache.capacity,
-                                        dtype, pinned=config.pinned and device.type == "cuda", threads=config.threads)
-        self.inv_freq = book.inv_freq.to(device, torch.float32).contiguous()
-        self.layers = list(cache.retrieval)  # store layer -> model layer
-        self.centroids = [book.centroids[layer].to(device).contiguous() for layer in self.layers]
-        self.chol = [book.chol[layer].to(device) for layer in self.layers]
-        self.dual = [dual_matrices(book.chol_inv[layer], book.group_size).to(device) for layer in self.layers]
-        shape = (batch, book.num_kv_heads)
-        self.lengths_host = [[0] * batch for _ in self.layers]
-        self.lengths_device = [torch.zeros(batch, dtype=torch.int32, device=device) for _ in self.layers]
-        self.codes = [torch.zeros(*shape, cache.capacity, book.num_subspaces, dtype=torch.int16, device=device)
-                      for _ in self.layers]
-        # Copies of the always-attended rows, so that only the selected middle rows cross from
-        # host memory: (B, Hkv, sink + window, D); slots [0, sink) hold positions [0, sink),
-        # slots [sink, sink + window) a ring with position p at sink + p % window.
-        resident = (*shape, config.sink + config.window, book.head_dim)
-        self.resident_k = [torch.zeros(resident, dtype=dtype, device=device) for _ in self.layers]
-        self.resident_v = [torch.zeros(resident, dtype=dtype, device=device) for _ in self.layers]
-        self.scores_buffer = torch.empty(batch, book.num_q_heads, cache.capacity, dtype=torch.float32, device=device)
-        self.counts_buffer = torch.empty(shape, dtype=torch.int32, device=device)
-        self._indices = torch.empty(0, dtype=torch.int32, device=device)
-        self._rows = (torch.empty(0, dtype=dtype, device=device),) * 2
-        self.k = 0
-        # Counters: rows read and fetched add up on the device (no host sync per layer); they
-        # are read back only when stats() is asked for.
-        self._decode_calls = self._rows_cached = 0
-        self._row_counts = torch.zeros(2, dtype=torch.int64, device=device)  # (rows read, rows fetched)
-
-    def lengths(self) -> np.ndarray:
-        return np.array(self.lengths_host, dtype=np.int64)
-
-    def indices_buffer(self, kmax: int) -> torch.Tensor:
-        """(B, Hkv, kmax) int32 view of a buffer grown as the budget grows."""
-        need = self.batch * self.cache.codebook.num_kv_heads * kmax
-        if self._indices.numel() < need:
-            self._indices = torch.empty(2 * need, dtype=torch.int32, device=self.device)
-        return self._indices[:need].view(self.batch, self.cache.codebook.num_kv_heads, kmax)
-
-    def rows_buffers(self, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Hkv, kmax, D) views for gathered K and V."""
-        book = self.cache.codebook
-        need = self.batch * book.num_kv_heads * kmax * book.head_dim
-        if self._rows[0].numel() < need:
-            self._rows = tuple(torch.zeros(2 * need, dtype=self._rows[0].dtype, device=self.device) for _ in range(2))
-        shape = (self.batch, book.num_kv_heads, kmax, book.head_dim)
-        return self._rows[0][:need].view(shape), self._rows[1][:need].view(shape)
-
-    def _append(self, layer: int, keys, values, positions, counts: list[int]) -> None:
-        """Stores, encodes and keeps resident the first counts[b] rows of each batch row."""
-        codes = encode_keys(keys, positions, self.inv_freq, self.chol[layer], self.centroids[layer])
-        self.store.append(layer, keys, values, num_tokens=torch.tensor(counts, dtype=torch.int32))
-        sink, window = self.cache.config.sink, self.cache.config.window
-        lengths = self.lengths_host[layer]
-        resident_k, resident_v = self.resident_k[layer], self.resident_v[layer]
-        if keys.shape[2] == 1 and min(lengths) >= sink:
-            # Decode: one row per sequence, past the sink; codes and ring slot in one indexed copy.
-            rows = torch.arange(len(counts), device=keys.device)
-            starts = self.lengths_device[layer].long()
-            self.codes[layer][rows, :, starts] = codes[:, :, 0]
-            slots = sink + starts % window
-            resident_k[rows, :, slots] = keys[:, :, 0]
-            resident_v[rows, :, slots] = values[:, :, 0]
-            self.lengths_host[layer] = [n + 1 for n in lengths]
-            self.lengths_device[layer] += 1
-            return
-        for b, n in enumerate(counts):
-            start = lengths[b]
-            self.codes[layer][b, :, start:start + n] = codes[b, :, :n]
-            in_sink = max(0, min(sink, start + n) - start)
-            resident_k[b, :, start:start + in_sink] = keys[b, :, :in_sink]
-            resident_v[b, :, start:start + in_sink] = values[b, :, :in_sink]
-            in_window = min(window, n)
-            slots = sink + torch.arange(start + n - in_window, start + n, device=keys.device) % window
-            resident_k[b][:, slots] = keys[b, :, n - in_window:n]
-            resident_v[b][:, slots] = values[b, :, n - in_window:n]
-            lengths[b] = start + n
-        self.lengths_device[layer].copy_(torch.tensor(lengths, dtype=torch.int32))
-
-    def prefill(self, layer: int, keys, values, positions, counts: list[int]) -> None:
-        self._append(layer, keys, values, positions, counts)
-
-    def plan(self, k: int) -> None:
-        self.k = k
-
-    def decode(self, layer: int, query, keys, values, positions, scale: float) -> torch.Tensor:
-        cache, book = self.cache, self.cache.codebook
-        batch, group = self.batch, book.group_size
-        self._append(layer, keys, values, positions[:, None], [1] * batch)
-        length = max(self.lengths_host[layer])
-        lengths_device = self.lengths_device[layer]
-        q_dual = dual_queries(query, positions[:, None], cache.wrope_position, self.inv_freq, self.dual[layer])
-        scores = a2ats_core.lut_scores(q_dual, self.centroids[layer], self.codes[layer][:, :, :length], lengths_device,
-                                       out=self.scores_buffer[:, :, :length])
-        k, sink, window = self.k, cache.config.sink, cache.config.window
-        indices, counts = a2ats_core.select_topk(
-            scores, k, lengths_device, group_size=group, sink=sink, window=window,
-            out_indices=self.indices_buffer(group * k + sink + window), out_counts=self.counts_buffer)
-        # Each row of indices is ascending: its sink rows, the selected middle rows, its window
-        # rows. Sink and window are resident, so only the middle crosses from the host store;
-        # a row with any middle rows has all `sink` sink rows, so the middle starts at `sink`.
-        lengths = lengths_device.long()[:, None]  # (B, 1)
-        sink_valid = torch.arange(sink, device=lengths.device) < lengths  # (B, sink)
-        # Position held by each ring slot j: the latest p < length with p ≡ j (mod window);
-        # it counts when it is not a sink row (and exists).
-        slot = torch.arange(window, device=lengths.device)
-        window_positions = lengths - 1 - (lengths - 1 - slot).remainder(window)  # (B, window)
-        resident_valid = torch.cat([sink_valid, window_positions >= sink], 1)  # (B, sink + window)
-        middle_counts = counts - resident_valid.sum(1, dtype=torch.int32)[:, None]  # (B, Hkv)
-        middle = group * k
-        middle_indices = indices[:, :, sink:sink + middle]
-        # Exact attention with the model's own RoPE query over the resident rows and the middle
-        # rows separately, merged through their log-sum-exp.
-        q = query[:, :, 0].float()  # (B, Hq, D)
-        middle_k, middle_v = self.rows_buffers(middle)
-        self.store.gather(layer, middle_indices, middle_counts, middle_k, middle_v)
-        middle_valid = torch.arange(middle, device=lengths.device) < middle_counts[..., None]
-        middle_out, middle_lse = reference.attend(q, middle_k, middle_v, middle_valid, scale=scale)
-        resident_out, resident_lse = reference.attend(q, self.resident_k[layer], self.resident_v[layer],
-                                                      resident_valid[:, None], scale=scale)
-        out, _ = reference.merge_attention(resident_out, resident_lse, middle_out, middle_lse)
-        self._decode_calls += 1
-        self._row_counts += torch.stack([counts.sum(), middle_counts.sum()])
-        self._rows_cached += sum(self.lengths_host[layer]) * book.num_kv_heads
-        return out[:, None].to(query.dtype)  # (B, 1, Hq, D)
-
-    def materialize(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _materialize(self.store, layer, self.device)
-
-    def stats(self) -> dict[str, int]:
-        rows_read, rows_fetched = self._row_counts.tolist()
-        return dict(decode_calls=self._decode_calls, rows_read=rows_read, rows_fetched=rows_fetched,
-                    rows_cached=self._rows_cached)
-
-    def reset_stats(self) -> None:
-        self._decode_calls = self._rows_cached = 0
-        self._row_counts.zero_()
-
-    def reset(self) -> None:
-        self.store.reset()
-        self.lengths_host = [[0] * self.batch for _ in self.layers]
-        for lengths in self.lengths_device:
-            lengths.zero_()
 
 
 def _materialize(store, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,12 +314,10 @@ class A2ATSCache(Cache):
     keep transformers' own cache layers and attention. The host store is created at the first
     forward, when the batch size is known. Use one cache per ``generate`` call, or ``reset()``.
 
-    On a CPU each decode step of a layer is one native call (:class:`a2ats_core.Pipeline`); on a
-    GPU it is composed from the native ops and torch until the CUDA pipeline lands.
+    Each decode step of a layer is one native call (:class:`a2ats_core.Pipeline`) on the model's
+    device: on a GPU the codes and the sink and window rows stay on the device and the selected
+    middle rows are gathered from the host store (the layer's one host synchronisation).
     """
-
-    # "native" (a2ats_core.Pipeline, CPU only) or "torch" (the composed step); None picks by device.
-    decode_path: str | None = None
 
     def __init__(self, model, codebook: Codebook, config: A2ATSConfig | None = None):
         if not isinstance(codebook, Codebook):
@@ -532,7 +352,7 @@ class A2ATSCache(Cache):
         self.attention_seconds = 0.0
         self.timed_calls = 0
         self.padded = False
-        self.steps: _NativeSteps | _TorchSteps | None = None
+        self.steps: _PipelineSteps | None = None
         self.batch = 0
         self.device: torch.device | None = None
         layer_types = getattr(text_config, "layer_types", None)
@@ -607,13 +427,7 @@ class A2ATSCache(Cache):
             return
         self.device = key_states.device
         self.batch = key_states.shape[0]
-        path = self.decode_path or ("native" if self.device.type == "cpu" else "torch")
-        if path == "native" and self.device.type != "cpu":
-            raise ValueError("decode_path 'native' runs on the CPU; the CUDA pipeline is not built yet")
-        if path == "native":
-            self.steps = _NativeSteps(self, self.batch, key_states.dtype)
-        else:
-            self.steps = _TorchSteps(self, self.batch, key_states.dtype, self.device)
+        self.steps = _PipelineSteps(self, self.batch, key_states.dtype, self.device)
 
     def _check_room(self, held, counts) -> None:
         for b, (have, new) in enumerate(zip(held.tolist(), counts)):
@@ -658,7 +472,7 @@ class A2ATSCache(Cache):
                                            if self.timed_calls else float("nan")),
             "kv_location": ("pinned host memory" if self.store is not None and self.store.pinned else "host memory"),
             "compute_device": str(self.device),
-            "decode_path": self.steps.name if self.steps is not None else None,
+            "decode_path": f"a2ats_core.Pipeline ({self.device})" if self.steps is not None else None,
             "host_store_bytes": self.store.nbytes if self.store is not None else 0,
         }
 
