@@ -83,7 +83,8 @@ void mark_top_k(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t*
 // Rows at least this long, with k at most this share of them, take the sampled path below.
 constexpr int64_t kSampledMinRow = 4096;
 constexpr int64_t kSampledMaxShare = 16;  // k <= n / 16
-constexpr int64_t kSampleSize = 2048;
+constexpr int64_t kSampleSize = 2048;     // the most samples a row takes
+constexpr int64_t kMinSampleSize = 512;   // the fewest: n / 16 of a 4k row would judge too coarsely
 
 // The float whose score_key is `key` (key != 0, so not a NaN's).
 A2ATS_INLINE float key_score(uint32_t key) {
@@ -176,7 +177,10 @@ A2ATS_INLINE void mark_best_candidates(uint64_t* candidates, int64_t found, int6
 // candidates: (n,) scratch.
 A2ATS_MULTIVERSION
 bool mark_top_k_sampled(const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark) {
-  const int64_t stride = (n + kSampleSize - 1) / kSampleSize;  // so that samples <= kSampleSize
+  // About n / 16 samples: the threshold's rank then sits some 4 standard deviations above the
+  // k-th best's expected rank, and the heap pass stays a small share of the row's cost.
+  const int64_t wanted = std::clamp<int64_t>(n / 16, kMinSampleSize, kSampleSize);
+  const int64_t stride = (n + wanted - 1) / wanted;  // so that samples <= wanted
   const int64_t samples = n / stride;
   uint32_t sample[kSampleSize];
   for (int64_t s = 0; s < samples; ++s) sample[s] = score_key(row[s * stride + stride / 2]);
