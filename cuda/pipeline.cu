@@ -292,22 +292,10 @@ cudaError_t CudaPipeline::encode_and_store(int64_t layer, const ConstRows& k, co
   // Pre-RoPE keys in f32, whitened by the layer's L per KV head, then the nearest centroids.
   A2ATS_CUDA_TRY(to_f32(k, store_.dtype(), B, Hkv, num_new, D, keys, stream));
   A2ATS_CUDA_TRY(rotations(positions, pos_stride[0], pos_stride[1], B, num_new, nullptr, rotate_by, stream));
-  RotaryParams rp;
-  rp.batch = B; rp.num_heads = Hkv; rp.num_tokens = num_new; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
-  rp.x_stride[0] = rp.out_stride[0] = Hkv * num_new * D;
-  rp.x_stride[1] = rp.out_stride[1] = num_new * D;
-  rp.x_stride[2] = rp.out_stride[2] = D;
-  rp.pos_stride[0] = num_new; rp.pos_stride[1] = 1;
-  A2ATS_CUDA_TRY(rotary_cuda(keys, keys, rotate_by, inv_freq_, rp, stream));
+  A2ATS_CUDA_TRY(rotary_cuda(keys, keys, rotate_by, inv_freq_, key_rotation(num_new), stream));
   A2ATS_CUDA_TRY(rows_times_matrix(keys, chol_ + layer * Hkv * D * D, rows, num_new, Hkv, D, false, whitened, stream));
-  VQEncodeParams ep;
-  ep.batch = B; ep.num_kv_heads = Hkv; ep.num_tokens = num_new; ep.head_dim = D; ep.num_subspaces = M;
-  ep.num_centroids = shape_.num_centroids; ep.dtype = DType::kFloat32;
-  ep.x_stride[0] = Hkv * num_new * D; ep.x_stride[1] = num_new * D; ep.x_stride[2] = D;
-  ep.codes_stride[0] = Hkv * num_new * M; ep.codes_stride[1] = num_new * M; ep.codes_stride[2] = M;
   const float* centroids = centroids_ + layer * Hkv * shape_.num_centroids * D;
-  A2ATS_CUDA_TRY(vq_encode_cuda(whitened, centroids, new_codes, ep, stream));
+  A2ATS_CUDA_TRY(vq_encode_cuda(whitened, centroids, new_codes, key_encoding(num_new), stream));
   place_codes_kernel<<<unsigned(B * Hkv), kThreads, 0, stream>>>(new_codes, num_new, M, Hkv, store_.capacity(),
                                                                  starts, counts, codes_ + layer * layer_codes_);
   A2ATS_CUDA_TRY(cudaGetLastError());
@@ -378,33 +366,14 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
   // The exact query in f32, its WRoPE forms (bin j at distance wrope_distances[j]) and their duals.
   A2ATS_CUDA_TRY(to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), B, Hq, 1, D, q_, stream));
   A2ATS_CUDA_TRY(rotations(positions, pos_stride, 0, B, NB, wrope_, rotate_by_, stream));
-  RotaryParams rp;
-  rp.batch = B; rp.num_heads = Hq; rp.num_tokens = NB; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
-  rp.x_stride[0] = Hq * D; rp.x_stride[1] = D; rp.x_stride[2] = 0;  // one query, NB rotations
-  rp.out_stride[0] = Hq * NB * D; rp.out_stride[1] = NB * D; rp.out_stride[2] = D;
-  rp.pos_stride[0] = NB; rp.pos_stride[1] = 1;
-  A2ATS_CUDA_TRY(rotary_cuda(q_, q_wrope_, rotate_by_, inv_freq_, rp, stream));
+  A2ATS_CUDA_TRY(rotary_cuda(q_, q_wrope_, rotate_by_, inv_freq_, query_rotation(), stream));
   A2ATS_CUDA_TRY(rows_times_matrix(q_wrope_, chol_inv_ + layer * Hkv * D * D, B * Hq * NB, group * NB, Hkv, D, true,
                                    q_dual_, stream));
 
   // Scores of every stored token from the codes; k middle rows per query head, united per KV head.
-  LutScoresParams lp;
-  lp.batch = B; lp.num_q_heads = Hq; lp.num_kv_heads = Hkv; lp.head_dim = D; lp.num_subspaces = shape_.num_subspaces;
-  lp.num_centroids = shape_.num_centroids; lp.capacity = cap; lp.num_bins = NB;
-  lp.q_stride[0] = Hq * NB * D; lp.q_stride[1] = NB * D; lp.q_stride[2] = D;
-  lp.codes_stride[0] = Hkv * cap * lp.num_subspaces; lp.codes_stride[1] = cap * lp.num_subspaces;
-  lp.codes_stride[2] = lp.num_subspaces;
-  lp.scores_stride[0] = Hq * cap; lp.scores_stride[1] = cap;
   A2ATS_CUDA_TRY(lut_scores_cuda(q_dual_, centroids_ + layer * Hkv * shape_.num_centroids * D, codes(layer), lengths,
-                                 NB > 1 ? bin_edges_ : nullptr, scores_, lp, stream));
-  SelectTopkParams sp;
-  sp.batch = B; sp.num_q_heads = Hq; sp.group_size = group; sp.capacity = cap;
-  sp.k = k_; sp.sink = shape_.sink; sp.window = shape_.window; sp.max_selected = max_middle;
-  sp.add_resident = false;  // they are on the device already
-  sp.scores_stride[0] = Hq * cap; sp.scores_stride[1] = cap;
-  sp.indices_stride[0] = Hkv * max_middle; sp.indices_stride[1] = max_middle;
-  sp.counts_stride[0] = Hkv; sp.counts_stride[1] = 1;
+                                 NB > 1 ? bin_edges_ : nullptr, scores_, scoring(), stream));
+  const SelectTopkParams sp = selection(max_middle, false);  // sink and window are on the device already
   A2ATS_CUDA_TRY(select_topk_cuda(scores_, lengths, indices_, counts_, sp, stream));
   last_max_selected_ = max_middle;
 

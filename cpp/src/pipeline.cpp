@@ -199,6 +199,63 @@ void PipelineBase::count_step(const int32_t* selected, bool include_resident) {
   }
 }
 
+RotaryParams PipelineBase::key_rotation(int64_t num_new) const {
+  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
+  RotaryParams rp;
+  rp.batch = B; rp.num_heads = Hkv; rp.num_tokens = num_new; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
+  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
+  rp.x_stride[0] = rp.out_stride[0] = Hkv * num_new * D;
+  rp.x_stride[1] = rp.out_stride[1] = num_new * D;
+  rp.x_stride[2] = rp.out_stride[2] = D;
+  rp.pos_stride[0] = num_new; rp.pos_stride[1] = 1;
+  return rp;
+}
+
+RotaryParams PipelineBase::query_rotation() const {
+  const int64_t B = store_.batch(), Hq = shape_.num_q_heads, D = store_.head_dim(), NB = num_bins();
+  RotaryParams rp;
+  rp.batch = B; rp.num_heads = Hq; rp.num_tokens = NB; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
+  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
+  rp.x_stride[0] = Hq * D; rp.x_stride[1] = D; rp.x_stride[2] = 0;  // one query, NB rotations
+  rp.out_stride[0] = Hq * NB * D; rp.out_stride[1] = NB * D; rp.out_stride[2] = D;
+  rp.pos_stride[0] = NB; rp.pos_stride[1] = 1;
+  return rp;
+}
+
+VQEncodeParams PipelineBase::key_encoding(int64_t num_new) const {
+  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces;
+  VQEncodeParams ep;
+  ep.batch = B; ep.num_kv_heads = Hkv; ep.num_tokens = num_new; ep.head_dim = D; ep.num_subspaces = M;
+  ep.num_centroids = shape_.num_centroids; ep.dtype = DType::kFloat32;
+  ep.x_stride[0] = Hkv * num_new * D; ep.x_stride[1] = num_new * D; ep.x_stride[2] = D;
+  ep.codes_stride[0] = Hkv * num_new * M; ep.codes_stride[1] = num_new * M; ep.codes_stride[2] = M;
+  return ep;
+}
+
+LutScoresParams PipelineBase::scoring() const {
+  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces;
+  const int64_t Hq = shape_.num_q_heads, NB = num_bins(), capacity = store_.capacity();
+  LutScoresParams lp;
+  lp.batch = B; lp.num_q_heads = Hq; lp.num_kv_heads = Hkv; lp.head_dim = D; lp.num_subspaces = M;
+  lp.num_centroids = shape_.num_centroids; lp.capacity = capacity; lp.num_bins = NB;
+  lp.q_stride[0] = Hq * NB * D; lp.q_stride[1] = NB * D; lp.q_stride[2] = D;
+  lp.codes_stride[0] = Hkv * capacity * M; lp.codes_stride[1] = capacity * M; lp.codes_stride[2] = M;
+  lp.scores_stride[0] = Hq * capacity; lp.scores_stride[1] = capacity;
+  return lp;
+}
+
+SelectTopkParams PipelineBase::selection(int64_t max_selected, bool add_resident) const {
+  const int64_t Hkv = store_.num_kv_heads(), Hq = shape_.num_q_heads, capacity = store_.capacity();
+  SelectTopkParams sp;
+  sp.batch = store_.batch(); sp.num_q_heads = Hq; sp.group_size = group_size(); sp.capacity = capacity;
+  sp.k = k_; sp.sink = shape_.sink; sp.window = shape_.window; sp.max_selected = max_selected;
+  sp.add_resident = add_resident;
+  sp.scores_stride[0] = Hq * capacity; sp.scores_stride[1] = capacity;
+  sp.indices_stride[0] = Hkv * max_selected; sp.indices_stride[1] = max_selected;
+  sp.counts_stride[0] = Hkv; sp.counts_stride[1] = 1;
+  return sp;
+}
+
 void PipelineBase::forget_plan() {
   planned_ = false;
   std::fill(decoded_.begin(), decoded_.end(), 0);
@@ -223,24 +280,12 @@ void Pipeline::encode_and_append(int64_t layer, const ConstRows& k, const ConstR
   to_f32(k, store_.dtype(), B, Hkv, num_new, D, keys_.data());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < num_new; ++t) rotate_by_[size_t(b * num_new + t)] = -positions[b * pos_stride[0] + t * pos_stride[1]];
-  RotaryParams rp;
-  rp.batch = B; rp.num_heads = Hkv; rp.num_tokens = num_new; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
-  rp.x_stride[0] = rp.out_stride[0] = Hkv * num_new * D;
-  rp.x_stride[1] = rp.out_stride[1] = num_new * D;
-  rp.x_stride[2] = rp.out_stride[2] = D;
-  rp.pos_stride[0] = num_new; rp.pos_stride[1] = 1;
-  rotary_cpu(keys_.data(), keys_.data(), rotate_by_.data(), codebook_.inv_freq.data(), rp);
+  rotary_cpu(keys_.data(), keys_.data(), rotate_by_.data(), codebook_.inv_freq.data(), key_rotation(num_new));
   // Whitened by the layer's L (one per KV head), then the nearest centroid.
   const float* chol = codebook_.chol.data() + layer * Hkv * D * D;
   rows_times_matrix(keys_.data(), chol, rows, num_new, Hkv, D, false, whitened_.data());
-  VQEncodeParams ep;
-  ep.batch = B; ep.num_kv_heads = Hkv; ep.num_tokens = num_new; ep.head_dim = D; ep.num_subspaces = M;
-  ep.num_centroids = shape_.num_centroids; ep.dtype = DType::kFloat32;
-  ep.x_stride[0] = Hkv * num_new * D; ep.x_stride[1] = num_new * D; ep.x_stride[2] = D;
-  ep.codes_stride[0] = Hkv * num_new * M; ep.codes_stride[1] = num_new * M; ep.codes_stride[2] = M;
   const float* centroids = codebook_.centroids.data() + layer * Hkv * shape_.num_centroids * D;
-  vq_encode_cpu(whitened_.data(), centroids, new_codes_.data(), ep);
+  vq_encode_cpu(whitened_.data(), centroids, new_codes_.data(), key_encoding(num_new));
   // Codes go where the store puts the rows: after each row's current length.
   const int64_t capacity = store_.capacity();
   int16_t* codes = codes_.data() + layer * layer_codes_;
@@ -290,34 +335,18 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < NB; ++j)
       rotate_by_[size_t(b * NB + j)] = codebook_.wrope_distances[size_t(j)] - positions[b * pos_stride];
-  RotaryParams rp;
-  rp.batch = B; rp.num_heads = Hq; rp.num_tokens = NB; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
-  rp.x_stride[0] = Hq * D; rp.x_stride[1] = D; rp.x_stride[2] = 0;  // one query, NB rotations
-  rp.out_stride[0] = Hq * NB * D; rp.out_stride[1] = NB * D; rp.out_stride[2] = D;
-  rp.pos_stride[0] = NB; rp.pos_stride[1] = 1;
-  rotary_cpu(q_.data(), q_wrope_.data(), rotate_by_.data(), codebook_.inv_freq.data(), rp);
+  rotary_cpu(q_.data(), q_wrope_.data(), rotate_by_.data(), codebook_.inv_freq.data(), query_rotation());
   // Into the dual space of each query head's KV head: q' = L^-1 q_w.
   const float* chol_inv = codebook_.chol_inv.data() + layer * Hkv * D * D;
   rows_times_matrix(q_wrope_.data(), chol_inv, B * Hq * NB, group * NB, Hkv, D, true, q_dual_.data());
 
   // Scores of every stored token from the codes, then the selection.
-  LutScoresParams lp;
-  lp.batch = B; lp.num_q_heads = Hq; lp.num_kv_heads = Hkv; lp.head_dim = D; lp.num_subspaces = M;
-  lp.num_centroids = shape_.num_centroids; lp.capacity = capacity; lp.num_bins = NB;
-  lp.q_stride[0] = Hq * NB * D; lp.q_stride[1] = NB * D; lp.q_stride[2] = D;
-  lp.codes_stride[0] = Hkv * capacity * M; lp.codes_stride[1] = capacity * M; lp.codes_stride[2] = M;
-  lp.scores_stride[0] = Hq * capacity; lp.scores_stride[1] = capacity;
+  const LutScoresParams lp = scoring();
   const float* centroids = codebook_.centroids.data() + layer * Hkv * shape_.num_centroids * D;
   if (!lut_scores_cpu(q_dual_.data(), centroids, codes(layer), step_lengths_.data(),
                       NB > 1 ? codebook_.bin_edges.data() : nullptr, scores_.data(), lp))
     throw std::logic_error("a stored code is outside the codebook");  // encoded here, so unreachable
-  SelectTopkParams sp;
-  sp.batch = B; sp.num_q_heads = Hq; sp.group_size = group; sp.capacity = capacity;
-  sp.k = k_; sp.sink = shape_.sink; sp.window = shape_.window; sp.max_selected = max_selected_;
-  sp.scores_stride[0] = Hq * capacity; sp.scores_stride[1] = capacity;
-  sp.indices_stride[0] = Hkv * max_selected_; sp.indices_stride[1] = max_selected_;
-  sp.counts_stride[0] = Hkv; sp.counts_stride[1] = 1;
+  const SelectTopkParams sp = selection(max_selected_, true);
   select_topk_cpu(scores_.data(), step_lengths_.data(), indices_.data(), counts_.data(), sp);
   last_max_selected_ = max_selected_;
 

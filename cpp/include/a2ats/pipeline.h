@@ -20,6 +20,9 @@
 
 #include "a2ats/common.h"
 #include "a2ats/kv_store.h"
+#include "a2ats/rotary.h"
+#include "a2ats/topk.h"
+#include "a2ats/vq.h"
 
 namespace a2ats {
 
@@ -90,6 +93,18 @@ class PipelineBase {
   // which the sink and window rows are part when `include_resident`, else read besides them.
   void count_step(const int32_t* selected, bool include_resident);
   void forget_plan();
+
+  // The single ops' parameters of a step, the same on every device, for dense f32 scratch:
+  //   un-rotating keys (B, Hkv, t, D) in place by positions (B, t) int64;
+  //   rotating the query (B, Hq, D) to NB distances, (B, Hq, NB, D), by positions (B, NB);
+  //   encoding whitened keys (B, Hkv, t, D) into codes (B, Hkv, t, M);
+  //   scoring dual queries (B, Hq, NB, D) against the codes (B, Hkv, capacity, M);
+  //   selecting from scores (B, Hq, capacity) into indices (B, Hkv, max_selected).
+  RotaryParams key_rotation(int64_t num_new) const;
+  RotaryParams query_rotation() const;
+  VQEncodeParams key_encoding(int64_t num_new) const;
+  LutScoresParams scoring() const;
+  SelectTopkParams selection(int64_t max_selected, bool add_resident) const;
 
   KVStore& store_;
   PipelineShape shape_;
