@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import a2ats_core
 
+from ..compat import cache_kwargs
 from ..models import describe_model
 from .selectors import Selector
 from .tasks import Sample, make_sample, render_prompt, score_answer
@@ -154,7 +155,7 @@ def run_sample(model, tokenizer, sample: Sample, methods: Sequence[tuple[Selecto
     try:
         with torch.inference_mode():
             prefill_cache = DynamicCache(config=model.config)
-            logits = model(input_ids=ids, cache=prefill_cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=ids, **cache_kwargs(model, prefill_cache), use_cache=True).logits[:, -1]
             first = int(logits.argmax(-1))
             for selector, budgets in methods:
                 selector.reset()
@@ -171,7 +172,7 @@ def run_sample(model, tokenizer, sample: Sample, methods: Sequence[tuple[Selecto
                             break
                         if step % 4 == 3 and score_answer(tokenizer.decode(tokens), sample.expected) == 1.0:
                             break  # every expected string is there: more tokens cannot change the score
-                        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True,
+                        out = model(input_ids=torch.tensor([[tokens[-1]]]), **cache_kwargs(model, cache), use_cache=True,
                                     position_ids=torch.tensor([[length + step]]))
                         tokens.append(int(out.logits[0, -1].argmax()))
                     recorder, _active = _active, None
