@@ -21,102 +21,21 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import a2ats_core
 import torch
 
 from . import __version__, reference
-from .codebook import FORMAT, FORMAT_VERSION, MAX_CENTROIDS, Codebook, model_metadata
+from .codebook import FORMAT, FORMAT_VERSION, Codebook, model_metadata
 from .corpus import build_corpus
 from .models import ModelLayout, attention_modules, describe_model, key_projection_fingerprint
+from .presets import MAX_CENTROIDS, PRESETS, CalibrationSettings, resolve_settings  # noqa: F401 (re-exported)
 
 __all__ = ["CalibrationSettings", "PRESETS", "resolve_settings", "calibrate", "kmeans",
            "KMeansResult", "StatisticsCollector", "whitening", "relative_score_error",
            "format_quality_report"]
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Everything that shapes a codebook besides the model and the text.
-
-    ``num_tokens``/``holdout_tokens`` count tokens fed to the model (BOS included);
-    ``chunk_len`` is capped at the model's context; ``tol``: Lloyd iterations stop when the
-    mean squared centroid shift is <= tol · (mean per-dimension variance of the points).
-    """
-
-    num_centroids: int = 4096
-    num_subspaces: int = 1
-    num_tokens: int = 65536
-    holdout_tokens: int = 8192
-    chunk_len: int = 2048
-    relative_position: int = 2048
-    max_iter: int = 300
-    tol: float = 1e-4
-    seed: int = 0
-    chol_eps: float = 1e-6
-    baseline: bool = True  # also fit plain k-means, for the quality report
-    # Ablations for ``a2ats eval`` (A2ATSCache accepts only the full method): without query
-    # awareness, L = I (plain k-means on the pre-RoPE keys); without WRoPE, the codebook is fitted
-    # on post-RoPE keys with H from the queries at their own positions.
-    query_aware: bool = True
-    wrope: bool = True
-
-    def validate(self, head_dim: int | None = None) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
-        if not isinstance(self.num_centroids, int) or not 1 <= self.num_centroids <= MAX_CENTROIDS:
-            raise ValueError(f"num_centroids (C) must be an integer in [1, {MAX_CENTROIDS}] "
-                             f"(codes are int16), got {self.num_centroids!r}")
-        if not isinstance(self.num_subspaces, int) or self.num_subspaces < 1:
-            raise ValueError(f"num_subspaces (M) must be a positive integer, got "
-                             f"{self.num_subspaces!r}")
-        if head_dim is not None and head_dim % self.num_subspaces:
-            raise ValueError(f"num_subspaces (M) = {self.num_subspaces} must divide the head "
-                             f"dim {head_dim}")
-        if self.num_tokens < self.num_centroids:
-            raise ValueError(f"num_tokens = {self.num_tokens} is fewer than num_centroids = "
-                             f"{self.num_centroids}; k-means needs at least one key per centroid")
-        if self.holdout_tokens < 0:
-            raise ValueError(f"holdout_tokens must be >= 0, got {self.holdout_tokens}")
-        if self.chunk_len < 2:
-            raise ValueError(f"chunk_len must be >= 2, got {self.chunk_len}")
-        if self.relative_position < 0:
-            raise ValueError(f"relative_position (b) must be >= 0, got {self.relative_position}")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
-        if not self.chol_eps > 0:
-            raise ValueError(f"chol_eps must be > 0, got {self.chol_eps}")
-
-
-# "default" is the paper's setting (C = 4096 on the whole head vector, M = 1); k-means at that
-# size wants a GPU or an hour of CPU. "small" is for quick runs and tests on CPU: 1024 centroids
-# from 16k tokens (about three minutes for SmolLM2-135M on two cores), with a coarser fit. It
-# was 256 centroids from 8k tokens until that lost the demo's answer at 1k and 8k tokens: the
-# heads that copy a number digit by digit put over 0.9 of their attention on one token, which
-# exact WRoPE scores rank first but 256 centroids ranked 36th (1k, k = 30) and 498th (8k,
-# k = 245). 512 centroids from 16k tokens also kept every answer of the demo's 24 prompts
-# (1k-8k, seeds 0-5); 1024 leaves more margin.
-PRESETS: dict[str, CalibrationSettings] = {
-    "default": CalibrationSettings(),
-    "small": CalibrationSettings(num_centroids=1024, num_tokens=16384, holdout_tokens=2048,
-                                 chunk_len=1024, max_iter=100),
-}
-
-
-def resolve_settings(preset: str = "default", **overrides: Any) -> CalibrationSettings:
-    """The preset with the given fields replaced; ``None`` values keep the preset's."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    names = {f.name for f in fields(CalibrationSettings)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown calibration settings {unknown}; known: {sorted(names)}")
-    settings = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-    settings.validate()
-    return settings
 
 
 # -- statistics --------------------------------------------------------------------------------

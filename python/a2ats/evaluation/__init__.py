@@ -1,9 +1,26 @@
-"""Accuracy evaluation: RULER-style tasks, baseline selectors, attention recall (``a2ats eval``)."""
-from .harness import Budget, RunResult, evaluate, run_sample
-from .report import summarize, write_results
-from .selectors import A2ATS, Dense, Oracle, PQCache, Quest, Selector, StreamingLLM
-from .tasks import HAYSTACKS, TASKS, Sample, make_sample, score_answer
+"""Accuracy evaluation: RULER-style tasks, baseline selectors, attention recall (``a2ats eval``).
 
-__all__ = ["Budget", "RunResult", "evaluate", "run_sample", "summarize", "write_results", "Selector", "Dense",
-           "StreamingLLM", "Oracle", "Quest", "PQCache", "A2ATS", "TASKS", "HAYSTACKS", "Sample", "make_sample",
-           "score_answer"]
+The names below are imported on first use: :mod:`a2ats.evaluation.tasks` is torch-free, and
+``a2ats eval --help`` reads the task names from it without importing torch or transformers.
+"""
+# public name -> submodule that defines it
+_LAZY = {
+    "Budget": "harness", "RunResult": "harness", "evaluate": "harness", "run_sample": "harness",
+    "summarize": "report", "write_results": "report",
+    "Selector": "selectors", "Dense": "selectors", "StreamingLLM": "selectors", "Oracle": "selectors",
+    "Quest": "selectors", "PQCache": "selectors", "A2ATS": "selectors",
+    "TASKS": "tasks", "HAYSTACKS": "tasks", "Sample": "tasks", "make_sample": "tasks",
+    "score_answer": "tasks",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
