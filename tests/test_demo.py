@@ -30,9 +30,19 @@ def test_demo_answers_right_wherever_dense_does(smollm2, small_codebook, capsys,
     assert figures["a2ats_correct"], figures
     assert 0 < figures["a2ats_rows_fetched_share"] < figures["a2ats_rows_read_share"] < 0.3
     out = capsys.readouterr().out
-    for line in ("expected answer", "dense attention", "A²ATS top-3.0%", "KV rows attended", "KV cache:"):
+    for line in ("expected answer", "dense attention", "A²ATS top-3.0%", "KV rows attended", "KV cache: dense",
+                 "codebook quality: held-out score error"):
         assert line in out
     assert "lost the answer" not in out
+    # Why more rows than the top-k are read: the union over each KV head's query heads, plus sink and window.
+    assert (f"reads the union of its 3 query heads' top-k (k = {figures['topk_tokens']} tokens each at "
+            f"{figures['prompt_tokens']} tokens), plus the 8 sink and 64 window rows") in out
+    assert figures["topk_tokens"] == int(0.03 * figures["prompt_tokens"])
+    assert 0.03 < figures["a2ats_rows_read_share"] <= figures["rows_read_ceiling_share"]
+    # Dense's footprint beside A²ATS's: the same K/V rows (A²ATS's store has room for the answer too).
+    assert 0.95 < figures["a2ats_host_store_bytes"] / figures["dense_kv_bytes"] < 1.05
+    assert 0 < figures["a2ats_device_bytes"] < 0.2 * figures["dense_kv_bytes"]
+    assert figures["codebook_error"] < figures["codebook_error_plain_kmeans"]
 
 
 def test_demo_says_when_a2ats_loses_the_answer(smollm2, small_codebook, capsys):
@@ -76,3 +86,44 @@ def test_cached_codebook_is_used_only_while_it_matches_the_preset(smollm2, small
     lines.clear()
     load_or_calibrate(model, tokenizer, "small", log=lines.append, progress=False)
     assert len(calls) == 1 and "other 'small' preset settings (num_centroids)" in lines[0]
+
+
+def _readme_block(begin: str, end: str) -> str:
+    """The fenced code between two README markers, as .ci/run reads the test command."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split(begin, 1)[1].split(end, 1)[0]
+    lines = block.strip().splitlines()
+    assert lines[0].startswith("```") and lines[-1] == "```", "the markers must enclose one fenced block"
+    return "\n".join(lines[1:-1]) + "\n"
+
+
+def test_readme_python_example_runs_as_written(smollm2, monkeypatch, tmp_path, capsys):
+    """The README's Python example, exactly as written. Two things are swapped under it, neither
+    in its text: load_model returns the session's SmolLM2 (already loaded), and the "small" preset
+    is shrunk so that its calibration takes seconds; it runs for real, into the same cache the
+    CLI uses, where a second call finds it."""
+    import dataclasses
+
+    import a2ats.models
+    from a2ats.calibrate import PRESETS
+    from a2ats.demo import codebook_cache_path, load_or_calibrate
+
+    model, tokenizer = smollm2
+    monkeypatch.setenv("A2ATS_CACHE", str(tmp_path))
+    monkeypatch.setattr(a2ats.models, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    monkeypatch.setitem(PRESETS, "small", dataclasses.replace(
+        PRESETS["small"], num_centroids=64, num_tokens=2048, holdout_tokens=512, chunk_len=512, max_iter=20))
+    code = _readme_block("<!-- python-example:begin -->", "<!-- python-example:end -->")
+    assert "a2ats.load_or_calibrate(model, tokenizer, preset=" in code and "needle_prompt" in code
+    exec(compile(code, "README.md (Python example)", "exec"), {"__name__": "__readme__"})
+    out = capsys.readouterr().out
+    assert "A²ATS answered:" in out and "of the KV rows read per step" in out, out
+    answer = out.split("A²ATS answered: ", 1)[1].splitlines()[0]
+    assert len(answer.strip("'\" ")) > 0, out  # the generated text is printed
+    path = codebook_cache_path("SmolLM2-135M-Instruct", "small")
+    assert path.is_file(), "the example's codebook is not where a2ats demo looks for it"
+    lines = []
+    load_or_calibrate(model, tokenizer, preset="small", log=lines.append, progress=False)
+    assert "(cached)" in lines[0]

@@ -30,6 +30,9 @@ _LAZY = {
     "load_model": "models",
     "describe_model": "models",
     "ModelNotAvailableError": "models",
+    "load_or_calibrate": "demo",
+    "needle_prompt": "demo",
+    "cache_kwargs": "compat",
 }
 
 __all__ = ["__version__", "calibrate", *_LAZY]

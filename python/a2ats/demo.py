@@ -17,9 +17,11 @@ from typing import Callable
 
 import torch
 
+from .compat import cache_kwargs
 from .evaluation.tasks import facts_sample, render_prompt
 
-__all__ = ["NeedlePrompt", "needle_prompt", "codebook_cache_path", "load_or_calibrate", "run_demo"]
+__all__ = ["NeedlePrompt", "needle_prompt", "codebook_cache_path", "default_preset", "load_or_calibrate",
+           "format_quality", "run_demo"]
 
 @dataclass(frozen=True)
 class NeedlePrompt:
@@ -31,10 +33,16 @@ class NeedlePrompt:
     answer: str
 
 
-def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, asked: int | None = None,
-                  first_depth: float = 0.1, last_depth: float = 0.9, seed: int = 0) -> NeedlePrompt:
-    """The tokenized prompt of :func:`~a2ats.evaluation.tasks.facts_sample` (same arguments): the
-    ``niah_facts`` task of ``a2ats eval`` is this prompt."""
+def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, asked: int | None = -1,
+                  first_depth: float = 0.1, last_depth: float = 0.75, seed: int = 0) -> NeedlePrompt:
+    """The tokenized prompt of :func:`~a2ats.evaluation.tasks.facts_sample` (same arguments; the
+    defaults are the demo's): about ``num_tokens`` tokens of Python documentation hiding
+    ``num_facts`` facts "the secret number of the <colour> box is N", asking for fact ``asked``.
+
+    SmolLM2-135M answers reliably only about the latest of several similar facts, so by default
+    the question asks for the last one, placed at 75% depth: about a thousand tokens back at 4k,
+    far outside the window, behind three distractor facts. The ``niah_facts`` task of
+    ``a2ats eval`` is this prompt."""
     made = facts_sample(tokenizer, num_tokens, num_facts=num_facts, asked=asked, first_depth=first_depth,
                         last_depth=last_depth, seed=seed)
     sample = made.sample
@@ -55,15 +63,32 @@ def codebook_cache_path(model_name: str, preset: str, ablation: str | None = Non
 ABLATIONS = {"no-wrope": {"wrope": False}, "no-query-awareness": {"query_aware": False}}
 
 
-def load_or_calibrate(model, tokenizer, preset: str, *, ablation: str | None = None,
+def default_preset(model) -> str:
+    """The preset ``a2ats demo`` and :func:`load_or_calibrate` take when none is named: the
+    paper's ``"default"`` with the model on a GPU, ``"small"`` on a CPU."""
+    return "default" if next(model.parameters()).device.type == "cuda" else "small"
+
+
+def load_or_calibrate(model, tokenizer, preset: str | None = None, *, ablation: str | None = None,
                       log: Callable[[str], None] = print, progress: bool = True):
-    """The cached codebook for ``model`` and ``preset`` (or one of the :data:`ABLATIONS`),
-    calibrating and saving it when missing or built for another model (a stale file is
-    replaced, never silently used)."""
-    from .calibrate import calibrate, resolve_settings
+    """The codebook for ``model`` from the cache ``a2ats demo`` and ``a2ats eval`` use
+    (:func:`codebook_cache_path`: ``$A2ATS_CACHE``, else ``~/.cache/a2ats``), calibrated and saved
+    there first when it is missing, was built for another model, or was made with other preset
+    settings (a stale file is replaced, never silently used).
+
+    ``preset``: ``"small"`` (C = 1024 from 16k tokens, about three minutes on a 2-core CPU) or
+    ``"default"`` (the paper's C = 4096 from 64k tokens; wants a GPU); None takes
+    :func:`default_preset`. ``ablation``: one of :data:`ABLATIONS`, for ``a2ats eval``.
+    ``log`` gets one line saying which it did; ``progress`` shows calibration progress bars.
+    """
+    from .calibrate import PRESETS, calibrate, resolve_settings
     from .codebook import Codebook, CodebookError
     from .models import describe_model
 
+    if preset is None:
+        preset = default_preset(model)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {sorted(ABLATIONS)}, got {ablation!r}")
     path = codebook_cache_path(describe_model(model).model_name, preset, ablation)
@@ -125,13 +150,52 @@ def _generate(model, prompt: NeedlePrompt, cache, max_new_tokens: int) -> tuple[
     clock = _PrefillClock()
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([clock]))
     finished = time.perf_counter()
     new = out[0, ids.shape[1]:]
     # The first token comes from the prefill; each later one from one decode forward.
     return new, _Timing(clock.prefill_done - started, finished - clock.prefill_done, int(new.numel()) - 1)
+
+
+def format_quality(codebook) -> str:
+    """One line with the codebook's held-out score error (from its calibration report)."""
+    quality = codebook.quality
+    if not quality:
+        return "codebook quality: not measured (it was calibrated without held-out text)"
+    line = (f"codebook quality: held-out score error E[(q·k − q·ĉ)²]/E[(q·k)²] = {quality['query_aware']:.4f}"
+            f" (C = {codebook.num_centroids} centroids, {quality['holdout_tokens']} held-out tokens")
+    if quality.get("plain_kmeans") is not None:
+        line += f"; plain k-means of the same size: {quality['plain_kmeans']:.4f}"
+    return line + "; lower is better)"
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _dense_cache_bytes(cache) -> int:
+    return sum(tensor.numel() * tensor.element_size() for layer in cache.layers
+               for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+               if isinstance(tensor, torch.Tensor))
+
+
+def _a2ats_device_parts(cache, codebook, layout, dtype: torch.dtype) -> dict[str, int]:
+    """What A²ATS keeps on the compute device: codes, the codebook tensors, and (on a GPU) copies
+    of the sink and window rows."""
+    retrieval = len(codebook.layers)
+    batch = max(1, cache.batch)
+    parts = {
+        "codes": retrieval * batch * layout.num_kv_heads * cache.capacity * codebook.num_subspaces * 2,
+        "codebook": sum(table[layer].numel() * 4 for table in (codebook.centroids, codebook.chol, codebook.chol_inv)
+                        for layer in codebook.layers),
+    }
+    if torch.device(cache.summary()["compute_device"]).type == "cuda":
+        element = torch.empty(0, dtype=dtype).element_size()
+        parts["sink and window rows"] = (2 * retrieval * batch * layout.num_kv_heads
+                                         * (cache.config.sink + cache.config.window) * layout.head_dim * element)
+    return parts
 
 
 def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float | int = 0.03,
@@ -144,22 +208,21 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
     from .models import describe_model
 
     layout = describe_model(model)
-    # SmolLM2-135M answers reliably only about the latest of several similar facts, so the
-    # question asks for the last one, placed at 75% depth: about a thousand tokens back, far
-    # outside the window, behind three distractor facts.
-    prompt = needle_prompt(tokenizer, num_tokens, num_facts=4, asked=-1, last_depth=0.75, seed=seed)
+    prompt = needle_prompt(tokenizer, num_tokens, seed=seed)
     length = prompt.input_ids.shape[1]
     config = A2ATSConfig(topk=topk, window=window, sink=sink, capacity=length + max_new_tokens)
     cache = A2ATSCache(model, codebook, config)  # also routes dense attention through the timer
     cache.time_attention = True
     facts = ", ".join(f"{colour} {number}" for colour, number in prompt.facts.items())
+    log(format_quality(codebook))
     log(f"prompt: {length} tokens of Python documentation hiding {len(prompt.facts)} secret "
         f"numbers ({facts}); question: the {prompt.colour} box")
 
+    dense_cache = DynamicCache(config=model.config)
     attention_timer.reset()
     attention_timer.enabled = True
     try:
-        dense_ids, dense_timing = _generate(model, prompt, DynamicCache(config=model.config), max_new_tokens)
+        dense_ids, dense_timing = _generate(model, prompt, dense_cache, max_new_tokens)
     finally:
         attention_timer.enabled = False
     dense_steps = attention_timer.calls / max(1, len(layout.layers))
@@ -185,6 +248,14 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
     log(f"KV rows attended per decode step: {summary['rows_read_share']:.1%} of the cache "
         f"(top-k + {sink} sink + {window} window); fetched from host memory: "
         f"{summary['rows_fetched_share']:.1%}")
+    k = config.budget(length)
+    group = layout.group_size
+    ceiling = min(length, group * k + sink + window) / length
+    log(f"why {summary['rows_read_share']:.1%} and not {budget.strip()}: each of the {layout.num_kv_heads} KV heads "
+        f"reads the union of "
+        f"its {group} query heads' top-k (k = {k} tokens each at {length} tokens), plus the {sink} sink and "
+        f"{window} window rows: at most {group} × {k} + {sink + window} = {ceiling:.1%} of the cache, "
+        "less where the heads agree")
     log(f"attention part per generated token ({len(layout.layers)} layers): dense "
         f"{dense_attention * 1e3:.2f} ms, A²ATS {summary['attention_seconds_per_step'] * 1e3:.2f} ms "
         "(A²ATS: encode + score + select + fetch or read rows + attend)")
@@ -193,8 +264,16 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
         f"{ours_timing.decode_tokens} tokens after the first")
     log(f"prefill: dense {dense_timing.prefill_seconds:.2f} s, A²ATS {ours_timing.prefill_seconds:.2f} s "
         "(both attend densely; A²ATS also stores and encodes the prompt's rows)")
-    log(f"KV cache: {summary['host_store_bytes'] / 2**20:.1f} MiB in {summary['kv_location']}; "
-        f"codes, codebooks, sink and window rows on {summary['compute_device']}")
+    device = summary["compute_device"]
+    dense_bytes = _dense_cache_bytes(dense_cache)
+    parts = _a2ats_device_parts(cache, codebook, layout, next(model.parameters()).dtype)
+    device_bytes = sum(parts.values())
+    log(f"KV cache: dense {_mib(dense_bytes)} on {device}; A²ATS {_mib(summary['host_store_bytes'])} in "
+        f"{summary['kv_location']} (all K/V rows) + {_mib(device_bytes)} on {device} ("
+        + ", ".join(f"{name} {_mib(size)}" for name, size in parts.items()) + ")")
+    if torch.device(device).type == "cpu":
+        log("  on a CPU host and device memory are one: A²ATS saves reads here, not memory; on a GPU "
+            "only the second part takes device memory")
     return {
         "prompt_tokens": length, "expected": prompt.answer,
         "dense_answer": dense_text, "dense_correct": dense_right,
@@ -202,5 +281,9 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
         "dense_attention_seconds_per_token": dense_attention,
         "dense_decode_tokens_per_second": dense_rate, "a2ats_decode_tokens_per_second": ours_rate,
         "dense_prefill_seconds": dense_timing.prefill_seconds, "a2ats_prefill_seconds": ours_timing.prefill_seconds,
+        "topk_tokens": k, "rows_read_ceiling_share": ceiling,
+        "dense_kv_bytes": dense_bytes, "a2ats_device_bytes": device_bytes,
+        "codebook_error": (codebook.quality or {}).get("query_aware"),
+        "codebook_error_plain_kmeans": (codebook.quality or {}).get("plain_kmeans"),
         **{f"a2ats_{key}": value for key, value in summary.items()},
     }
