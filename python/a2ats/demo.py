@@ -282,7 +282,7 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
         "dense_decode_tokens_per_second": dense_rate, "a2ats_decode_tokens_per_second": ours_rate,
         "dense_prefill_seconds": dense_timing.prefill_seconds, "a2ats_prefill_seconds": ours_timing.prefill_seconds,
         "topk_tokens": k, "rows_read_ceiling_share": ceiling,
-        "dense_kv_bytes": dense_bytes, "a2ats_device_bytes": device_bytes,
+        "dense_kv_bytes": dense_bytes, "a2ats_device_bytes": device_bytes, "a2ats_device_parts": parts,
         "codebook_error": (codebook.quality or {}).get("query_aware"),
         "codebook_error_plain_kmeans": (codebook.quality or {}).get("plain_kmeans"),
         **{f"a2ats_{key}": value for key, value in summary.items()},
