@@ -100,7 +100,7 @@ def decode(model, cache, batch: int, length: int, steps: int) -> float:
     def step() -> None:
         nonlocal position
         model(input_ids=tokens, position_ids=torch.full((batch, 1), position, device=device),
-              cache=cache, use_cache=True)
+              **a2ats.cache_kwargs(model, cache), use_cache=True)
         position += 1
 
     with torch.inference_mode():

@@ -36,7 +36,7 @@ def batch(smollm2):
 def _prefill(model, cache, input_ids, attention_mask):
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **a2ats.cache_kwargs(model, cache),
                     use_cache=True)
     return out.logits[:, -1].float()
 
@@ -50,7 +50,7 @@ def _decode(model, cache, attention_mask, steps):
             token = torch.tensor([[1000 + step], [2000 + step]])
             attention_mask = torch.cat([attention_mask, torch.ones(2, 1, dtype=torch.long)], 1)
             next_positions = next_positions + 1
-            out = model(input_ids=token, attention_mask=attention_mask, position_ids=next_positions, cache=cache,
+            out = model(input_ids=token, attention_mask=attention_mask, position_ids=next_positions, **a2ats.cache_kwargs(model, cache),
                         use_cache=True)
             logits.append(out.logits[:, -1].float())
     return logits
@@ -81,7 +81,8 @@ def test_full_budget_greedy_generation_is_identical(smollm2, small_codebook, bat
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         dense = model.generate(**kwargs)
-        ours = model.generate(**kwargs, cache=a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=1.0)))
+        ours = model.generate(**kwargs, **a2ats.cache_kwargs(model, a2ats.A2ATSCache(model, small_codebook,
+                                                                               a2ats.A2ATSConfig(topk=1.0))))
     assert torch.equal(dense, ours)
 
 
@@ -111,7 +112,7 @@ def _check_selection(cache, layer_idx, query, positions, indices, counts):
     lengths = torch.from_numpy(cache.steps.lengths()[layer.store_layer]).to(torch.int32)
     length = int(lengths.max())
     k, group = config.budget(length), book.group_size
-    q_w = reference.rotary(query, cache.wrope_position - positions, cache.codebook.inv_freq.float())
+    q_w = reference.rotary(query, cache.wrope_distance - positions, cache.codebook.inv_freq.float())
     q_dual = book.dual_queries(layer_idx, q_w[:, :, 0])  # q_w L^-T
     scores = reference.lut_scores(q_dual, book.centroids[layer_idx], _codes(cache, layer)[:, :, :length], lengths)
     for b, n in enumerate(lengths.tolist()):
@@ -208,14 +209,14 @@ def test_capacity_overflow_fails_before_work_and_keeps_the_cache(smollm2, small_
     mask = torch.cat([attention_mask, torch.ones(2, 1, dtype=torch.long)], 1)
     with pytest.raises(ValueError, match="capacity"), torch.no_grad():
         model(input_ids=torch.tensor([[5], [6]]), attention_mask=mask, position_ids=torch.tensor([[1000], [700]]),
-              cache=cache, use_cache=True)
+              **a2ats.cache_kwargs(model, cache), use_cache=True)
     assert (cache.store.lengths() == before).all()
 
 
 @pytest.mark.parametrize("kwargs, error", [
     (dict(topk=0.0), ValueError), (dict(topk=1.5), ValueError), (dict(topk=-1), ValueError),
     (dict(topk="3%"), TypeError), (dict(window=0), ValueError), (dict(sink=-1), ValueError),
-    (dict(capacity=0), ValueError), (dict(wrope_position=0), ValueError),
+    (dict(capacity=0), ValueError), (dict(wrope_distance=0), ValueError),
 ])
 def test_config_rejects_bad_values(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
@@ -364,7 +365,7 @@ def test_unsupported_models_and_inputs_fail_before_any_work(smollm2, small_codeb
     # A prompt longer than the store: refused before the store holds anything.
     cache = a2ats.A2ATSCache(llama, codebook, a2ats.A2ATSConfig(capacity=16))
     with pytest.raises(ValueError, match="capacity"), torch.no_grad():
-        llama(input_ids=torch.arange(20)[None] + 5, cache=cache, use_cache=True)
+        llama(input_ids=torch.arange(20)[None] + 5, **a2ats.cache_kwargs(llama, cache), use_cache=True)
     assert (cache.store.lengths() == 0).all()
 
 
@@ -382,9 +383,9 @@ def test_memory_stays_flat_over_2000_decode_steps(smollm2):
     token = torch.tensor([[17], [23]])
     resident = {}
     with torch.inference_mode():
-        model(input_ids=torch.arange(2 * prompt).view(2, prompt) + 100, cache=cache, use_cache=True)
+        model(input_ids=torch.arange(2 * prompt).view(2, prompt) + 100, **a2ats.cache_kwargs(model, cache), use_cache=True)
         for step in range(steps):
-            out = model(input_ids=token, position_ids=torch.full((2, 1), prompt + step), cache=cache,
+            out = model(input_ids=token, position_ids=torch.full((2, 1), prompt + step), **a2ats.cache_kwargs(model, cache),
                         use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             if step + 1 in (200, steps):

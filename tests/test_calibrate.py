@@ -42,7 +42,7 @@ def test_small_preset_calibration(small_codebook, smollm2):
     model, _ = smollm2
     codebook, preset = small_codebook, PRESETS["small"]
     assert codebook.layers == tuple(range(30))
-    assert (codebook.num_centroids, codebook.num_subspaces, codebook.relative_position) == (
+    assert (codebook.num_centroids, codebook.num_subspaces, codebook.wrope_distance) == (
         preset.num_centroids, 1, 2048)
     assert codebook.metadata["calibration"]["tokens"] == preset.num_tokens
     eye = torch.eye(64)
@@ -76,7 +76,7 @@ def test_collected_keys_are_the_models_pre_rope_keys(smollm2):
     layout = describe_model(model)
     text = "The quick brown fox jumps over the lazy dog. " * 8
     ids = torch.tensor([tokenizer(text)["input_ids"]])
-    collector = StatisticsCollector(model, layout, relative_position=2048)
+    collector = StatisticsCollector(model, layout, wrope_distance=2048)
     with collector.attached(), torch.inference_mode():
         cache = model(ids, use_cache=True).past_key_values
     positions = torch.arange(ids.shape[1])[None]
@@ -253,8 +253,8 @@ def test_forged_codebooks_with_valid_checksums_are_refused(small_codebook, smoll
         with pytest.raises(CodebookError, match=message):
             Codebook.load(_forge(small_codebook, tmp_path / f"{name}.safetensors", tensors=tensors))
     for bad in (-100, 10**12, "2048", True, None):
-        path = _forge(small_codebook, tmp_path / "b.safetensors", metadata={"relative_position": bad})
-        with pytest.raises(CodebookError, match="relative_position|incomplete"):
+        path = _forge(small_codebook, tmp_path / "b.safetensors", metadata={"wrope_distance": bad})
+        with pytest.raises(CodebookError, match="wrope_distance|incomplete"):
             Codebook.load(path)
     # Damaged metadata that only check_compatible reads: a codebook error, never KeyError/TypeError.
     for key, value in (("model.model_type", None), ("fingerprint", None), ("fingerprint", 7),
@@ -325,7 +325,7 @@ def test_statistics_match_the_models_attention(kind):
         assert layout.rope.attention_scaling > 1.0
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     b = 100
-    collector = StatisticsCollector(model, layout, relative_position=b)
+    collector = StatisticsCollector(model, layout, wrope_distance=b)
     with collector.attached(), torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     positions = torch.arange(40)[None]

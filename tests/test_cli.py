@@ -133,7 +133,7 @@ REFUSALS = [
     (["calibrate", "--chunk-len", "1"], "argument --chunk-len: must be >= 2, got 1"),
     (["calibrate", "--max-iter", "0"], "argument --max-iter: must be >= 1, got 0"),
     (["calibrate", "--tol", "-1"], "argument --tol: must be a finite number >= 0.0, got -1"),
-    (["calibrate", "--relative-position", "-3"], "argument --relative-position: must be >= 0, got -3"),
+    (["calibrate", "--wrope-distance", "-3"], "argument --wrope-distance: must be >= 0, got -3"),
     # values that fit apart but not together, or not the files and devices there are
     (["calibrate", "--preset", "small", "--tokens", "100"],
      "--tokens 100 is fewer than the 1024 centroids (--centroids, or the 'small' preset's)"),

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
+import a2ats
 from a2ats.evaluation import (A2ATS, Budget, Dense, Oracle, PQCache, Quest, StreamingLLM, TASKS, make_sample,
                               run_sample, score_answer)
 from a2ats.evaluation.harness import prompt_ids, selected_rows
@@ -166,7 +167,7 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
     ids = tokenizer("Attention is what you need, and keys are what you keep. " * 30, return_tensors="pt").input_ids
     cache = DynamicCache(config=tiny.config)
     with torch.no_grad():
-        tiny(input_ids=ids, cache=cache, use_cache=True)
+        tiny(input_ids=ids, **a2ats.cache_kwargs(tiny, cache), use_cache=True)
     keys = cache.layers[1].keys[0]  # (Hkv, T, D) post-RoPE
     selector.prefill(1, keys)
     query = torch.randn(4, codebook.head_dim) * keys.std()
@@ -179,7 +180,7 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
         from a2ats import reference
 
         position = keys.shape[1] - 1
-        q_w = reference.rotary(query[None, :, None], torch.tensor([[codebook.relative_position - position]]),
+        q_w = reference.rotary(query[None, :, None], torch.tensor([[codebook.wrope_distance - position]]),
                                codebook.inv_freq)[0, :, 0]
         k_pre = reference.rotary(keys[None], -torch.arange(keys.shape[1])[None], codebook.inv_freq)[0]
         true = torch.einsum("hd,htd->ht", q_w, k_pre.repeat_interleave(2, 0)) / codebook.head_dim ** 0.5

@@ -42,7 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import a2ats_core
 
-from .codebook import Codebook
+from .codebook import Codebook, budget_tokens
 from .models import decoder_layers, describe_model
 
 __all__ = ["A2ATSConfig", "A2ATSCache", "A2ATSLayer", "ATTENTION_NAME", "register_attention", "attention_timer"]
@@ -57,7 +57,7 @@ class A2ATSConfig:
     topk: tokens each query head selects: a float in (0, 1] is a share of the current length
         (``int(topk * length)``, the paper's budget ratio, e.g. 0.03), an int >= 0 is absolute.
     window, sink: most recent and first tokens always attended (window >= 1: the current token).
-    wrope_position: the WRoPE distance b far tokens are scored at; None takes the codebook's.
+    wrope_distance: the WRoPE distance b far tokens are scored at; None takes the codebook's.
     capacity: tokens per sequence the host store holds (prompt + generated); None takes the
         model's ``max_position_embeddings``.
     threads: gather threads (0 = one per core). pinned: page-locked host memory when a GPU is used.
@@ -66,7 +66,7 @@ class A2ATSConfig:
     topk: float | int = 0.03
     window: int = 64
     sink: int = 8
-    wrope_position: int | None = None
+    wrope_distance: int | None = None
     capacity: int | None = None
     threads: int = 0
     pinned: bool = True
@@ -82,16 +82,14 @@ class A2ATSConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name in ("wrope_position", "capacity"):
+        for name in ("wrope_distance", "capacity"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
     def budget(self, length: int) -> int:
         """Tokens each query head selects at context ``length``."""
-        if isinstance(self.topk, float):
-            return int(self.topk * length)
-        return int(self.topk)
+        return budget_tokens(self.topk, length)
 
 
 class _AttentionTimer:
@@ -131,7 +129,7 @@ class _PipelineSteps:
         self.pipeline = a2ats_core.Pipeline(
             self.store, num_q_heads=book.num_q_heads, inv_freq=book.inv_freq.float().cpu().contiguous(),
             chol=stacked(book.chol), chol_inv=stacked(book.chol_inv), centroids=stacked(book.centroids),
-            sink=config.sink, window=config.window, wrope_distances=[cache.wrope_position],
+            sink=config.sink, window=config.window, wrope_distances=[cache.wrope_distance],
             device=str(device) if on_gpu else None)
         self._stats_base = self.pipeline.stats()
 
@@ -345,7 +343,7 @@ class A2ATSCache(Cache):
         if self.capacity < 1:
             raise ValueError("the model declares no max_position_embeddings; pass A2ATSConfig(capacity=...)")
         self.codebook = codebook
-        self.wrope_position = int(self.config.wrope_position or codebook.relative_position)
+        self.wrope_distance = int(self.config.wrope_distance or codebook.wrope_distance)
         # Time the attention part per layer: None = where it is free (CPU); on a GPU timing needs
         # a sync per layer, so the demo and the benchmark ask for it and nothing else pays it.
         self.time_attention: bool | None = None

@@ -5,7 +5,7 @@ Per retrieval layer and KV head g (design notes, steps 1-2):
 1. Forward hooks on the attention projections capture, for every calibration token, the
    pre-RoPE key ``k_pre`` and the pre-RoPE queries of g's query heads (after q_norm/k_norm
    where the model has them, times the RoPE ``attention_scaling``). Queries are turned into
-   WRoPE queries ``q_w = R(b) q_pre`` (b = relative position, default 2048) and accumulated
+   WRoPE queries ``q_w = R(b) q_pre`` (b = the WRoPE distance, default 2048) and accumulated
    into ``H = Σ q_wᵀ q_w``; keys are kept.
 2. ``H`` is normalised by the RMS of its entries, ``L = chol(H + 1e-6 I)``, and k-means
    (k-means++ seeding, Lloyd iterations, empty clusters re-seeded) runs on the whitened keys
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import a2ats_core
 import torch
 
-from . import __version__, reference
+from . import __version__
 from .codebook import FORMAT, FORMAT_VERSION, Codebook, model_metadata
 from .corpus import build_corpus
 from .models import ModelLayout, attention_modules, describe_model, key_projection_fingerprint
@@ -50,11 +50,11 @@ class StatisticsCollector:
     Hooks only read the projections' outputs; the model's classes are not patched.
     """
 
-    def __init__(self, model: torch.nn.Module, layout: ModelLayout, *, relative_position: int,
+    def __init__(self, model: torch.nn.Module, layout: ModelLayout, *, wrope_distance: int,
                  keep_keys: bool = True, wrope: bool = True):
         self.model = model
         self.layout = layout
-        self.relative_position = relative_position
+        self.wrope_distance = wrope_distance
         self.wrope = wrope  # False: post-RoPE keys and queries at their own positions (ablation)
         self.keep_keys = keep_keys
         self.keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layout.layers}
@@ -89,7 +89,7 @@ class StatisticsCollector:
             keys = self._heads(attn, output, "k_norm", layout.num_kv_heads, layout.head_dim)
             keys = keys * layout.rope.attention_scaling  # (B, Hkv, T, D)
             if not self.wrope:
-                keys = reference.rotary(keys, self._own_positions(keys), layout.rope.inv_freq.to(keys.device))
+                keys = a2ats_core.rotary(keys, self._own_positions(keys), layout.rope.inv_freq.to(keys.device).float())
             if self.keep_keys:
                 self.keys[layer].append(keys.transpose(0, 1).flatten(1, 2).cpu())
             if layer == layout.layers[0]:
@@ -103,9 +103,9 @@ class StatisticsCollector:
             queries = self._heads(attn, output, "q_norm", layout.num_q_heads, layout.head_dim)
             batch, _, tokens, head_dim = queries.shape
             # WRoPE: every query is scored as if its keys sat b positions behind it.
-            positions = torch.full((batch, tokens), self.relative_position, dtype=torch.long,
+            positions = torch.full((batch, tokens), self.wrope_distance, dtype=torch.long,
                                    device=queries.device) if self.wrope else self._own_positions(queries)
-            q_w = reference.rotary(queries, positions, layout.rope.inv_freq.to(queries.device))
+            q_w = a2ats_core.rotary(queries, positions, layout.rope.inv_freq.to(queries.device).float())
             q_w = q_w * layout.rope.attention_scaling
             grouped = q_w.view(batch, layout.num_kv_heads, layout.group_size, tokens, head_dim)
             moment = torch.einsum("bgjtd,bgjte->gde", grouped, grouped).double()
@@ -435,7 +435,7 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
 
     ``preset``: "default" (C = 4096, M = 1, 64k tokens) or "small" (see :data:`PRESETS`);
     keyword ``settings`` override its fields (num_centroids, num_subspaces, num_tokens,
-    holdout_tokens, chunk_len, relative_position, max_iter, tol, seed, chol_eps, baseline).
+    holdout_tokens, chunk_len, wrope_distance, max_iter, tol, seed, chol_eps, baseline).
     ``texts``: calibration documents (default: pydoc topics + random strings). ``device``: where
     k-means runs (default CUDA when available); the model stays where it is. ``log`` receives
     progress lines. Returns the :class:`~a2ats.codebook.Codebook` with the quality report in
@@ -469,12 +469,12 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
     say(f"corpus: {corpus.description}; {corpus.num_calibration_tokens} calibration + "
         f"{corpus.num_holdout_tokens} held-out tokens in chunks of <= {chunk_len}")
 
-    train = StatisticsCollector(model, layout, relative_position=config.relative_position,
+    train = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance,
                                 wrope=config.wrope)
     train.run(corpus.calibration, progress=progress, description="calibration text")
     holdout = None
     if corpus.holdout:
-        holdout = StatisticsCollector(model, layout, relative_position=config.relative_position,
+        holdout = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance,
                                       wrope=config.wrope)
         holdout.run(corpus.holdout, progress=progress, description="held-out text")
     say(f"statistics collected in {time.perf_counter() - started:.1f} s")
@@ -537,7 +537,7 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "a2ats_version": __version__,
         "model": model_metadata(layout), "rope": layout.rope.to_metadata(),
-        "relative_position": config.relative_position, "num_centroids": num_centroids,
+        "wrope_distance": config.wrope_distance, "num_centroids": num_centroids,
         "num_subspaces": num_subspaces,
         "calibration": {
             "tokens": train.num_tokens, "corpus": corpus.description, "chunk_len": chunk_len,

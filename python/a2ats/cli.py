@@ -273,8 +273,8 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out tokens for the quality report; 0: no report (default: the preset's)")
     parser.add_argument("--chunk-len", type=int_range(2),
                         help="tokens per forward pass, capped at the model's context (default: the preset's)")
-    parser.add_argument("--relative-position", type=int_range(0),
-                        help=f"WRoPE distance b far tokens are scored at (default: {default.relative_position})")
+    parser.add_argument("--wrope-distance", type=int_range(0),
+                        help=f"WRoPE distance b far tokens are scored at (default: {default.wrope_distance})")
     parser.add_argument("--max-iter", type=int_range(1),
                         help="Lloyd iteration cap (default: the preset's)")
     parser.add_argument("--tol", type=float_range(0.0),
@@ -303,7 +303,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in (
         "num_centroids", "num_subspaces", "num_tokens", "holdout_tokens", "chunk_len",
-        "relative_position", "max_iter", "tol", "seed")}
+        "wrope_distance", "max_iter", "tol", "seed")}
     overrides["baseline"] = False if args.no_baseline else None
     preset = PRESETS[args.preset]
     num_tokens = args.num_tokens if args.num_tokens is not None else preset.num_tokens

@@ -14,7 +14,7 @@ File layout (safetensors, all tensors f32):
 * ``layers.{l}.centroids`` (Hkv, M, C, D/M), ``layers.{l}.chol`` and ``layers.{l}.chol_inv``
   (Hkv, D, D), for each retrieval layer l;
 * metadata key ``a2ats``: JSON with the format version, model type/name, layer/head/head-dim
-  counts, RoPE parameters, relative position b, C, M, calibration facts, the key-projection
+  counts, RoPE parameters, the WRoPE distance b, C, M, calibration facts, the key-projection
   fingerprint, the quality report, and a SHA-256 checksum over the tensors and the metadata.
 """
 from __future__ import annotations
@@ -41,7 +41,13 @@ FORMAT_VERSION = 1
 METADATA_KEY = "a2ats"
 # Codes are stored as int16 by the kernels.
 MAX_CENTROIDS = 1 << 15
-MAX_RELATIVE_POSITION = 1 << 24  # WRoPE distances beyond any model's context
+MAX_WROPE_DISTANCE = 1 << 24  # WRoPE distances beyond any model's context
+
+
+def budget_tokens(topk: float | int, length: int) -> int:
+    """The budget rule: tokens each query head selects at context ``length``. A float topk is a
+    share of the length (``int(topk * length)``, the paper's ratio), an int an absolute count."""
+    return int(topk * length) if isinstance(topk, float) else int(topk)
 
 
 class CodebookError(ValueError):
@@ -125,9 +131,9 @@ class Codebook:
         return int(self.metadata["num_subspaces"])
 
     @property
-    def relative_position(self) -> int:
+    def wrope_distance(self) -> int:
         """The WRoPE distance b far tokens are scored at."""
-        return int(self.metadata["relative_position"])
+        return int(self.metadata["wrope_distance"])
 
     @property
     def ablation(self) -> str | None:
@@ -155,7 +161,7 @@ class Codebook:
         model = self.metadata.get("model", {})
         return (f"Codebook({model.get('model_name')!r}, layers={len(self.layers)}, "
                 f"Hkv={self.num_kv_heads}, D={self.head_dim}, C={self.num_centroids}, "
-                f"M={self.num_subspaces}, b={self.relative_position})")
+                f"M={self.num_subspaces}, b={self.wrope_distance})")
 
     def _check_consistent(self) -> None:
         meta = self.metadata
@@ -169,7 +175,7 @@ class Codebook:
             c, m = self.num_centroids, self.num_subspaces
             layers = [int(layer) for layer in meta["model"]["layers"]]
             rotary_dim = int(meta["rope"]["rotary_dim"])
-            relative_position = meta["relative_position"]
+            wrope_distance = meta["wrope_distance"]
         except (KeyError, TypeError, ValueError) as error:
             raise CodebookError(f"codebook metadata is incomplete: {error!r}") from None
         if list(self.layers) != layers or set(self.chol) != set(layers) or \
@@ -197,10 +203,10 @@ class Codebook:
             error = float((chol @ chol_inv - torch.eye(d)).abs().max())
             if not error <= 1e-3:
                 raise CodebookError(f"layers.{layer}.chol_inv is not the inverse of chol (|L L^-1 - I| = {error:.3g})")
-        if isinstance(relative_position, bool) or not isinstance(relative_position, int) or \
-                not 0 <= relative_position <= MAX_RELATIVE_POSITION:
-            raise CodebookError(f"relative_position (the WRoPE distance b) must be an int in [0, "
-                                f"{MAX_RELATIVE_POSITION}], found {relative_position!r}")
+        if isinstance(wrope_distance, bool) or not isinstance(wrope_distance, int) or \
+                not 0 <= wrope_distance <= MAX_WROPE_DISTANCE:
+            raise CodebookError(f"wrope_distance (the WRoPE distance b) must be an int in [0, "
+                                f"{MAX_WROPE_DISTANCE}], found {wrope_distance!r}")
         if tuple(self.inv_freq.shape) != (rotary_dim // 2,):
             raise CodebookError(f"rope.inv_freq: expected ({rotary_dim // 2},), found "
                                 f"{tuple(self.inv_freq.shape)}")
@@ -318,6 +324,12 @@ class Codebook:
             raise CodebookError(f"{path}: tensors missing {missing[:4]} / unexpected {extra[:4]}")
         if metadata.get("checksum") != _checksum(tensors, metadata):
             raise CodebookError(f"{path}: checksum mismatch, the file is corrupted")
+        # Files written before the WRoPE distance had one name (the checksum covers the file as read).
+        settings = metadata.get("calibration", {}).get("settings") if isinstance(metadata.get("calibration"), dict) \
+            else None
+        for holder in (metadata, settings if isinstance(settings, dict) else {}):
+            if "wrope_distance" not in holder and "relative_position" in holder:
+                holder["wrope_distance"] = holder.pop("relative_position")
         try:
             codebook = cls({l: tensors[f"layers.{l}.centroids"] for l in layers},
                            {l: tensors[f"layers.{l}.chol"] for l in layers},

@@ -28,7 +28,7 @@ class CalibrationSettings:
     num_tokens: int = 65536
     holdout_tokens: int = 8192
     chunk_len: int = 2048
-    relative_position: int = 2048
+    wrope_distance: int = 2048
     max_iter: int = 300
     tol: float = 1e-4
     seed: int = 0
@@ -58,8 +58,8 @@ class CalibrationSettings:
             raise ValueError(f"holdout_tokens must be >= 0, got {self.holdout_tokens}")
         if self.chunk_len < 2:
             raise ValueError(f"chunk_len must be >= 2, got {self.chunk_len}")
-        if self.relative_position < 0:
-            raise ValueError(f"relative_position (b) must be >= 0, got {self.relative_position}")
+        if self.wrope_distance < 0:
+            raise ValueError(f"wrope_distance (b) must be >= 0, got {self.wrope_distance}")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
         if not self.tol >= 0:

@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import a2ats_core
 
+from ..codebook import budget_tokens
 from ..compat import cache_kwargs
 from ..models import describe_model
 from .selectors import Selector
@@ -43,7 +44,7 @@ class Budget:
     window: int = 64
 
     def tokens(self, length: int) -> int:
-        return int(self.topk * length) if isinstance(self.topk, float) else int(self.topk)
+        return budget_tokens(self.topk, length)
 
     @property
     def label(self) -> str:

@@ -15,12 +15,12 @@ from .base import Selector
 
 
 class A2ATS(Selector):
-    def __init__(self, codebook, wrope_position: int | None = None):
+    def __init__(self, codebook, wrope_distance: int | None = None):
         self.codebook = codebook
         self.name = {None: "a2ats", "no-wrope": "a2ats-no-wrope",
                      "no-query-awareness": "a2ats-no-qa"}[codebook.ablation]
         self.wrope = codebook.ablation != "no-wrope"
-        self.wrope_position = int(wrope_position or codebook.relative_position)
+        self.wrope_distance = int(wrope_distance or codebook.wrope_distance)
         self.codes: dict[int, torch.Tensor] = {}
 
     def reset(self):
@@ -41,7 +41,7 @@ class A2ATS(Selector):
     def scores(self, layer, query, keys, position):
         book = self.codebook
         if self.wrope:
-            q_dual = book.wrope_dual_queries(layer, query[None], torch.tensor([position]), self.wrope_position)
+            q_dual = book.wrope_dual_queries(layer, query[None], torch.tensor([position]), self.wrope_distance)
         else:
             q_dual = book.dual_queries(layer, query[None]).contiguous()
         codes = self.codes[layer][None]
