@@ -161,6 +161,7 @@ class CudaPipeline : public PipelineBase {
                                const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens,
                                bool decoding, cudaStream_t stream);
   cudaError_t allocate();
+  cudaError_t switch_stream(cudaStream_t stream);
   cudaError_t ensure_selection(int64_t max_middle);
   void release();
 

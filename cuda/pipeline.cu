@@ -315,16 +315,20 @@ cudaError_t CudaPipeline::encode_and_store(int64_t layer, const ConstRows& k, co
   return cudaSuccess;
 }
 
+// Rows that earlier calls left in flight to the host store on another stream must land before
+// work on `stream` reads the store.
+cudaError_t CudaPipeline::switch_stream(cudaStream_t stream) {
+  if (has_stream_ && last_stream_ != stream) A2ATS_CUDA_TRY(cudaStreamSynchronize(last_stream_));
+  last_stream_ = stream;
+  has_stream_ = true;
+  return cudaSuccess;
+}
+
 cudaError_t CudaPipeline::prefill(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
                                   const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens,
                                   cudaStream_t stream) {
   check_prefill();
-  if (layer < 0 || layer >= store_.num_layers())
-    throw std::invalid_argument("layer must be in [0, " + std::to_string(store_.num_layers()) + "), got " +
-                                std::to_string(layer));
-  if (has_stream_ && last_stream_ != stream) A2ATS_CUDA_TRY(cudaStreamSynchronize(last_stream_));
-  last_stream_ = stream;
-  has_stream_ = true;
+  A2ATS_CUDA_TRY(switch_stream(stream));
   return encode_and_store(layer, k, v, num_new, positions, pos_stride, num_tokens, false, stream);
 }
 
@@ -338,13 +342,7 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
   A2ATS_CUDA_TRY(ensure_selection(max_middle));
   int32_t* lengths = meta_;
   int32_t* resident_counts = meta_ + 2 * B;
-  if (last_stream_ != stream) {
-    // Rows that earlier steps left in flight to the host store on another stream must land
-    // before this step's gather reads the store.
-    if (has_stream_) A2ATS_CUDA_TRY(cudaStreamSynchronize(last_stream_));
-    last_stream_ = stream;
-    has_stream_ = true;
-  }
+  A2ATS_CUDA_TRY(switch_stream(stream));
   if (!plan_uploaded_) {
     // Once per step: lengths after the append, the append's starts, resident counts, one new row each.
     for (int64_t b = 0; b < B; ++b) {
