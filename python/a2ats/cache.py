@@ -436,19 +436,16 @@ class A2ATSCache(Cache):
 
     def _check_whole_steps(self) -> None:
         """Raises when an earlier step stopped inside the model (an exception or KeyboardInterrupt
-        between two retrieval layers, or inside one), so that layers hold different rows. Called
-        as each step enters the first retrieval layer."""
+        between two retrieval layers), so that layers hold different rows. Called as each step
+        enters the first retrieval layer."""
         layers = list(self.retrieval.values())
-        held = self.steps.lengths()
-        stored = self.store.lengths()
-        consistent = (len({layer.seq_length for layer in layers}) == 1 and (held == held[:1]).all()
-                      and (stored == held).all())
-        if not consistent:
+        held = self.steps.lengths()  # the store's lengths: the one count of the rows
+        if len({layer.seq_length for layer in layers}) != 1 or not (held == held[:1]).all():
             per_layer = {layer.layer_idx: held[layer.store_layer].tolist() for layer in layers}
             raise RuntimeError(
                 "this A2ATSCache holds a half-applied step: an earlier forward stopped inside the model, "
-                f"so its layers hold different rows (rows per layer and batch row: {per_layer}; host "
-                f"store: {stored.tolist()}). Call cache.reset() and prefill again, or use a new cache")
+                f"so its layers hold different rows (rows per layer and batch row: {per_layer}). "
+                "Call cache.reset() and prefill again, or use a new cache")
 
     def _plan_step(self) -> None:
         """Plans a decode step for every layer: one new row each, k rows per query head."""

@@ -325,10 +325,10 @@ class Codebook:
         if metadata.get("checksum") != _checksum(tensors, metadata):
             raise CodebookError(f"{path}: checksum mismatch, the file is corrupted")
         # Files written before the WRoPE distance had one name (the checksum covers the file as read).
-        settings = metadata.get("calibration", {}).get("settings") if isinstance(metadata.get("calibration"), dict) \
-            else None
-        for holder in (metadata, settings if isinstance(settings, dict) else {}):
-            if "wrope_distance" not in holder and "relative_position" in holder:
+        calibration = metadata.get("calibration")
+        settings = calibration.get("settings") if isinstance(calibration, dict) else None
+        for holder in (metadata, settings):
+            if isinstance(holder, dict) and "relative_position" in holder and "wrope_distance" not in holder:
                 holder["wrope_distance"] = holder.pop("relative_position")
         try:
             codebook = cls({l: tensors[f"layers.{l}.centroids"] for l in layers},
