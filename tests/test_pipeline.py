@@ -349,12 +349,15 @@ _DETERMINISM = textwrap.dedent("""
 def test_outputs_are_bit_identical_whatever_the_threads_and_load():
     script = _DETERMINISM.format(tests=os.path.dirname(__file__))
     digests = {}
-    for threads, load in [("1", "quiet"), ("2", "quiet"), ("3", "quiet"), ("2", "busy")]:
-        env = dict(os.environ, A2ATS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+    # A2ATS_MIN_CHUNK_OPS=1 splits every loop, however small: with the default grain a decode
+    # step this size runs inline and the thread count would not reach it.
+    for threads, load, grain in [("1", "quiet", ""), ("2", "quiet", "1"), ("3", "quiet", "1"), ("2", "busy", "1"),
+                                 ("2", "quiet", "")]:
+        env = dict(os.environ, A2ATS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, A2ATS_MIN_CHUNK_OPS=grain)
         result = subprocess.run([sys.executable, "-c", script, load], capture_output=True, text=True, env=env,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        digests[(threads, load)] = result.stdout.strip().splitlines()[-1]
+        digests[(threads, load, grain)] = result.stdout.strip().splitlines()[-1]
     assert len(set(digests.values())) == 1, digests
 
 

@@ -154,7 +154,7 @@ void vq_encode_typed(const T* x, const float* centroids, int16_t* codes, const V
         }
         encode_block(x_rows, num_rows, centroids + g * per_head, p.num_subspaces, p.num_centroids, dsub, code_rows);
       }
-    }, ThreadPool::min_chunk_for(kEncodeRows * p.num_centroids * p.head_dim));
+    }, ThreadPool::min_chunk_for(std::min<int64_t>(kEncodeRows, p.num_tokens) * p.num_centroids * p.head_dim));
     return;
   }
   const Panels panels = pack_panels(centroids, p.num_kv_heads * p.num_subspaces, p.num_centroids, dsub);
@@ -405,7 +405,7 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
           std::fill(row + lengths[b], row + p.capacity, -std::numeric_limits<float>::infinity());
         }
     }
-  }, ThreadPool::min_chunk_for(rows_per_build * group_size * (table * dsub + p.capacity * p.num_subspaces)));
+  }, ThreadPool::min_chunk_for(std::min(rows_per_build, p.batch) * group_size * (table * dsub + p.capacity * p.num_subspaces)));
   return true;
 }
 
