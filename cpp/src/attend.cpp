@@ -188,23 +188,42 @@ void widen_rows(const bfloat16_t* const* rows, int64_t n, int64_t head_dim, floa
     for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
 }
 
-// The n rows of one chunk as f32 in `scratch` (n, D), with their pointers in `rows`. They are
-// copied out of the store first, a memcpy per row: that keeps many sparse rows' misses in
-// flight, where computing on (or converting) rows straight from the store leaves the core
-// waiting on about one row at a time (measured about 2x slower with the store out of cache).
-// 16-bit rows land in `staging` (n * row bytes) and are widened from there.
+
+// The n K and V rows of one chunk as f32 in `scratch` (2, kAttendChunkRows, D), with their
+// pointers in `k_rows` and `v_rows`. They are copied out of the store first, a memcpy per row,
+// K and V of a row together, with the rows kPrefetchRows ahead prefetched: that keeps many
+// sparse rows' misses in flight, where computing on (or converting) rows straight from the
+// store leaves the core waiting on about one row at a time (measured about 2x slower with the
+// store out of cache). 16-bit rows land in
+// `staging` (2, kAttendChunkRows, row bytes) and are widened from there.
 template <typename T>
-void chunk_rows(const char* block, const int32_t* idx, int64_t n, int64_t head_dim, float* scratch, char* staging,
-                const float** rows) {
-  const size_t row_bytes = size_t(head_dim) * sizeof(T);
+void chunk_rows(const char* k_block, const char* v_block, const int32_t* idx, int64_t n, int64_t head_dim,
+                float* scratch, char* staging, const float** k_rows, const float** v_rows) {
+  const size_t row_bytes = size_t(head_dim) * sizeof(T), plane = size_t(kAttendChunkRows) * row_bytes;
   char* copies = std::is_same_v<T, float> ? reinterpret_cast<char*>(scratch) : staging;
-  const T* typed[kAttendChunkRows];
+  const auto prefetch = [&](int64_t i) {
+    prefetch_row(k_block + size_t(idx[i]) * row_bytes, row_bytes);
+    prefetch_row(v_block + size_t(idx[i]) * row_bytes, row_bytes);
+  };
+  for (int64_t i = 0; i < std::min(n, kPrefetchRows); ++i) prefetch(i);
   for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(copies + size_t(i) * row_bytes, block + size_t(idx[i]) * row_bytes, row_bytes);
-    typed[i] = reinterpret_cast<const T*>(copies + size_t(i) * row_bytes);
+    if (i + kPrefetchRows < n) prefetch(i + kPrefetchRows);
+    std::memcpy(copies + size_t(i) * row_bytes, k_block + size_t(idx[i]) * row_bytes, row_bytes);
+    std::memcpy(copies + plane + size_t(i) * row_bytes, v_block + size_t(idx[i]) * row_bytes, row_bytes);
   }
-  if constexpr (!std::is_same_v<T, float>) widen_rows(typed, n, head_dim, scratch);
-  for (int64_t i = 0; i < n; ++i) rows[i] = scratch + i * head_dim;
+  if constexpr (!std::is_same_v<T, float>) {
+    const T* typed[2 * kAttendChunkRows];
+    for (int64_t i = 0; i < n; ++i) {
+      typed[i] = reinterpret_cast<const T*>(copies + size_t(i) * row_bytes);
+      typed[n + i] = reinterpret_cast<const T*>(copies + plane + size_t(i) * row_bytes);
+    }
+    widen_rows(typed, n, head_dim, scratch);
+    widen_rows(typed + n, n, head_dim, scratch + kAttendChunkRows * head_dim);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    k_rows[i] = scratch + i * head_dim;
+    v_rows[i] = scratch + (kAttendChunkRows + i) * head_dim;
+  }
 }
 
 }  // namespace
@@ -227,7 +246,7 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
     pool_->parallel_for(num_items, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> logits, scratch;
       thread_local std::vector<char> staging;
-      staging.resize(std::max(size_t(kAttendChunkRows * head_dim) * sizeof(T), staging.size()));
+      staging.resize(std::max(size_t(2 * kAttendChunkRows * head_dim) * sizeof(T), staging.size()));
       thread_local std::vector<const float*> q_heads;
       q_heads.resize(size_t(group_size));
       logits.resize(size_t(std::max<int64_t>(group_size * kAttendChunkRows, int64_t(logits.size()))));
@@ -250,10 +269,8 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
         for (int64_t h = 0; h < group_size; ++h)
           q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h) * p.q_stride[1];
         const int32_t* idx = indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
-        float* widened = scratch.data();
-        chunk_rows<T>(k_rows(layer, b, g), idx, hi - lo, head_dim, widened, staging.data(), k_chunk);
-        chunk_rows<T>(v_rows(layer, b, g), idx, hi - lo, head_dim, widened + kAttendChunkRows * head_dim,
-                      staging.data(), v_chunk);
+        chunk_rows<T>(k_rows(layer, b, g), v_rows(layer, b, g), idx, hi - lo, head_dim, scratch.data(),
+                      staging.data(), k_chunk, v_chunk);
         attend_chunk(q_heads.data(), group_size, head_dim, p.scale, k_chunk, v_chunk, hi - lo, logits.data(), state);
       }
     }, ThreadPool::min_chunk_for(4 * kAttendChunkRows * head_dim * group_size));
