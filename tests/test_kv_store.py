@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import faulthandler
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import a2ats_core
@@ -231,6 +234,51 @@ def test_concurrent_python_threads():
     for (indices, counts), (out_k, out_v) in zip(selections, results):
         check_gathered(out_k, torch.zeros_like(out_k), k, indices, counts)
         check_gathered(out_v, torch.zeros_like(out_v), v, indices, counts)
+
+
+_HAND_OFFS = """
+import faulthandler, random, threading, time
+import torch, a2ats_core
+faulthandler.dump_traceback_later(120, exit=True)  # a lost wake-up hangs; this makes it a failure
+B, Hkv, D, cap = 2, 3, 64, 400
+store = a2ats_core.KVStore(1, B, Hkv, D, cap, "float32", threads=3)
+k, v = torch.randn(B, Hkv, cap, D), torch.randn(B, Hkv, cap, D)
+store.append(0, k, v)
+indices = torch.randint(0, cap, (B, Hkv, 300), dtype=torch.int32)
+counts = torch.full((B, Hkv), 300, dtype=torch.int32)
+want = k.gather(2, indices.long()[..., None].expand(-1, -1, -1, D))
+failures = []
+
+def run(seed):
+    rng = random.Random(seed)
+    out_k, out_v = torch.empty(B, Hkv, 300, D), torch.empty(B, Hkv, 300, D)
+    for _ in range(1500):
+        # Gaps from none to past the workers' 40 us spin: hand-offs to spinning and to sleeping threads.
+        gap = rng.choice([0.0, 0.0, 10e-6, 30e-6, 60e-6, 200e-6])
+        if gap:
+            end = time.perf_counter() + gap
+            while time.perf_counter() < end:
+                pass
+        out_k.fill_(float("nan"))
+        store.gather(0, indices, counts, out_k, out_v)
+        if not torch.equal(out_k, want):
+            failures.append(seed)
+            return
+
+threads = [threading.Thread(target=run, args=(seed,)) for seed in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("failures", failures)
+"""
+
+
+def test_pool_hand_offs_to_spinning_and_sleeping_threads():
+    """Thousands of small loops, split over every thread (A2ATS_MIN_CHUNK_OPS=1), with gaps on
+    both sides of the spin window and from two Python threads at once: each one completes, whole."""
+    env = dict(os.environ, A2ATS_MIN_CHUNK_OPS="1")
+    result = subprocess.run([sys.executable, "-c", _HAND_OFFS], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "failures []", result.stdout[-2000:]
 
 
 def test_reset_and_layers(device):
