@@ -188,29 +188,22 @@ void widen_rows(const bfloat16_t* const* rows, int64_t n, int64_t head_dim, floa
     for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
 }
 
-
 // The n K and V rows of one chunk as f32 in `scratch` (2, kAttendChunkRows, D), with their
 // pointers in `k_rows` and `v_rows`. They are copied out of the store first, a memcpy per row,
 // K and V of a row together, with the rows kPrefetchRows ahead prefetched: that keeps many
 // sparse rows' misses in flight, where computing on (or converting) rows straight from the
 // store leaves the core waiting on about one row at a time (measured about 2x slower with the
-// store out of cache). 16-bit rows land in
-// `staging` (2, kAttendChunkRows, row bytes) and are widened from there.
+// store out of cache). 16-bit rows land in `staging` (2, kAttendChunkRows, row bytes) and are
+// widened from there.
 template <typename T>
 void chunk_rows(const char* k_block, const char* v_block, const int32_t* idx, int64_t n, int64_t head_dim,
                 float* scratch, char* staging, const float** k_rows, const float** v_rows) {
   const size_t row_bytes = size_t(head_dim) * sizeof(T), plane = size_t(kAttendChunkRows) * row_bytes;
   char* copies = std::is_same_v<T, float> ? reinterpret_cast<char*>(scratch) : staging;
-  const auto prefetch = [&](int64_t i) {
-    prefetch_row(k_block + size_t(idx[i]) * row_bytes, row_bytes);
-    prefetch_row(v_block + size_t(idx[i]) * row_bytes, row_bytes);
-  };
-  for (int64_t i = 0; i < std::min(n, kPrefetchRows); ++i) prefetch(i);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + kPrefetchRows < n) prefetch(i + kPrefetchRows);
-    std::memcpy(copies + size_t(i) * row_bytes, k_block + size_t(idx[i]) * row_bytes, row_bytes);
-    std::memcpy(copies + plane + size_t(i) * row_bytes, v_block + size_t(idx[i]) * row_bytes, row_bytes);
-  }
+  for_each_row_prefetched(k_block, v_block, idx, 0, n, row_bytes, [&](int64_t i, const char* k, const char* v) {
+    std::memcpy(copies + size_t(i) * row_bytes, k, row_bytes);
+    std::memcpy(copies + plane + size_t(i) * row_bytes, v, row_bytes);
+  });
   if constexpr (!std::is_same_v<T, float>) {
     const T* typed[2 * kAttendChunkRows];
     for (int64_t i = 0; i < n; ++i) {

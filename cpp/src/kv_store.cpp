@@ -161,18 +161,10 @@ void KVStore::gather(int64_t layer, const int32_t* indices, const int64_t indice
       const char* src_v = v_rows(layer, b, g);
       char* dst_k = static_cast<char*>(out_k.data) + (b * out_k.stride[0] + g * out_k.stride[1]) * elem;
       char* dst_v = static_cast<char*>(out_v.data) + (b * out_v.stride[0] + g * out_v.stride[1]) * elem;
-      for (int64_t i = lo; i < std::min(hi, lo + kPrefetchRows); ++i) {
-        prefetch_row(src_k + size_t(idx[i]) * row, row);
-        prefetch_row(src_v + size_t(idx[i]) * row, row);
-      }
-      for (int64_t i = lo; i < hi; ++i) {
-        if (i + kPrefetchRows < hi) {
-          prefetch_row(src_k + size_t(idx[i + kPrefetchRows]) * row, row);
-          prefetch_row(src_v + size_t(idx[i + kPrefetchRows]) * row, row);
-        }
-        std::memcpy(dst_k + i * out_k.stride[2] * elem, src_k + size_t(idx[i]) * row, row);
-        std::memcpy(dst_v + i * out_v.stride[2] * elem, src_v + size_t(idx[i]) * row, row);
-      }
+      for_each_row_prefetched(src_k, src_v, idx, lo, hi, row, [&](int64_t i, const char* k, const char* v) {
+        std::memcpy(dst_k + i * out_k.stride[2] * elem, k, row);
+        std::memcpy(dst_v + i * out_v.stride[2] * elem, v, row);
+      });
     }
   }, ThreadPool::min_chunk_for(2 * kGatherChunkRows * int64_t(row)));
 }

@@ -100,7 +100,9 @@ void ThreadPool::run_chunks() {
 void ThreadPool::worker_loop() {
   uint64_t seen = 0;
   for (;;) {
-    const auto new_task = [&] { return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen; };
+    const auto new_task = [&] {
+      return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+    };
     if (!spin_until(new_task)) {
       // The caller bumps generation_ before it looks at sleepers_ under the mutex, and this
       // thread counts itself asleep and checks generation_ under the same mutex: no lost wake-up.

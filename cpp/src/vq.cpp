@@ -405,7 +405,8 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
           std::fill(row + lengths[b], row + p.capacity, -std::numeric_limits<float>::infinity());
         }
     }
-  }, ThreadPool::min_chunk_for(std::min(rows_per_build, p.batch) * group_size * (table * dsub + p.capacity * p.num_subspaces)));
+  }, ThreadPool::min_chunk_for(std::min(rows_per_build, p.batch) * group_size *
+                               (table * dsub + p.capacity * p.num_subspaces)));
   return true;
 }
 

@@ -153,4 +153,20 @@ A2ATS_INLINE void prefetch_row(const char* row, size_t row_bytes) {
   for (size_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 0);
 }
 
+// copy(i, k_row, v_row) for i in [begin, end), the K and V rows of store row idx[i] from the
+// blocks k_block and v_block (rows of row_bytes), with the rows kPrefetchRows ahead prefetched.
+template <typename Copy>
+A2ATS_INLINE void for_each_row_prefetched(const char* k_block, const char* v_block, const int32_t* idx, int64_t begin,
+                                          int64_t end, size_t row_bytes, const Copy& copy) {
+  const auto prefetch = [&](int64_t i) {
+    prefetch_row(k_block + size_t(idx[i]) * row_bytes, row_bytes);
+    prefetch_row(v_block + size_t(idx[i]) * row_bytes, row_bytes);
+  };
+  for (int64_t i = begin; i < end && i < begin + kPrefetchRows; ++i) prefetch(i);
+  for (int64_t i = begin; i < end; ++i) {
+    if (i + kPrefetchRows < end) prefetch(i + kPrefetchRows);
+    copy(i, k_block + size_t(idx[i]) * row_bytes, v_block + size_t(idx[i]) * row_bytes);
+  }
+}
+
 }  // namespace a2ats
