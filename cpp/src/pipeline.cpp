@@ -349,9 +349,8 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   // Scores of every stored token from the codes, then the selection.
   const LutScoresParams lp = scoring();
   const float* centroids = codebook_.centroids.data() + layer * Hkv * shape_.num_centroids * D;
-  if (!lut_scores_cpu(q_dual_.data(), centroids, codes(layer), step_lengths_.data(),
-                      NB > 1 ? codebook_.bin_edges.data() : nullptr, scores_.data(), lp))
-    throw std::logic_error("a stored code is outside the codebook");  // encoded here, so unreachable
+  lut_scores_cpu(q_dual_.data(), centroids, codes(layer), step_lengths_.data(),
+                 NB > 1 ? codebook_.bin_edges.data() : nullptr, scores_.data(), lp);
   const SelectTopkParams sp = selection(max_selected_, true);
   select_topk_cpu(scores_.data(), step_lengths_.data(), indices_.data(), counts_.data(), sp);
   last_max_selected_ = max_selected_;

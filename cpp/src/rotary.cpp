@@ -1,6 +1,8 @@
 #include "a2ats/rotary.h"
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "a2ats/thread_pool.h"
 
@@ -71,18 +73,24 @@ void rotary_dispatch_pos(const void* x, void* out, const void* positions, const 
                          const RotaryParams& p) {
   if (p.pos_dtype == DType::kInt32)
     rotary_typed(static_cast<const T*>(x), static_cast<T*>(out), static_cast<const int32_t*>(positions), inv_freq, p);
-  else
+  else if (p.pos_dtype == DType::kInt64)
     rotary_typed(static_cast<const T*>(x), static_cast<T*>(out), static_cast<const int64_t*>(positions), inv_freq, p);
 }
 
 }  // namespace
 
 void rotary_cpu(const void* x, void* out, const void* positions, const float* inv_freq, const RotaryParams& p) {
+  if (p.pos_dtype != DType::kInt32 && p.pos_dtype != DType::kInt64)
+    throw std::invalid_argument(std::string("rotary: positions must be int32 or int64, got ") + dtype_name(p.pos_dtype));
+  if (p.head_dim > kMaxHeadDim || p.rotary_dim % 2 != 0 || p.rotary_dim > p.head_dim)
+    throw std::invalid_argument("rotary: rotary_dim " + std::to_string(p.rotary_dim) + " must be even and <= head_dim " +
+                                std::to_string(p.head_dim) + " <= " + std::to_string(kMaxHeadDim));
   switch (p.dtype) {
     case DType::kFloat32: rotary_dispatch_pos<float>(x, out, positions, inv_freq, p); break;
     case DType::kFloat16: rotary_dispatch_pos<half_t>(x, out, positions, inv_freq, p); break;
     case DType::kBFloat16: rotary_dispatch_pos<bfloat16_t>(x, out, positions, inv_freq, p); break;
-    default: break;
+    default: throw std::invalid_argument(std::string("rotary: x must be float32, float16 or bfloat16, got ") +
+                                         dtype_name(p.dtype));
   }
 }
 

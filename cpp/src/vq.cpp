@@ -4,6 +4,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "a2ats/thread_pool.h"
@@ -306,15 +308,22 @@ void score_tokens(const float* lut, const int16_t* codes, int64_t codes_t_stride
 }  // namespace
 
 void vq_encode_cpu(const void* x, const float* centroids, int16_t* codes, const VQEncodeParams& p) {
+  if (p.head_dim > kMaxHeadDim || p.num_subspaces < 1 || p.head_dim % p.num_subspaces != 0 || p.num_centroids < 1 ||
+      p.num_centroids > kMaxCentroids)
+    throw std::invalid_argument("vq_encode: needs head_dim <= " + std::to_string(kMaxHeadDim) +
+                                " split into M equal subspaces and 1 <= C <= " + std::to_string(kMaxCentroids) +
+                                ", got head_dim " + std::to_string(p.head_dim) + ", M " +
+                                std::to_string(p.num_subspaces) + ", C " + std::to_string(p.num_centroids));
   switch (p.dtype) {
     case DType::kFloat32: vq_encode_typed(static_cast<const float*>(x), centroids, codes, p); break;
     case DType::kFloat16: vq_encode_typed(static_cast<const half_t*>(x), centroids, codes, p); break;
     case DType::kBFloat16: vq_encode_typed(static_cast<const bfloat16_t*>(x), centroids, codes, p); break;
-    default: break;
+    default: throw std::invalid_argument(std::string("vq_encode: x must be float32, float16 or bfloat16, got ") +
+                                         dtype_name(p.dtype));
   }
 }
 
-bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
+void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
                     const int32_t* bin_edges, float* scores, const LutScoresParams& p) {
   // Every code is checked before any score is written, so a rejected call leaves `scores` as
   // it was. The codes are 1/(2 G D) of the bytes a step reads, so the extra pass is cheap.
@@ -330,7 +339,9 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
     }
     if (bad) in_range.store(false, std::memory_order_relaxed);
   }, ThreadPool::min_chunk_for(p.capacity * p.num_subspaces));
-  if (!in_range.load()) return false;
+  if (!in_range.load())
+    throw std::invalid_argument("codes contains values outside [0, " + std::to_string(p.num_centroids) +
+                                ") (the number of centroids) among the first lengths[b] tokens");
   const int64_t group_size = p.num_q_heads / p.num_kv_heads;
   const int64_t dsub = p.head_dim / p.num_subspaces;
   const int64_t table = p.num_subspaces * p.num_centroids;
@@ -407,7 +418,6 @@ bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
     }
   }, ThreadPool::min_chunk_for(std::min(rows_per_build, p.batch) * group_size *
                                (table * dsub + p.capacity * p.num_subspaces)));
-  return true;
 }
 
 }  // namespace a2ats

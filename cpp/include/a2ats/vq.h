@@ -40,8 +40,8 @@ struct LutScoresParams {
 // scores: (B, Hq, Tcap) f32: sum_m LUT_bin[m][codes[t, m]] for t < lengths[b], -inf after, where
 // LUT_j[m][c] = q[b, h, j, m-th slice] . centroids[g, m, c] / sqrt(D) and token t at distance
 // d = lengths[b] - 1 - t uses bin j = #{edges <= d}.
-// Returns false, having written nothing, if a code of a valid token is outside [0, C).
-bool lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
+// Throws std::invalid_argument, having written nothing, if a code of a valid token is outside [0, C).
+void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
                     const int32_t* bin_edges, float* scores, const LutScoresParams& params);
 
 }  // namespace a2ats
