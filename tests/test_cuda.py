@@ -1,4 +1,4 @@
-"""CUDA-only checks beyond the device-parametrised kernel tests (test_kernels.py & co.).
+"""CUDA-only checks beyond the device-parametrised kernel tests (test_rotary.py, test_select_topk.py & co.).
 
 CPU-vs-CUDA equality of the native kernels on identical inputs (codes, scores, selected sets),
 large selections (1M tokens, k = 16k), the ``stream`` argument, the KVStore's append from CUDA
