@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from a2ats.cache import attention_timer
-from a2ats.calibrate import calibrate
+from a2ats.calibration import calibrate
 from a2ats.demo import load_or_calibrate
 from a2ats.models import describe_model, load_model
 

@@ -144,7 +144,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def small_codebook(smollm2):
-    from a2ats.calibrate import calibrate
+    from a2ats.calibration import calibrate
 
     model, tokenizer = smollm2
     return calibrate(model, tokenizer, preset="small", progress=False)

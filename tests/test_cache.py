@@ -233,7 +233,7 @@ def test_cache_rejects_wrong_codebook_type(smollm2):
 
 def _tiny_setup(smollm2, kind, **overrides):
     """A tiny random model of ``kind`` (SmolLM2's vocabulary) and a codebook calibrated for it."""
-    from a2ats.calibrate import calibrate
+    from a2ats.calibration import calibrate
 
     _, tokenizer = smollm2
     model = tiny_model(kind, vocab_size=49152, **overrides)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from a2ats import reference
-from a2ats.calibrate import (PRESETS, StatisticsCollector, calibrate, kmeans, relative_score_error,
-                             resolve_settings, whitening)
+from a2ats.calibration import (PRESETS, StatisticsCollector, calibrate, kmeans,
+                               relative_score_error, resolve_settings, whitening)
 from a2ats.cli import main
 from a2ats.codebook import Codebook, CodebookError, CodebookMismatchError, _checksum
 from a2ats.corpus import build_corpus, default_documents

@@ -74,14 +74,14 @@ def test_topk_values(text, value):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if anything loads model weights or calibrates."""
-    import a2ats.calibrate
+    import a2ats.calibration
     import a2ats.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(a2ats.models, "load_model", refuse)
-    monkeypatch.setattr(a2ats.calibrate, "calibrate", refuse)
+    monkeypatch.setattr(a2ats.calibration, "calibrate", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -70,8 +70,8 @@ def test_cached_codebook_is_used_only_while_it_matches_the_preset(smollm2, small
     import copy
     import dataclasses
 
-    import a2ats.calibrate
-    from a2ats.calibrate import PRESETS
+    import a2ats.calibration
+    from a2ats.calibration import PRESETS
     from a2ats.demo import load_or_calibrate
     from a2ats.models import describe_model
 
@@ -81,7 +81,7 @@ def test_cached_codebook_is_used_only_while_it_matches_the_preset(smollm2, small
     path.parent.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(small_codebook).save(path)
     calls = []
-    monkeypatch.setattr(a2ats.calibrate, "calibrate",
+    monkeypatch.setattr(a2ats.calibration, "calibrate",
                         lambda *args, **kwargs: calls.append(kwargs) or copy.deepcopy(small_codebook))
     lines = []
     cached = load_or_calibrate(model, tokenizer, "small", log=lines.append, progress=False)
@@ -113,7 +113,7 @@ def test_readme_python_example_runs_as_written(smollm2, monkeypatch, tmp_path, c
     import dataclasses
 
     import a2ats.models
-    from a2ats.calibrate import PRESETS
+    from a2ats.calibration import PRESETS
     from a2ats.demo import codebook_cache_path, load_or_calibrate
 
     model, tokenizer = smollm2

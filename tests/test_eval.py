@@ -147,7 +147,7 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
     from transformers import DynamicCache
 
     from a2ats import A2ATSCache
-    from a2ats.calibrate import calibrate
+    from a2ats.calibration import calibrate
     from a2ats.demo import ABLATIONS
     from tiny_models import tiny_model
 

@@ -23,8 +23,9 @@ _LAZY = {
     "Codebook": "codebook",
     "CodebookError": "codebook",
     "CodebookMismatchError": "codebook",
-    "CalibrationSettings": "calibrate",
-    "PRESETS": "calibrate",
+    "calibrate": "calibration",
+    "CalibrationSettings": "presets",
+    "PRESETS": "presets",
     "A2ATSConfig": "cache",
     "A2ATSCache": "cache",
     "load_model": "models",
@@ -35,16 +36,10 @@ _LAZY = {
     "cache_kwargs": "compat",
 }
 
-__all__ = ["__version__", "calibrate", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):
-    if name == "calibrate":
-        # The submodule a2ats.calibrate is callable (it forwards to calibrate.calibrate), so
-        # `a2ats.calibrate(model, tokenizer)` works whichever of the two the name is bound to.
-        import importlib
-
-        return importlib.import_module(".calibrate", __name__)
     if name in _LAZY:
         import importlib
 

@@ -324,7 +324,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--subspaces {settings.num_subspaces} does not divide {facts.name}'s head dim "
                          f"{facts.head_dim}")
 
-    from .calibrate import calibrate, format_quality_report
+    from .calibration import calibrate
+    from .quality import format_quality_report
     from .corpus import read_documents
 
     texts = description = None

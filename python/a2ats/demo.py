@@ -81,7 +81,8 @@ def load_or_calibrate(model, tokenizer, preset: str | None = None, *, ablation: 
     :func:`default_preset`. ``ablation``: one of :data:`ABLATIONS`, for ``a2ats eval``.
     ``log`` gets one line saying which it did; ``progress`` shows calibration progress bars.
     """
-    from .calibrate import PRESETS, calibrate, resolve_settings
+    from .calibration import calibrate
+    from .presets import PRESETS, resolve_settings
     from .codebook import Codebook, CodebookError
     from .models import describe_model
 

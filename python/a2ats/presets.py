@@ -1,6 +1,6 @@
 """Calibration settings and presets, torch-free so that ``a2ats --help`` stays fast.
 
-:mod:`a2ats.calibrate` re-exports everything here; the command line reads the presets from this
+:mod:`a2ats.calibration` re-exports everything here; the command line reads the presets from this
 module to describe them without importing torch.
 """
 from __future__ import annotations

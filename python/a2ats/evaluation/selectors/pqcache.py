@@ -5,7 +5,7 @@ import torch
 
 import a2ats_core
 
-from ...calibrate import kmeans
+from ...kmeans import kmeans
 from .base import Selector
 
 
