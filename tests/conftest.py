@@ -2,7 +2,8 @@
 
 Every kernel test takes the ``device`` fixture: "cpu" always, "cuda" when the extension was
 built with CUDA, sees a device, and torch can use it (otherwise that parameter is skipped with
-the reason). CPU and CUDA implementations must pass the very same tests.
+the reason). CPU and CUDA implementations must pass the very same tests. Tests marked
+``every_isa`` run their CPU parameters once per ISA level the CPU supports.
 """
 from __future__ import annotations
 
@@ -43,6 +44,50 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=str(CUDA_SKIP_REASON))
 def device(request) -> str:
     """The device the native kernel runs on ("cpu" or "cuda")."""
     return request.param
+
+
+# -- ISA levels: the CPU kernels' hot loops exist as baseline, AVX2 and AVX-512 clones ----------
+
+ISA_LEVELS = a2ats_core.supported_isas()  # lowest first; the last is what runs by default
+BEST_ISA = ISA_LEVELS[-1]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "every_isa: run the test once per ISA level this CPU supports "
+                                       "(a2ats_core.set_isa), CPU parameters only")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("every_isa"):
+        metafunc.parametrize("isa", ISA_LEVELS, indirect=True, ids=[f"isa-{level}" for level in ISA_LEVELS])
+
+
+def pytest_collection_modifyitems(config, items):
+    # The ISA level is the CPU's: a CUDA parameter runs once, at the default level.
+    def redundant(item):
+        params = getattr(item, "callspec", None)
+        params = params.params if params else {}
+        return params.get("device") == "cuda" and params.get("isa", BEST_ISA) != BEST_ISA
+
+    dropped = [item for item in items if redundant(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not redundant(item)]
+
+
+@pytest.fixture(autouse=True)
+def isa(request):
+    """The ISA level the CPU kernels run at: the parameter of an ``every_isa`` test, else the default."""
+    level = getattr(request, "param", None)
+    if level is None:
+        yield a2ats_core.isa()
+        return
+    previous = a2ats_core.isa()
+    a2ats_core.set_isa(level)
+    try:
+        yield level
+    finally:
+        a2ats_core.set_isa(previous)
 
 
 @pytest.fixture(autouse=True)

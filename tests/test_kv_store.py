@@ -383,6 +383,7 @@ def check_attend(out, lse, ref_out, ref_lse):
     torch.testing.assert_close(lse[~empty], ref_lse[~empty], rtol=1e-6, atol=2e-6)
 
 
+@pytest.mark.every_isa
 @pytest.mark.parametrize("D", [64, 128, 36])
 @pytest.mark.parametrize("G", [1, 3, 7])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -407,6 +408,7 @@ def test_attend_matches_reference(dtype, G, D):
     check_attend(out, lse, *reference_attend(keys, values, q, indices, counts, scale))
 
 
+@pytest.mark.every_isa
 def test_attend_strided_views_and_out():
     """q, indices and counts as strided views, results into strided out= views; peaked
     softmax (large scale) whose small terms underflow."""
@@ -427,6 +429,7 @@ def test_attend_strided_views_and_out():
         check_attend(out, lse, *reference_attend(keys, values, q, indices, counts, scale))
 
 
+@pytest.mark.every_isa
 def test_attend_merges_with_other_rows():
     """attend over two disjoint selections, merged by reference.merge_attention, equals attend
     over their union: how the cache combines the middle rows with the resident ones."""

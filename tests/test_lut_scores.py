@@ -15,6 +15,9 @@ from a2ats import reference
 
 from kernel_helpers import check_scores, lut_inputs, sync
 
+# Every CPU case runs at each ISA level the CPU supports (see conftest.py).
+pytestmark = pytest.mark.every_isa
+
 
 def ragged_lengths(B, Tcap):
     if B == 1:

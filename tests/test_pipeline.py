@@ -165,6 +165,7 @@ def run_steps(pipe, ref, generator, dtype, steps, budget, scale=0.25):
     return outputs
 
 
+@pytest.mark.every_isa
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("G", [1, 3, 7])
 @pytest.mark.parametrize("prompts", [[40], [40, 17, 60], [3, 90, 12, 55, 1]], ids=["B1", "B3-ragged", "B5-ragged"])

@@ -15,6 +15,9 @@ from a2ats import reference
 
 from kernel_helpers import DTYPE_IDS, DTYPES, LAYOUTS, bits, sync, x_layouts
 
+# Every CPU case runs at each ISA level the CPU supports (see conftest.py).
+pytestmark = pytest.mark.every_isa
+
 
 # Output tolerances when both sides compute in f32 and round once to the output dtype.
 TOL = {

@@ -16,6 +16,9 @@ from a2ats import reference
 
 from kernel_helpers import check_codes, check_scores, lut_inputs, sync
 
+# Every CPU case runs at each ISA level the CPU supports (see conftest.py).
+pytestmark = pytest.mark.every_isa
+
 
 def _cover(uncovered, options, capacity) -> bool:
     """Whether every element of ``uncovered`` can be assigned to one of its ``options`` heads

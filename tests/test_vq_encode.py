@@ -13,6 +13,9 @@ import torch
 
 from kernel_helpers import DTYPE_IDS, DTYPES, LAYOUTS, bits, check_codes, sync, x_layouts
 
+# Every CPU case runs at each ISA level the CPU supports (see conftest.py).
+pytestmark = pytest.mark.every_isa
+
 
 def planted_keys(B, Hkv, T, D, centroids, dtype):
     """Keys whose even tokens sit right next to a known centroid; odd tokens are random."""

@@ -133,8 +133,7 @@ A2ATS_INLINE void values_heads(const float* probs, int64_t h, const float* const
 // One chunk of one (b, g): logits (G, kAttendChunkRows) of its n rows for each head, then the
 // chunk's softmax state per head into state (G, D + 2) = [m, s, o_0 .. o_{D-1}].
 // k_rows/v_rows: n row pointers (f32, D contiguous). Heads go four at a time.
-A2ATS_MULTIVERSION
-void attend_chunk(const float* const* q, int64_t group_size, int64_t head_dim, float scale, const float* const* k_rows,
+A2ATS_INLINE void attend_chunk_body(const float* const* q, int64_t group_size, int64_t head_dim, float scale, const float* const* k_rows,
                   const float* const* v_rows, int64_t n, float* logits, float* state) {
   int64_t h = 0;
   for (; h + 4 <= group_size; h += 4) logits_heads<4>(q, h, k_rows, n, head_dim, scale, logits);
@@ -156,6 +155,8 @@ void attend_chunk(const float* const* q, int64_t group_size, int64_t head_dim, f
   for (h = 0; h + 4 <= group_size; h += 4) values_heads<4>(logits, h, v_rows, n, head_dim, state);
   for (; h < group_size; ++h) values_heads<1>(logits, h, v_rows, n, head_dim, state);
 }
+A2ATS_MULTIVERSIONED(void, attend_chunk, attend_chunk_body, (const float* const* q, int64_t group_size, int64_t head_dim, float scale, const float* const* k_rows, const float* const* v_rows, int64_t n, float* logits, float* state),
+                     (q, group_size, head_dim, scale, k_rows, v_rows, n, logits, state))
 
 // Rows of a 16-bit store widened to f32, so that attend_chunk has one element type. GCC does
 // not vectorise half -> float conversions, so x86 CPUs with F16C (all AVX2 ones) take eight at
@@ -176,17 +177,18 @@ __attribute__((target("avx,f16c"))) void widen_rows_f16c(const half_t* const* ro
 
 void widen_rows(const half_t* const* rows, int64_t n, int64_t head_dim, float* out) {
 #ifdef A2ATS_F16C_WIDEN
-  static const bool f16c = __builtin_cpu_supports("f16c");
-  if (f16c) return widen_rows_f16c(rows, n, head_dim, out);
+  // F16C is part of the AVX2 level (x86-64-v3), so the baseline clone never uses it.
+  if (active_isa() != Isa::kBaseline) return widen_rows_f16c(rows, n, head_dim, out);
 #endif
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
 }
-A2ATS_MULTIVERSION
-void widen_rows(const bfloat16_t* const* rows, int64_t n, int64_t head_dim, float* out) {
+A2ATS_INLINE void widen_rows_body(const bfloat16_t* const* rows, int64_t n, int64_t head_dim, float* out) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
 }
+A2ATS_MULTIVERSIONED(void, widen_rows, widen_rows_body, (const bfloat16_t* const* rows, int64_t n, int64_t head_dim, float* out),
+                     (rows, n, head_dim, out))
 
 // The n K and V rows of one chunk as f32 in `scratch` (2, kAttendChunkRows, D), with their
 // pointers in `k_rows` and `v_rows`. They are copied out of the store first, a memcpy per row,

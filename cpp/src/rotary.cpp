@@ -34,12 +34,12 @@ A2ATS_INLINE void rotate_token(const T* x, int64_t x_head_stride, T* out, int64_
   }
 }
 
-// One multiversioned entry per element type (target_clones does not apply to templates).
-#define A2ATS_ROTATE_TOKEN(NAME, T)                                                                         \
-  A2ATS_MULTIVERSION void NAME(const T* x, int64_t xs, T* out, int64_t os, int64_t heads, float pos,         \
-                               const float* inv_freq, int64_t half, int64_t head_dim, bool interleaved) {   \
-    rotate_token(x, xs, out, os, heads, pos, inv_freq, half, head_dim, interleaved);                         \
-  }
+// One multiversioned entry per element type (the clones are plain functions, not templates).
+#define A2ATS_ROTATE_TOKEN(NAME, T)                                                                       \
+  A2ATS_MULTIVERSIONED(void, NAME, rotate_token,                                                          \
+                       (const T* x, int64_t xs, T* out, int64_t os, int64_t heads, float pos,             \
+                        const float* inv_freq, int64_t half, int64_t head_dim, bool interleaved),         \
+                       (x, xs, out, os, heads, pos, inv_freq, half, head_dim, interleaved))
 A2ATS_ROTATE_TOKEN(rotate_token_f32, float)
 A2ATS_ROTATE_TOKEN(rotate_token_f16, half_t)
 A2ATS_ROTATE_TOKEN(rotate_token_bf16, bfloat16_t)

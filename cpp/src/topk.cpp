@@ -21,8 +21,7 @@ namespace {
 // the top-digit histogram; the second marks every candidate whose digit beats the bucket
 // holding the k-th best and compacts the bucket's members (key and position) so the finer
 // digits only look at those. keys/positions: (2 * n,) scratch.
-A2ATS_MULTIVERSION
-void mark_top_k(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions, uint8_t* mark) {
+A2ATS_INLINE void mark_top_k_body(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions, uint8_t* mark) {
   static constexpr int kShift[3] = {21, 10, 0};
   static constexpr uint32_t kDigits[3] = {2048, 2048, 1024};
   uint32_t hist[2048];
@@ -79,6 +78,8 @@ void mark_top_k(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t*
     cur_n = kept;
   }
 }
+A2ATS_MULTIVERSIONED(void, mark_top_k, mark_top_k_body, (const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions, uint8_t* mark),
+                     (row, n, k, keys, positions, mark))
 
 // Rows at least this long, with k at most this share of them, take the sampled path below.
 constexpr int64_t kSampledMinRow = 4096;
@@ -175,8 +176,7 @@ A2ATS_INLINE void mark_best_candidates(uint64_t* candidates, int64_t found, int6
 // Correct whenever it returns true: the k-th best key is >= the threshold, so every member of
 // the top k, ties at the k-th key included, is among the candidates.
 // candidates: (n,) scratch.
-A2ATS_MULTIVERSION
-bool mark_top_k_sampled(const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark) {
+A2ATS_INLINE bool mark_top_k_sampled_body(const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark) {
   // About n / 16 samples: the threshold's rank then sits some 4 standard deviations above the
   // k-th best's expected rank, and the heap pass stays a small share of the row's cost.
   const int64_t wanted = std::clamp<int64_t>(n / 16, kMinSampleSize, kSampleSize);
@@ -196,6 +196,8 @@ bool mark_top_k_sampled(const float* row, int64_t n, int64_t k, uint64_t* candid
   mark_best_candidates(candidates, found, k, threshold, mark);
   return true;
 }
+A2ATS_MULTIVERSIONED(bool, mark_top_k_sampled, mark_top_k_sampled_body, (const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark),
+                     (row, n, k, candidates, mark))
 
 }  // namespace
 

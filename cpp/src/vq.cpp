@@ -43,8 +43,7 @@ A2ATS_INLINE float squared_distance(const float* a, const float* b, int64_t n) {
 constexpr int kEncodeRows = 4;  // rows encoded together so each centroid is loaded once per block
 
 // Encodes rows [t0, t0 + num_rows) of one (b, g); x_rows are already float32.
-A2ATS_MULTIVERSION
-void encode_block(const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g, int64_t num_subspaces,
+A2ATS_INLINE void encode_block_body(const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g, int64_t num_subspaces,
                   int64_t num_centroids, int64_t dsub, int16_t* const* code_rows) {
   for (int64_t m = 0; m < num_subspaces; ++m) {
     const float* cent = centroids_g + m * num_centroids * dsub;  // (C, D/M)
@@ -60,6 +59,8 @@ void encode_block(const float (*x_rows)[kMaxHeadDim], int num_rows, const float*
     for (int r = 0; r < num_rows; ++r) code_rows[r][m] = int16_t(best_c[r]);
   }
 }
+A2ATS_MULTIVERSIONED(void, encode_block, encode_block_body, (const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g, int64_t num_subspaces, int64_t num_centroids, int64_t dsub, int16_t* const* code_rows),
+                     (x_rows, num_rows, centroids_g, num_subspaces, num_centroids, dsub, code_rows))
 
 // Prefill-sized inputs: distances as ||c||^2 - 2 x.c with a register-blocked product. The
 // codebook is repacked into panels of kPanel centroids, (Hkv, M, C/kPanel, D/M, kPanel), so one
@@ -95,8 +96,7 @@ Panels pack_panels(const float* centroids, int64_t num_heads_subspaces, int64_t 
 }
 
 // Codes of num_rows (<= kChunkRows) float rows x_rows (num_rows, D) against one head's panels.
-A2ATS_MULTIVERSION
-void encode_chunk_panels(const float* x_rows, int64_t num_rows, const float* panels, const float* norms,
+A2ATS_INLINE void encode_chunk_panels_body(const float* x_rows, int64_t num_rows, const float* panels, const float* norms,
                          int64_t num_subspaces, int64_t num_panels, int64_t dsub, int16_t* const* code_rows) {
   const int64_t head_dim = num_subspaces * dsub;
   const int64_t padded = num_panels * kPanel;
@@ -130,6 +130,8 @@ void encode_chunk_panels(const float* x_rows, int64_t num_rows, const float* pan
     for (int64_t r = 0; r < num_rows; ++r) code_rows[r][m] = int16_t(best_c[r]);
   }
 }
+A2ATS_MULTIVERSIONED(void, encode_chunk_panels, encode_chunk_panels_body, (const float* x_rows, int64_t num_rows, const float* panels, const float* norms, int64_t num_subspaces, int64_t num_panels, int64_t dsub, int16_t* const* code_rows),
+                     (x_rows, num_rows, panels, norms, num_subspaces, num_panels, dsub, code_rows))
 
 // Rows per call above which repacking the codebook pays for itself.
 constexpr int64_t kPanelMinRows = 64;
@@ -239,8 +241,7 @@ A2ATS_INLINE void lut_block(const float* const* q_heads, int64_t h, int64_t m, i
 }
 
 // Builds the LUT of the group's query heads at one bin, laid out as LutLayout says.
-A2ATS_MULTIVERSION
-void build_lut(const float* const* q_heads, int64_t group_size, const float* centroids_g, const LutLayout& layout,
+A2ATS_INLINE void build_lut_body(const float* const* q_heads, int64_t group_size, const float* centroids_g, const LutLayout& layout,
                int64_t dsub, float scale, float* lut) {
   for (int64_t m = 0; m < layout.num_subspaces; ++m) {
     const float* cent = centroids_g + m * layout.num_centroids * dsub;  // (C, D/M)
@@ -253,6 +254,8 @@ void build_lut(const float* const* q_heads, int64_t group_size, const float* cen
     if (h < group_size) lut_block<1>(q_heads, h, m, dsub, cent, layout, scale, lut);
   }
 }
+A2ATS_MULTIVERSIONED(void, build_lut, build_lut_body, (const float* const* q_heads, int64_t group_size, const float* centroids_g, const LutLayout& layout, int64_t dsub, float scale, float* lut),
+                     (q_heads, group_size, centroids_g, layout, dsub, scale, lut))
 
 typedef float f32x4 __attribute__((vector_size(16)));
 
@@ -260,8 +263,7 @@ typedef float f32x4 __attribute__((vector_size(16)));
 // rows[0, lanes), for tokens [t_begin, t_end). Four tokens at a time: their 4-lane entries are
 // loaded whole and transposed into one 4-token store per lane. The codes were checked before;
 // the clamp only keeps a caller that rewrites them meanwhile from reading outside the table.
-A2ATS_MULTIVERSION
-void score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
+A2ATS_INLINE void score_tokens_quad_body(const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
                        int64_t t_begin, int64_t t_end, float* const* rows, int lane_begin, int lanes) {
   const uint32_t limit = uint32_t(num_centroids);
   const auto entry = [&](int64_t t) {
@@ -287,11 +289,12 @@ void score_tokens_quad(const float* quad, const int16_t* codes, int64_t codes_t_
     for (int h = 0; h < lanes; ++h) rows[h][t] = e[lane_begin + h];
   }
 }
+A2ATS_MULTIVERSIONED(void, score_tokens_quad, score_tokens_quad_body, (const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids, int64_t t_begin, int64_t t_end, float* const* rows, int lane_begin, int lanes),
+                     (quad, codes, codes_t_stride, num_centroids, t_begin, t_end, rows, lane_begin, lanes))
 
 // M > 1: scores[t] = sum_m lut[m][codes[t][m]] for t in [t_begin, t_end) from one head's
 // (M, C) table; codes clamped as in score_tokens_quad.
-A2ATS_MULTIVERSION
-void score_tokens(const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
+A2ATS_INLINE void score_tokens_body(const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
                   int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores) {
   const uint32_t limit = uint32_t(num_centroids);
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -304,6 +307,8 @@ void score_tokens(const float* lut, const int16_t* codes, int64_t codes_t_stride
     scores[t] = s;
   }
 }
+A2ATS_MULTIVERSIONED(void, score_tokens, score_tokens_body, (const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces, int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores),
+                     (lut, codes, codes_t_stride, num_subspaces, num_centroids, t_begin, t_end, scores))
 
 }  // namespace
 

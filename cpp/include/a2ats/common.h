@@ -1,6 +1,7 @@
-// Shared scalar types for the a2ats kernels: element types, half/bfloat16 conversion,
-// and the multiversioning attribute that lets hot loops use AVX2/AVX-512 when the CPU
-// has them while the wheel itself is built for the baseline ISA.
+// Shared scalar types for the a2ats kernels: element types, half/bfloat16 conversion, and the
+// multiversioning that lets hot loops use AVX2/AVX-512 when the CPU has them while the wheel
+// itself is built for the baseline ISA. Every CPU entry point throws std::invalid_argument for
+// what it does not support; the bindings turn that into ValueError.
 #pragma once
 
 #include <cstdint>
@@ -12,12 +13,52 @@
 #define A2ATS_HOST_DEVICE
 #endif
 
-// Clones a function for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by ifunc.
+// ISA levels of the hot loops. Each multiversioned function is compiled three times (AVX-512,
+// AVX2+FMA, baseline x86-64) and dispatches on the active level at every call, so the wheel
+// runs on any x86-64 and a test can run every clone the machine supports (set_isa).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     !defined(__CUDACC__)
-#define A2ATS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define A2ATS_HAS_ISA_CLONES 1
 #else
-#define A2ATS_MULTIVERSION
+#define A2ATS_HAS_ISA_CLONES 0
+#endif
+
+namespace a2ats {
+
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };  // x86-64, x86-64-v3, x86-64-v4
+
+// The level the multiversioned loops run at: A2ATS_ISA (baseline, avx2 or avx512) when set,
+// else the best this CPU supports. The first call throws std::invalid_argument for an unknown
+// or unsupported A2ATS_ISA.
+Isa active_isa();
+// The best level this CPU (and this build) supports; every level below it is supported too.
+Isa best_isa();
+// Switches the level for every later call; throws std::invalid_argument for an unsupported one.
+// For tests and diagnostics: calls already running keep the clone they started with.
+void set_isa(Isa isa);
+const char* isa_name(Isa isa);
+// The level named `name`; throws std::invalid_argument naming `what` for an unknown name.
+Isa parse_isa(const char* name, const char* what);
+
+}  // namespace a2ats
+
+// Defines `ret name params` as the dispatcher over three clones of `body args`, where `body`
+// is an A2ATS_INLINE function (inlined into each clone, so compiled once per ISA level).
+#if A2ATS_HAS_ISA_CLONES
+#define A2ATS_MULTIVERSIONED(ret, name, body, params, args)                                  \
+  __attribute__((target("arch=x86-64-v4"))) ret name##_avx512 params { return body args; } \
+  __attribute__((target("arch=x86-64-v3"))) ret name##_avx2 params { return body args; }   \
+  ret name##_baseline params { return body args; }                                          \
+  ret name params {                                                                         \
+    switch (::a2ats::active_isa()) {                                                        \
+      case ::a2ats::Isa::kAvx512: return name##_avx512 args;                                \
+      case ::a2ats::Isa::kAvx2: return name##_avx2 args;                                    \
+      default: return name##_baseline args;                                                 \
+    }                                                                                        \
+  }
+#else
+#define A2ATS_MULTIVERSIONED(ret, name, body, params, args) \
+  ret name params { return body args; }
 #endif
 
 // Helpers called from multiversioned loops must be inlined into each clone to benefit.
