@@ -23,8 +23,9 @@
 namespace a2ats {
 
 // x, out: (B, H, T, D) of params.dtype (out may alias x); positions: (B, T) int32/int64;
-// inv_freq: (R/2,) f32. Same f32 math as rotary_cpu: angle = float(pos) * inv_freq[i] with
-// precise sincosf, products and differences rounded separately (no FMA contraction).
+// inv_freq: (R/2,) f32. Same f32 math as rotary_cpu: angle = float(pos) * inv_freq[i], its sin
+// and cos from the shared sincos_angle (rotary.h), products and differences rounded separately
+// (no FMA contraction).
 cudaError_t rotary_cuda(const void* x, void* out, const void* positions, const float* inv_freq,
                         const RotaryParams& params, cudaStream_t stream);
 

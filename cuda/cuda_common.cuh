@@ -39,24 +39,9 @@ __device__ __forceinline__ void store_f32(float* p, float f) { *p = f; }
 __device__ __forceinline__ void store_f32(half_t* p, float f) {
   reinterpret_cast<uint16_t*>(p)[0] = __half_as_ushort(__float2half_rn(f));
 }
-// The exact bit recipe of from_float<bfloat16_t> in common.h.
+// The rounding of from_float<bfloat16_t> on the CPU (common.h).
 __device__ __forceinline__ void store_f32(bfloat16_t* p, float f) {
-  uint32_t u = __float_as_uint(f);
-  uint16_t out;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    out = uint16_t((u >> 16) | 0x40u);
-  } else {
-    u += 0x7fffu + ((u >> 16) & 1u);
-    out = uint16_t(u >> 16);
-  }
-  reinterpret_cast<uint16_t*>(p)[0] = out;
-}
-
-// score_key of topk.h on the device: order-preserving float -> uint32, NaN -> 0.
-__device__ __forceinline__ uint32_t score_key_dev(float s) {
-  const uint32_t u = __float_as_uint(s);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  reinterpret_cast<uint16_t*>(p)[0] = bfloat16_bits(f);
 }
 
 // ---- scratch memory ------------------------------------------------------------------------

@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
     bool valid = t >= rg.lo && t < rg.hi;
     uint32_t digit = 0xffffffffu;
     if (valid) {
-      const uint32_t key = score_key_dev(srow[t]);
+      const uint32_t key = score_key(srow[t]);
       if (kLevel == 0 || (key >> kHigh) == (prefix >> kHigh))
         digit = (key >> kShift) & kMask;
       else
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < kRounds; ++r) {
     const int64_t t = t_begin + int64_t(r) * kThreads + threadIdx.x;
     const bool valid = t >= rg.lo && t < rg.hi;
-    const uint32_t key = valid ? score_key_dev(srow[t]) >> s.shift : 0u;
+    const uint32_t key = valid ? score_key(srow[t]) >> s.shift : 0u;
     const bool tie = valid && key == thr;
     bool take = valid && key > thr;
     if (rank_ties) {  // uniform per block

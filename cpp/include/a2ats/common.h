@@ -7,12 +7,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define A2ATS_HOST_DEVICE __host__ __device__
-#else
-#define A2ATS_HOST_DEVICE
-#endif
-
 // ISA levels of the hot loops. Each multiversioned function is compiled three times (AVX-512,
 // AVX2+FMA, baseline x86-64) and dispatches on the active level at every call, so the wheel
 // runs on any x86-64 and a test can run every clone the machine supports (set_isa).
@@ -68,6 +62,13 @@ Isa parse_isa(const char* name, const char* what);
 #define A2ATS_INLINE inline
 #endif
 
+// A helper of both the CPU and the CUDA kernels: one definition, so both round alike.
+#if defined(__CUDACC__)
+#define A2ATS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define A2ATS_HOST_DEVICE A2ATS_INLINE
+#endif
+
 namespace a2ats {
 
 // Largest head_dim the kernels accept; lets per-row scratch live on the stack.
@@ -117,8 +118,32 @@ inline const char* dtype_name(DType t) {
 struct half_t { uint16_t bits; };
 struct bfloat16_t { uint16_t bits; };
 
-A2ATS_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-A2ATS_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+A2ATS_HOST_DEVICE float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+A2ATS_HOST_DEVICE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+// float32 -> bfloat16 bits, round to nearest even; a NaN stays a (quiet) NaN.
+A2ATS_HOST_DEVICE uint16_t bfloat16_bits(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
 
 A2ATS_INLINE float to_float(float x) { return x; }
 A2ATS_INLINE float to_float(bfloat16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
@@ -148,12 +173,7 @@ A2ATS_INLINE float to_float(half_t x) {
 
 template <typename T> inline T from_float(float f);
 template <> A2ATS_INLINE float from_float<float>(float f) { return f; }
-template <> A2ATS_INLINE bfloat16_t from_float<bfloat16_t>(float f) {
-  uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16_t{uint16_t((u >> 16) | 0x40u)};  // quiet nan
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bfloat16_t{uint16_t(u >> 16)};
-}
+template <> A2ATS_INLINE bfloat16_t from_float<bfloat16_t>(float f) { return bfloat16_t{bfloat16_bits(f)}; }
 template <> A2ATS_INLINE half_t from_float<half_t>(float f) {
 #ifdef A2ATS_HAVE_FLOAT16
   const _Float16 h = _Float16(f);

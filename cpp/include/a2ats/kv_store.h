@@ -1,5 +1,5 @@
-// Host-memory store of the full K/V cache, one slab per layer, plus the threaded gather
-// that copies the selected rows out of it.
+// Host-memory store of the full K/V cache: one slab for K and one for V, each holding every
+// layer, plus the threaded append, gather and attend over its rows.
 //
 // Layout of each of K and V (row-major):
 //   // (num_layers, batch, num_kv_heads, capacity, head_dim)
@@ -31,7 +31,8 @@ class KVStore {
   static constexpr int64_t kMaxBytes = int64_t(1) << 50;
   // pinned: try page-locked memory (needs a CUDA build and a driver); falls back to
   // ordinary memory otherwise, which pinned() then reports.
-  // threads: gather threads including the caller; 0 means ThreadPool::default_num_threads().
+  // threads: size of the store's own pool, which runs its append, gather and attend work,
+  // the caller included; 0 means ThreadPool::default_num_threads().
   KVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t capacity, DType dtype,
           bool pinned, int threads);
   ~KVStore();

@@ -13,19 +13,13 @@
 
 namespace a2ats {
 
-#if defined(__CUDACC__)
-#define A2ATS_SINCOS_INLINE __host__ __device__ __forceinline__
-#else
-#define A2ATS_SINCOS_INLINE A2ATS_INLINE
-#endif
-
 // sin and cos of a float32 angle, for the CPU and the CUDA kernels alike: the quadrant
 // reduction and the polynomials run in double (|angle| < 2^31) and round to float, correctly
 // rounded in practice. Unlike libm's sinf/cosf (or CUDA's sincosf) there is no slow
 // large-argument path, which the first frequencies of every long-context position would hit,
 // and on the CPU the loop over frequencies vectorises. rint rounds ties to even, like the
 // default rounding mode.
-A2ATS_SINCOS_INLINE void sincos_angle(float angle, float* sin_out, float* cos_out) {
+A2ATS_HOST_DEVICE void sincos_angle(float angle, float* sin_out, float* cos_out) {
   const double x = angle;
   const double quadrant = rint(x * 0.63661977236758134308);  // x / (pi/2)
   const double r = (x - quadrant * 1.5707963267948966) - quadrant * 6.123233995736766e-17;

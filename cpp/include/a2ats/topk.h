@@ -31,10 +31,9 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
                      const SelectTopkParams& params);
 
 // Order-preserving map of a float32 score to an unsigned key (larger score, larger key);
-// NaN maps to 0 so it ranks below -inf. Shared by the CPU and CUDA radix selections.
-A2ATS_INLINE uint32_t score_key(float s) {
-  uint32_t u;
-  __builtin_memcpy(&u, &s, 4);
+// NaN maps to 0 so it ranks below -inf. The key both radix selections (CPU and CUDA) rank by.
+A2ATS_HOST_DEVICE uint32_t score_key(float s) {
+  const uint32_t u = float_to_bits(s);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
