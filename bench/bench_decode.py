@@ -21,6 +21,7 @@ a narrow MLP; "smollm2" is the real SmolLM2-135M with the codebook ``a2ats demo`
 here when missing, small preset on CPU). On CUDA, a batch one side cannot fit is reported as OOM.
 Results also go to bench/results/decode.csv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-import a2ats  # before torch: it sets OMP_WAIT_POLICY=PASSIVE unless set (see a2ats/__init__.py)
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+import a2ats  # before torch: it sets OMP_WAIT_POLICY=PASSIVE unless set (see a2ats/__init__.py)
 from a2ats.cache import attention_timer
 from a2ats.calibration import calibrate
 from a2ats.demo import load_or_calibrate
@@ -45,14 +46,30 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def random_llama(device: torch.device) -> tuple[torch.nn.Module, str]:
     """Random-weight Llama: 8B shape on CUDA, its attention geometry with 4 layers on CPU."""
     if device.type == "cuda":
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        )
         dtype, name = torch.bfloat16, "random Llama-3.1-8B shape"
     else:
-        config = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             vocab_size=4096, max_position_embeddings=131072, rope_theta=500000.0)
+        config = LlamaConfig(
+            hidden_size=1024,
+            intermediate_size=2048,
+            num_hidden_layers=4,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=4096,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+        )
         dtype, name = torch.float32, "random Llama, 4 layers, Hq=32 Hkv=8 D=128"
     torch.manual_seed(0)
     with torch.device(device):
@@ -71,9 +88,19 @@ def random_codebook(model, device: torch.device):
         def __call__(self, document, add_special_tokens=False, verbose=False):
             return {"input_ids": ids[0].tolist()}
 
-    return calibrate(model, IdsTokenizer(), preset="small", texts=["ids"], num_tokens=4096,
-                     holdout_tokens=0, num_centroids=256, chunk_len=1024, baseline=False,
-                     progress=False, device=device)
+    return calibrate(
+        model,
+        IdsTokenizer(),
+        preset="small",
+        texts=["ids"],
+        num_tokens=4096,
+        holdout_tokens=0,
+        num_centroids=256,
+        chunk_len=1024,
+        baseline=False,
+        progress=False,
+        device=device,
+    )
 
 
 def filled_caches(model, codebook, config: a2ats.A2ATSConfig, batch: int, length: int):
@@ -99,8 +126,12 @@ def decode(model, cache, batch: int, length: int, steps: int) -> float:
 
     def step() -> None:
         nonlocal position
-        model(input_ids=tokens, position_ids=torch.full((batch, 1), position, device=device),
-              **a2ats.cache_kwargs(model, cache), use_cache=True)
+        model(
+            input_ids=tokens,
+            position_ids=torch.full((batch, 1), position, device=device),
+            **a2ats.cache_kwargs(model, cache),
+            use_cache=True,
+        )
         position += 1
 
     with torch.inference_mode():
@@ -160,19 +191,24 @@ def measure(model, name, codebook, length, batch, steps, topk) -> dict:
     # Rows attended, codes scored, and each layer's centroid table (float32), which every step's
     # lookup tables are built from: at short contexts and large C that table outweighs the rows.
     centroid_bytes = layers * kv * codebook.num_centroids * layout.head_dim * 4
-    ours_bytes = (read_rows * row_bytes
-                  + layers * batch * kv * mean_length * codebook.num_subspaces * 2
-                  + centroid_bytes)
+    ours_bytes = read_rows * row_bytes + layers * batch * kv * mean_length * codebook.num_subspaces * 2 + centroid_bytes
     return {
-        "model": name, "device": str(next(model.parameters()).device), "context": length,
-        "batch": batch, "steps": steps, "topk": topk,
-        "dense_tok_s": batch * steps / dense_seconds, "a2ats_tok_s": batch * steps / ours_seconds,
+        "model": name,
+        "device": str(next(model.parameters()).device),
+        "context": length,
+        "batch": batch,
+        "steps": steps,
+        "topk": topk,
+        "dense_tok_s": batch * steps / dense_seconds,
+        "a2ats_tok_s": batch * steps / ours_seconds,
         "throughput_ratio": dense_seconds / ours_seconds,
         "dense_attention_ms": dense_attention * 1e3,
         "a2ats_attention_ms": summary["attention_seconds_per_step"] * 1e3,
         "attention_speedup": dense_attention / summary["attention_seconds_per_step"],
-        "dense_attention_MB": dense_bytes / 1e6, "a2ats_attention_MB": ours_bytes / 1e6,
-        "bytes_share": ours_bytes / dense_bytes, "rows_read_share": summary["rows_read_share"],
+        "dense_attention_MB": dense_bytes / 1e6,
+        "a2ats_attention_MB": ours_bytes / 1e6,
+        "bytes_share": ours_bytes / dense_bytes,
+        "rows_read_share": summary["rows_read_share"],
         "a2ats_read_GBps": ours_bytes / summary["attention_seconds_per_step"] / 1e9,
         "decode_path": summary["decode_path"],
         "native_calls_per_layer_step": native_calls_per_layer(layers),
@@ -181,11 +217,9 @@ def measure(model, name, codebook, length, batch, steps, topk) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["random", "smollm2"],
-                        choices=["random", "smollm2"])
+    parser.add_argument("--models", nargs="+", default=["random", "smollm2"], choices=["random", "smollm2"])
     parser.add_argument("--contexts", nargs="+", type=int, default=[4096, 16384, 32768])
-    parser.add_argument("--batches", nargs="+", type=int, default=None,
-                        help="default: 1 4 on CPU; 1 4 16 64 on CUDA")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 4 on CPU; 1 4 16 64 on CUDA")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps")
     parser.add_argument("--topk", type=float, default=0.03)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -193,25 +227,31 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batches = args.batches or ([1, 4, 16, 64] if device.type == "cuda" else [1, 4])
-    print(f"{torch.get_num_threads()} CPU threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
-          f"device {device}; each row: dense and A²ATS "
-          f"decode the same {args.steps} steps over the same cached rows")
+    print(
+        f"{torch.get_num_threads()} CPU threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+        f"device {device}; each row: dense and A²ATS "
+        f"decode the same {args.steps} steps over the same cached rows"
+    )
     bandwidth = read_bandwidth(device)
     print(f"machine read bandwidth now (sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s")
-    header = (f"{'model':42} {'T':>6} {'B':>3} | {'tok/s dense':>11} {'A²ATS':>8} {'ratio':>6} | "
-              f"{'attn ms dense':>13} {'A²ATS':>8} {'speed-up':>8} | {'MB read dense':>13} "
-              f"{'A²ATS':>8} {'share':>6} | {'A²ATS GB/s':>10} {'of peak':>7} | calls/layer")
+    header = (
+        f"{'model':42} {'T':>6} {'B':>3} | {'tok/s dense':>11} {'A²ATS':>8} {'ratio':>6} | "
+        f"{'attn ms dense':>13} {'A²ATS':>8} {'speed-up':>8} | {'MB read dense':>13} "
+        f"{'A²ATS':>8} {'share':>6} | {'A²ATS GB/s':>10} {'of peak':>7} | calls/layer"
+    )
     rows = []
     for which in args.models:
         if which == "random":
             model, name = random_llama(device)
             codebook = random_codebook(model, device)
         else:
-            model, tokenizer = load_model("smollm2", device=device,
-                                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            model, tokenizer = load_model(
+                "smollm2", device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+            )
             name = "SmolLM2-135M"
-            codebook = load_or_calibrate(model, tokenizer, "default" if device.type == "cuda" else "small",
-                                         progress=False)
+            codebook = load_or_calibrate(
+                model, tokenizer, "default" if device.type == "cuda" else "small", progress=False
+            )
         print(header)
         for length in args.contexts:
             for batch in batches:
@@ -222,13 +262,16 @@ def main(argv=None) -> int:
                     print(f"{name:42} {length:>6} {batch:>3} | OOM")
                     continue
                 rows.append(row)
-                print(f"{name:42} {length:>6} {batch:>3} | {row['dense_tok_s']:>11.2f} "
-                      f"{row['a2ats_tok_s']:>8.2f} {row['throughput_ratio']:>5.2f}x | "
-                      f"{row['dense_attention_ms']:>13.2f} {row['a2ats_attention_ms']:>8.2f} "
-                      f"{row['attention_speedup']:>7.2f}x | {row['dense_attention_MB']:>13.1f} "
-                      f"{row['a2ats_attention_MB']:>8.1f} {row['bytes_share']:>6.1%} | "
-                      f"{row['a2ats_read_GBps']:>10.2f} {row['a2ats_read_GBps'] * 1e9 / bandwidth:>7.1%} | "
-                      f"{row['native_calls_per_layer_step']:.2f} ({row['decode_path']})", flush=True)
+                print(
+                    f"{name:42} {length:>6} {batch:>3} | {row['dense_tok_s']:>11.2f} "
+                    f"{row['a2ats_tok_s']:>8.2f} {row['throughput_ratio']:>5.2f}x | "
+                    f"{row['dense_attention_ms']:>13.2f} {row['a2ats_attention_ms']:>8.2f} "
+                    f"{row['attention_speedup']:>7.2f}x | {row['dense_attention_MB']:>13.1f} "
+                    f"{row['a2ats_attention_MB']:>8.1f} {row['bytes_share']:>6.1%} | "
+                    f"{row['a2ats_read_GBps']:>10.2f} {row['a2ats_read_GBps'] * 1e9 / bandwidth:>7.1%} | "
+                    f"{row['native_calls_per_layer_step']:.2f} ({row['decode_path']})",
+                    flush=True,
+                )
                 row["machine_read_GBps"] = bandwidth / 1e9
         del model
     if rows:

@@ -17,6 +17,7 @@ GB/s counts the K+V bytes delivered (10^9 bytes per second); `vs_pinned` is the 
 baseline (the issue's target on an H200: >= 0.70). Times are wall-clock per step (all layers),
 median over --reps, the GPU synchronised at the end of each step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,19 @@ def main() -> int:
     if args.chunk_bytes:
         os.environ["A2ATS_GATHER_CHUNK_BYTES"] = str(args.chunk_bytes)  # read at the first CUDA gather
 
-    import a2ats_core
     import torch
+
+    import a2ats_core
 
     dev = "cpu" if args.dry_run_cpu else "cuda"
     sync = (lambda: None) if args.dry_run_cpu else torch.cuda.synchronize
     pin = (lambda t: t) if args.dry_run_cpu else (lambda t: t.pin_memory())
     usable = a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0 and torch.cuda.is_available()
     if not usable and not args.dry_run_cpu:
-        print(f"no usable GPU: built_with_cuda={a2ats_core.built_with_cuda()}, "
-              f"cuda_device_count={a2ats_core.cuda_device_count()}, torch.cuda={torch.cuda.is_available()}")
+        print(
+            f"no usable GPU: built_with_cuda={a2ats_core.built_with_cuda()}, "
+            f"cuda_device_count={a2ats_core.cuda_device_count()}, torch.cuda={torch.cuda.is_available()}"
+        )
         return 2
 
     L, T, Hkv, D = args.layers, args.tokens, args.kv_heads, args.head_dim
@@ -61,8 +65,10 @@ def main() -> int:
     row_bytes = D * 2
     step_bytes = 2 * L * Hkv * rows * row_bytes  # K and V
     name = "cpu (dry run)" if args.dry_run_cpu else torch.cuda.get_device_name(0)
-    print(f"device: {name}; store {L} layers x {Hkv} KV heads x {T} tokens x {D} (f16), "
-          f"{rows} rows per head and layer ({args.ratio:.1%}), {step_bytes / 1e6:.1f} MB per step")
+    print(
+        f"device: {name}; store {L} layers x {Hkv} KV heads x {T} tokens x {D} (f16), "
+        f"{rows} rows per head and layer ({args.ratio:.1%}), {step_bytes / 1e6:.1f} MB per step"
+    )
 
     t0 = time.perf_counter()
     store = a2ats_core.KVStore(L, 1, Hkv, D, T, dtype, pinned=True, threads=args.threads)
@@ -73,12 +79,16 @@ def main() -> int:
             n = min(chunk.shape[2], T - start)
             store.append(layer, chunk[:, :, :n], chunk[:, :, :n])
     t2 = time.perf_counter()
-    print(f"store: {store.nbytes / 1e9:.1f} GB, pinned={store.pinned}, threads={store.num_threads}; "
-          f"allocated in {t1 - t0:.1f} s, filled in {t2 - t1:.1f} s")
+    print(
+        f"store: {store.nbytes / 1e9:.1f} GB, pinned={store.pinned}, threads={store.num_threads}; "
+        f"allocated in {t1 - t0:.1f} s, filled in {t2 - t1:.1f} s"
+    )
 
     gen = torch.Generator().manual_seed(0)
-    idx_host = [torch.stack([torch.randperm(T, generator=gen)[:rows].sort().values for _ in range(Hkv)])[None].int()
-                for _ in range(L)]
+    idx_host = [
+        torch.stack([torch.randperm(T, generator=gen)[:rows].sort().values for _ in range(Hkv)])[None].int()
+        for _ in range(L)
+    ]
     cnt_host = torch.full((1, Hkv), rows, dtype=torch.int32)
     idx_dev = [i.to(dev) for i in idx_host]
     cnt_dev = cnt_host.to(dev)
@@ -117,9 +127,15 @@ def main() -> int:
         for layer in range(L):
             dst[layer].copy_(src[layer], non_blocking=True)
 
-    results = {name: timed(fn) for name, fn in [("pinned_copy", pinned_copy), ("gather_host_idx", gather_host),
-                                                ("gather_device_idx", gather_device),
-                                                ("host_gather_only", host_only)]}
+    results = {
+        name: timed(fn)
+        for name, fn in [
+            ("pinned_copy", pinned_copy),
+            ("gather_host_idx", gather_host),
+            ("gather_device_idx", gather_device),
+            ("host_gather_only", host_only),
+        ]
+    }
     # Correctness spot check of the last layer.
     gather_device()
     sync()
@@ -132,11 +148,24 @@ def main() -> int:
     table = []
     for name, seconds in results.items():
         gbps = step_bytes / seconds / 1e9
-        table.append(dict(variant=name, layers=L, tokens=T, kv_heads=Hkv, head_dim=D, rows_per_head=rows,
-                          step_mb=round(step_bytes / 1e6, 2), step_ms=round(seconds * 1e3, 3),
-                          layer_us=round(seconds / L * 1e6, 1), gb_per_s=round(gbps, 2),
-                          vs_pinned=round(step_bytes / seconds / base, 3), threads=store.num_threads,
-                          chunk_bytes=args.chunk_bytes or 4 << 20, check="ok" if ok else "mismatch"))
+        table.append(
+            dict(
+                variant=name,
+                layers=L,
+                tokens=T,
+                kv_heads=Hkv,
+                head_dim=D,
+                rows_per_head=rows,
+                step_mb=round(step_bytes / 1e6, 2),
+                step_ms=round(seconds * 1e3, 3),
+                layer_us=round(seconds / L * 1e6, 1),
+                gb_per_s=round(gbps, 2),
+                vs_pinned=round(step_bytes / seconds / base, 3),
+                threads=store.num_threads,
+                chunk_bytes=args.chunk_bytes or 4 << 20,
+                check="ok" if ok else "mismatch",
+            )
+        )
     print(f"{'variant':20s} {'step ms':>9s} {'us/layer':>9s} {'GB/s':>7s} {'vs pinned':>9s}")
     for r in table:
         print(f"{r['variant']:20s} {r['step_ms']:9.2f} {r['layer_us']:9.1f} {r['gb_per_s']:7.2f} {r['vs_pinned']:9.3f}")

@@ -236,7 +236,7 @@ class KVStore:
 
     @property
     def dtype(self) -> str:
-        """"float32", "float16" or "bfloat16"."""
+        """ "float32", "float16" or "bfloat16"."""
 
     @property
     def num_threads(self) -> int:
@@ -339,7 +339,7 @@ class Pipeline:
 
     @property
     def device(self) -> str:
-        """"cpu" or "cuda:N"."""
+        """ "cpu" or "cuda:N"."""
 
     @property
     def num_bins(self) -> int:

@@ -2,7 +2,8 @@
 
 namespace a2ats::bind {
 
-Output::Output(py::handle out, const char* name, const TensorArg& like, const std::vector<int64_t>& shape, DType dtype) {
+Output::Output(py::handle out, const char* name, const TensorArg& like, const std::vector<int64_t>& shape,
+               DType dtype) {
   object = out.is_none() ? empty_like_framework(like, shape, dtype) : py::reinterpret_borrow<py::object>(out);
   view = TensorArg(object, name);
   view.expect_dtype({dtype}).expect_shape(shape, "the output shape").expect_last_dim_contiguous();

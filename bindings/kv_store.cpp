@@ -12,15 +12,18 @@ DType parse_store_dtype(py::handle dtype) {
   if (name == "float32" || name == "float") return DType::kFloat32;
   if (name == "float16" || name == "half") return DType::kFloat16;
   if (name == "bfloat16") return DType::kBFloat16;
-  throw_type("dtype must be float32, float16 or bfloat16 (a torch dtype or its name), got " + std::string(py::str(dtype)));
+  throw_type("dtype must be float32, float16 or bfloat16 (a torch dtype or its name), got " +
+             std::string(py::str(dtype)));
 }
 
 }  // namespace
 
 PyKVStore::PyKVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t capacity,
-          py::handle dtype, bool pinned, int threads) {
-  const std::pair<const char*, int64_t> dims[] = {{"num_layers", num_layers}, {"batch", batch},
-                                                  {"num_kv_heads", num_kv_heads}, {"head_dim", head_dim},
+                     py::handle dtype, bool pinned, int threads) {
+  const std::pair<const char*, int64_t> dims[] = {{"num_layers", num_layers},
+                                                  {"batch", batch},
+                                                  {"num_kv_heads", num_kv_heads},
+                                                  {"head_dim", head_dim},
                                                   {"capacity", capacity}};
   for (auto& [name, value] : dims)
     if (value < 1) throw_value(std::string(name) + " must be >= 1, got " + std::to_string(value));
@@ -41,7 +44,8 @@ PyKVStore::PyKVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, in
   try {
     store_ = std::make_unique<KVStore>(num_layers, batch, num_kv_heads, head_dim, capacity, dt, pinned, threads);
   } catch (const std::bad_alloc&) {
-    throw_value("KVStore of " + std::to_string(bytes) + " bytes (num_layers x batch x num_kv_heads x capacity x "
+    throw_value("KVStore of " + std::to_string(bytes) +
+                " bytes (num_layers x batch x num_kv_heads x capacity x "
                 "head_dim, K and V) could not be allocated; reduce capacity or batch");
   } catch (const std::system_error& error) {
     throw_value("KVStore could not start threads=" + std::to_string(threads) + " threads (" + error.what() +
@@ -49,7 +53,8 @@ PyKVStore::PyKVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, in
   }
 }
 
-void PyKVStore::append(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle num_tokens_obj, py::handle stream_obj) {
+void PyKVStore::append(int64_t layer, py::handle k_obj, py::handle v_obj, py::handle num_tokens_obj,
+                       py::handle stream_obj) {
   KVStore& s = *store_;
   TensorArg k(k_obj, "k"), v(v_obj, "v");
   const std::vector<int64_t> expected = {s.batch(), s.num_kv_heads(), k.ndim() == 4 ? k.size(2) : 0, s.head_dim()};
@@ -68,24 +73,25 @@ void PyKVStore::append(int64_t layer, py::handle k_obj, py::handle v_obj, py::ha
   RowsView kv{k.data(), {k.stride(0), k.stride(1), k.stride(2)}}, vv{v.data(), {v.stride(0), v.stride(1), v.stride(2)}};
   auto lock = acquire();
   refuse_if_owned("append");  // under the lock: a Pipeline may take the store meanwhile
-  run_on_device(k, stream_obj, "KVStore.append", [&] { s.append(layer, kv, vv, num_new, counts); },
-                A2ATS_ON_CUDA([&] {
-                  s.check_append(layer, num_new, counts);
-                  const cudaError_t err = kv_append_cuda(s, layer, kv, vv, num_new, counts, stream);
-                  if (err == cudaSuccess) s.commit_append(layer, num_new, counts);
-                  return err;
-                }()));
+  run_on_device(
+      k, stream_obj, "KVStore.append", [&] { s.append(layer, kv, vv, num_new, counts); }, A2ATS_ON_CUDA([&] {
+        s.check_append(layer, num_new, counts);
+        const cudaError_t err = kv_append_cuda(s, layer, kv, vv, num_new, counts, stream);
+        if (err == cudaSuccess) s.commit_append(layer, num_new, counts);
+        return err;
+      }()));
 }
 
-void PyKVStore::gather(int64_t layer, py::handle indices_obj, py::handle counts_obj, py::handle out_k_obj, py::handle out_v_obj,
-            py::handle stream_obj) {
+void PyKVStore::gather(int64_t layer, py::handle indices_obj, py::handle counts_obj, py::handle out_k_obj,
+                       py::handle out_v_obj, py::handle stream_obj) {
   KVStore& s = *store_;
   TensorArg indices(indices_obj, "indices"), counts(counts_obj, "counts"), out_k(out_k_obj, "out_k"),
       out_v(out_v_obj, "out_v");
   indices.expect_dtype({DType::kInt32}).expect_ndim(3).expect_last_dim_contiguous();
   indices.expect_size(0, s.batch(), "batch of the store").expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
   const int64_t kmax = indices.size(2);
-  counts.expect_dtype({DType::kInt32}).expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
+  counts.expect_dtype({DType::kInt32})
+      .expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
   counts.expect_device(indices.device(), indices);
   const std::vector<int64_t> rows = {s.batch(), s.num_kv_heads(), kmax, s.head_dim()};
   out_k.expect_dtype({s.dtype()}).expect_shape(rows, "(batch, num_kv_heads, Kmax of indices, head_dim)");
@@ -109,22 +115,24 @@ void PyKVStore::gather(int64_t layer, py::handle indices_obj, py::handle counts_
     counts.expect_cpu("gathering into CPU outputs");
   }
   auto lock = acquire();
-  run_on_device(out_k, stream_obj, "KVStore.gather",
-                [&] {
-                  s.check_gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kmax);
-                  s.gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kv, vv);
-                },
-                A2ATS_ON_CUDA(kv_gather_cuda(s, layer, indices.data<int32_t>(), idx_stride, indices.is_cuda(),
-                                             counts.data<int32_t>(), cnt_stride, kv, vv, kmax, stream)));
+  run_on_device(
+      out_k, stream_obj, "KVStore.gather",
+      [&] {
+        s.check_gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kmax);
+        s.gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kv, vv);
+      },
+      A2ATS_ON_CUDA(kv_gather_cuda(s, layer, indices.data<int32_t>(), idx_stride, indices.is_cuda(),
+                                   counts.data<int32_t>(), cnt_stride, kv, vv, kmax, stream)));
 }
 
-py::tuple PyKVStore::attend(int64_t layer, py::handle q_obj, py::handle indices_obj, py::handle counts_obj, double scale,
-                 py::handle out_obj, py::handle out_lse_obj) {
+py::tuple PyKVStore::attend(int64_t layer, py::handle q_obj, py::handle indices_obj, py::handle counts_obj,
+                            double scale, py::handle out_obj, py::handle out_lse_obj) {
   KVStore& s = *store_;
   TensorArg q(q_obj, "q"), indices(indices_obj, "indices"), counts(counts_obj, "counts");
   q.expect_dtype({DType::kFloat32}).expect_ndim(3).expect_last_dim_contiguous();
   if (q.is_cuda())
-    throw_value("q is on " + q.device().str() + ": KVStore.attend reads the rows in host memory and runs on the "
+    throw_value("q is on " + q.device().str() +
+                ": KVStore.attend reads the rows in host memory and runs on the "
                 "CPU; with CUDA tensors, gather the rows to the device and attend there");
   q.expect_size(0, s.batch(), "batch of the store").expect_size(2, s.head_dim(), "head_dim of the store");
   const int64_t num_q_heads = q.size(1);
@@ -135,7 +143,8 @@ py::tuple PyKVStore::attend(int64_t layer, py::handle q_obj, py::handle indices_
   indices.expect_dtype({DType::kInt32}).expect_ndim(3).expect_last_dim_contiguous();
   indices.expect_size(0, s.batch(), "batch of the store").expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
   indices.expect_cpu("KVStore.attend runs on the CPU");
-  counts.expect_dtype({DType::kInt32}).expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
+  counts.expect_dtype({DType::kInt32})
+      .expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
   counts.expect_cpu("KVStore.attend runs on the CPU");
   Output out(out_obj, "out", q, {s.batch(), num_q_heads, s.head_dim()}, DType::kFloat32);
   Output lse(out_lse_obj, "out_lse", q, {s.batch(), num_q_heads}, DType::kFloat32);
@@ -191,9 +200,10 @@ whole; calls on one store run one at a time.)doc")
            py::arg("num_tokens") = py::none(), py::arg("stream") = py::none(),
            R"doc(Append k, v (B, Hkv, t, D) (CPU or CUDA) to `layer`; num_tokens (B,) int32 appends only the first
 num_tokens[b] of the t rows of batch row b. Raises ValueError, storing nothing, on capacity overflow.)doc")
-      .def("gather", &PyKVStore::gather, py::arg("layer"), py::arg("indices"), py::arg("counts"), py::arg("out_k"),
-           py::arg("out_v"), py::kw_only(), py::arg("stream") = py::none(),
-           R"doc(Copy rows indices[b, g, :counts[b, g]] of `layer` into out_k, out_v (B, Hkv, Kmax, D); slots past counts are untouched.)doc")
+      .def(
+          "gather", &PyKVStore::gather, py::arg("layer"), py::arg("indices"), py::arg("counts"), py::arg("out_k"),
+          py::arg("out_v"), py::kw_only(), py::arg("stream") = py::none(),
+          R"doc(Copy rows indices[b, g, :counts[b, g]] of `layer` into out_k, out_v (B, Hkv, Kmax, D); slots past counts are untouched.)doc")
       .def("attend", &PyKVStore::attend, py::arg("layer"), py::arg("q"), py::arg("indices"), py::arg("counts"),
            py::kw_only(), py::arg("scale"), py::arg("out") = py::none(), py::arg("out_lse") = py::none(),
            R"doc(Exact attention over the selected rows of `layer`, read straight from the store (CPU only;

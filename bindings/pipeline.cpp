@@ -17,8 +17,8 @@ namespace {
 // anything whose str() is one of those (torch.device).
 Device parse_pipeline_device(py::handle obj) {
   if (obj.is_none()) return Device{};
-  std::string text = py::isinstance<py::int_>(obj) ? "cuda:" + std::to_string(obj.cast<int64_t>())
-                                                   : std::string(py::str(obj));
+  std::string text =
+      py::isinstance<py::int_>(obj) ? "cuda:" + std::to_string(obj.cast<int64_t>()) : std::string(py::str(obj));
   if (text == "cpu") return Device{};
   if (text.rfind("cuda", 0) != 0)
     throw_value("device must be None, \"cpu\", \"cuda\", \"cuda:N\" or a device index, got " + text);
@@ -54,7 +54,8 @@ class PyPipeline {
              py::handle chol_inv_obj, py::handle centroids_obj, int64_t sink, int64_t window,
              std::vector<int64_t> wrope_distances, std::vector<int32_t> bin_edges, bool interleaved,
              py::handle device_obj)
-      : store_obj_(std::move(store_obj)), py_store_(store_obj_.cast<PyKVStore&>()),
+      : store_obj_(std::move(store_obj)),
+        py_store_(store_obj_.cast<PyKVStore&>()),
         device_(parse_pipeline_device(device_obj)) {
     KVStore& s = py_store_.store();
     const int64_t L = s.num_layers(), Hkv = s.num_kv_heads(), D = s.head_dim();
@@ -65,7 +66,9 @@ class PyPipeline {
     inv_freq.expect_ndim(1);
     chol.expect_shape({L, Hkv, D, D}, "(num_layers, num_kv_heads, head_dim, head_dim) of the store");
     chol_inv.expect_shape({L, Hkv, D, D}, "the shape of chol");
-    centroids.expect_ndim(5).expect_size(0, L, "num_layers of the store").expect_size(1, Hkv, "num_kv_heads of the store");
+    centroids.expect_ndim(5)
+        .expect_size(0, L, "num_layers of the store")
+        .expect_size(1, Hkv, "num_kv_heads of the store");
     const int64_t M = centroids.size(2), C = centroids.size(3);  // C checked by the Pipeline
     if (M < 1 || centroids.size(4) * M != D)
       throw_value("centroids must be (num_layers, num_kv_heads, M, C, head_dim / M), got " + centroids.shape_str());
@@ -75,10 +78,15 @@ class PyPipeline {
       return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
     };
     PipelineShape shape;
-    shape.num_q_heads = num_q_heads; shape.rotary_dim = 2 * inv_freq.size(0); shape.interleaved = interleaved;
-    shape.num_subspaces = M; shape.num_centroids = C; shape.sink = sink; shape.window = window;
-    PipelineCodebook book{copy(chol), copy(chol_inv), copy(centroids), copy(inv_freq), std::move(wrope_distances),
-                          std::move(bin_edges)};
+    shape.num_q_heads = num_q_heads;
+    shape.rotary_dim = 2 * inv_freq.size(0);
+    shape.interleaved = interleaved;
+    shape.num_subspaces = M;
+    shape.num_centroids = C;
+    shape.sink = sink;
+    shape.window = window;
+    PipelineCodebook book{
+        copy(chol), copy(chol_inv), copy(centroids), copy(inv_freq), std::move(wrope_distances), std::move(bin_edges)};
     auto lock = py_store_.acquire();
     py_store_.set_owned();  // first: refuses a store another Pipeline has
     try {
@@ -115,31 +123,37 @@ class PyPipeline {
     const KVStore& s = py_store_.store();
     TensorArg k(k_obj, "k"), v(v_obj, "v"), positions(positions_obj, "positions");
     const int64_t t = k.ndim() == 4 ? k.size(2) : 0;
-    check_rows(k, {s.batch(), s.num_kv_heads(), t, s.head_dim()}, "(batch, num_kv_heads, new tokens, head_dim) of the store");
+    check_rows(k, {s.batch(), s.num_kv_heads(), t, s.head_dim()},
+               "(batch, num_kv_heads, new tokens, head_dim) of the store");
     check_rows(v, {s.batch(), s.num_kv_heads(), t, s.head_dim()}, "the shape of k");
     positions.expect_dtype({DType::kInt64}).expect_shape({s.batch(), t}, "(batch, new tokens) of k");
     expect_on_device(positions);
     std::optional<TensorArg> num_tokens;
     if (!num_tokens_obj.is_none()) {
       num_tokens.emplace(num_tokens_obj, "num_tokens");
-      num_tokens->expect_dtype({DType::kInt32}).expect_shape({s.batch()}, "one count per batch row").expect_contiguous();
+      num_tokens->expect_dtype({DType::kInt32})
+          .expect_shape({s.batch()}, "one count per batch row")
+          .expect_contiguous();
       num_tokens->expect_cpu("counts are read on the host");
     }
     const int64_t pos_stride[2] = {positions.stride(0), positions.stride(1)};
     const int32_t* counts = num_tokens ? num_tokens->data<int32_t>() : nullptr;
     auto lock = py_store_.acquire();
-    run_on_device(k, stream_obj, "Pipeline.prefill",
-                  [&] { cpu_->prefill(layer, rows(k), rows(v), t, positions.data<int64_t>(), pos_stride, counts); },
-                  A2ATS_ON_CUDA(cuda_->prefill(layer, rows(k), rows(v), t, positions.data<int64_t>(), pos_stride,
-                                               counts, stream)));
+    run_on_device(
+        k, stream_obj, "Pipeline.prefill",
+        [&] { cpu_->prefill(layer, rows(k), rows(v), t, positions.data<int64_t>(), pos_stride, counts); },
+        A2ATS_ON_CUDA(
+            cuda_->prefill(layer, rows(k), rows(v), t, positions.data<int64_t>(), pos_stride, counts, stream)));
   }
 
   void plan(int64_t k) {
     auto lock = py_store_.acquire();
     run_on_cpu([&] {
-      if (cpu_) cpu_->plan(k);
+      if (cpu_)
+        cpu_->plan(k);
 #ifdef A2ATS_WITH_CUDA
-      else cuda_->plan(k);
+      else
+        cuda_->plan(k);
 #endif
     });
   }
@@ -160,13 +174,14 @@ class PyPipeline {
     const int64_t out_stride[2] = {out.view.stride(0), out.view.stride(1)};
     const ConstRows q_rows{q.data(), {q.stride(0), q.stride(1), 0}};
     auto lock = py_store_.acquire();
-    run_on_device(q, stream_obj, "Pipeline.decode",
-                  [&] {
-                    cpu_->decode(layer, q_rows, rows(k), rows(v), positions.data<int64_t>(), positions.stride(0),
-                                 float(scale), out.view.data(), out_stride);
-                  },
-                  A2ATS_ON_CUDA(cuda_->decode(layer, q_rows, rows(k), rows(v), positions.data<int64_t>(),
-                                              positions.stride(0), float(scale), out.view.data(), out_stride, stream)));
+    run_on_device(
+        q, stream_obj, "Pipeline.decode",
+        [&] {
+          cpu_->decode(layer, q_rows, rows(k), rows(v), positions.data<int64_t>(), positions.stride(0), float(scale),
+                       out.view.data(), out_stride);
+        },
+        A2ATS_ON_CUDA(cuda_->decode(layer, q_rows, rows(k), rows(v), positions.data<int64_t>(), positions.stride(0),
+                                    float(scale), out.view.data(), out_stride, stream)));
     return out.object;
   }
 
@@ -188,11 +203,15 @@ class PyPipeline {
     int64_t kmax = 0;
     const int32_t *indices_src = nullptr, *counts_src = nullptr;
     if (cpu_) {
-      kmax = cpu_->last_max_selected(); indices_src = cpu_->last_indices(); counts_src = cpu_->last_counts();
+      kmax = cpu_->last_max_selected();
+      indices_src = cpu_->last_indices();
+      counts_src = cpu_->last_counts();
     }
 #ifdef A2ATS_WITH_CUDA
     else {
-      kmax = cuda_->last_max_selected(); indices_src = cuda_->last_indices(); counts_src = cuda_->last_counts();
+      kmax = cuda_->last_max_selected();
+      indices_src = cuda_->last_indices();
+      counts_src = cuda_->last_counts();
     }
 #endif
     py::array_t<int32_t> indices({s.batch(), s.num_kv_heads(), kmax}), counts({s.batch(), s.num_kv_heads()});
@@ -216,7 +235,8 @@ class PyPipeline {
     auto lock = py_store_.acquire();
     if (cpu_) cpu_->reset();
 #ifdef A2ATS_WITH_CUDA
-    else cuda_->reset();
+    else
+      cuda_->reset();
 #endif
   }
 
@@ -276,7 +296,8 @@ class PyPipeline {
 }  // namespace
 
 void bind_pipeline(py::module_& m) {
-  py::class_<PyPipeline>(m, "Pipeline", R"doc(The A²ATS decode step of a model as one native call per layer (CPU or CUDA).
+  py::class_<PyPipeline>(m, "Pipeline",
+                         R"doc(The A²ATS decode step of a model as one native call per layer (CPU or CUDA).
 
 Pipeline(store, *, num_q_heads, inv_freq, chol, chol_inv, centroids, sink, window, wrope_distances,
 bin_edges=(), interleaved=False, device=None) owns `store` (a KVStore: from then on only the pipeline

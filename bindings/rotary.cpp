@@ -11,7 +11,8 @@ py::object rotary(py::handle x_obj, py::handle positions_obj, py::handle inv_fre
   TensorArg x(x_obj, "x"), positions(positions_obj, "positions"), inv_freq(inv_freq_obj, "inv_freq");
   x.expect_dtype(kFloatTypes).expect_ndim(4).expect_last_dim_contiguous();
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
-  if (D > kMaxHeadDim) throw_value("x.shape[3] (head_dim) must be <= " + std::to_string(kMaxHeadDim) + ", got " + std::to_string(D));
+  if (D > kMaxHeadDim)
+    throw_value("x.shape[3] (head_dim) must be <= " + std::to_string(kMaxHeadDim) + ", got " + std::to_string(D));
   positions.expect_dtype({DType::kInt32, DType::kInt64}).expect_shape({B, T}, "(batch, tokens) of x");
   positions.expect_device(x.device(), x);
   inv_freq.expect_dtype({DType::kFloat32}).expect_ndim(1).expect_contiguous().expect_device(x.device(), x);
@@ -22,19 +23,31 @@ py::object rotary(py::handle x_obj, py::handle positions_obj, py::handle inv_fre
   Output out(out_obj, "out", x, {B, H, T, D}, x.dtype());
   const auto xr = x.byte_range(), orr = out.view.byte_range();
   const bool same = out.view.data() == x.data() && [&] {
-    for (int d = 0; d < 4; ++d) if (x.size(d) > 1 && x.stride(d) != out.view.stride(d)) return false;
+    for (int d = 0; d < 4; ++d)
+      if (x.size(d) > 1 && x.stride(d) != out.view.stride(d)) return false;
     return true;
   }();
   if (!same && xr.first < orr.second && orr.first < xr.second)
     throw_value("out overlaps x without being the very same view; pass out=x for in-place or a separate array");
   RotaryParams p;
-  p.batch = B; p.num_heads = H; p.num_tokens = T; p.head_dim = D; p.rotary_dim = 2 * half;
-  p.interleaved = interleaved; p.dtype = x.dtype(); p.pos_dtype = positions.dtype();
-  for (int d = 0; d < 3; ++d) { p.x_stride[d] = x.stride(d); p.out_stride[d] = out.view.stride(d); }
-  p.pos_stride[0] = positions.stride(0); p.pos_stride[1] = positions.stride(1);
-  run_on_device(x, stream_obj, "rotary",
-                [&] { rotary_cpu(x.data(), out.view.data(), positions.data(), inv_freq.data<float>(), p); },
-                A2ATS_ON_CUDA(rotary_cuda(x.data(), out.view.data(), positions.data(), inv_freq.data<float>(), p, stream)));
+  p.batch = B;
+  p.num_heads = H;
+  p.num_tokens = T;
+  p.head_dim = D;
+  p.rotary_dim = 2 * half;
+  p.interleaved = interleaved;
+  p.dtype = x.dtype();
+  p.pos_dtype = positions.dtype();
+  for (int d = 0; d < 3; ++d) {
+    p.x_stride[d] = x.stride(d);
+    p.out_stride[d] = out.view.stride(d);
+  }
+  p.pos_stride[0] = positions.stride(0);
+  p.pos_stride[1] = positions.stride(1);
+  run_on_device(
+      x, stream_obj, "rotary",
+      [&] { rotary_cpu(x.data(), out.view.data(), positions.data(), inv_freq.data<float>(), p); },
+      A2ATS_ON_CUDA(rotary_cuda(x.data(), out.view.data(), positions.data(), inv_freq.data<float>(), p, stream)));
   return out.object;
 }
 

@@ -17,13 +17,20 @@ std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).
 
 bool dtype_from_dl(DLDataType t, DType* out) {
   if (t.lanes != 1) return false;
-  if (t.code == kDLFloat && t.bits == 32) *out = DType::kFloat32;
-  else if (t.code == kDLFloat && t.bits == 16) *out = DType::kFloat16;
-  else if (t.code == kDLBfloat && t.bits == 16) *out = DType::kBFloat16;
-  else if (t.code == kDLInt && t.bits == 16) *out = DType::kInt16;
-  else if (t.code == kDLInt && t.bits == 32) *out = DType::kInt32;
-  else if (t.code == kDLInt && t.bits == 64) *out = DType::kInt64;
-  else return false;
+  if (t.code == kDLFloat && t.bits == 32)
+    *out = DType::kFloat32;
+  else if (t.code == kDLFloat && t.bits == 16)
+    *out = DType::kFloat16;
+  else if (t.code == kDLBfloat && t.bits == 16)
+    *out = DType::kBFloat16;
+  else if (t.code == kDLInt && t.bits == 16)
+    *out = DType::kInt16;
+  else if (t.code == kDLInt && t.bits == 32)
+    *out = DType::kInt32;
+  else if (t.code == kDLInt && t.bits == 64)
+    *out = DType::kInt64;
+  else
+    return false;
   return true;
 }
 
@@ -37,8 +44,12 @@ std::string tuple_str(const std::vector<int64_t>& values) {
 }
 
 std::string dl_dtype_str(DLDataType t) {
-  const char* kind = t.code == kDLFloat ? "float" : t.code == kDLBfloat ? "bfloat" : t.code == kDLInt ? "int"
-                     : t.code == 1 ? "uint" : t.code == 6 ? "bool" : "code" ;
+  const char* kind = t.code == kDLFloat    ? "float"
+                     : t.code == kDLBfloat ? "bfloat"
+                     : t.code == kDLInt    ? "int"
+                     : t.code == 1         ? "uint"
+                     : t.code == 6         ? "bool"
+                                           : "code";
   return std::string(kind) + std::to_string(t.bits) + (t.lanes != 1 ? "x" + std::to_string(t.lanes) : "");
 }
 
@@ -68,8 +79,8 @@ TensorArg::TensorArg(py::handle obj, std::string name) : name_(std::move(name)) 
   } else if (t.device.device_type == kDLCUDA) {
     device_ = {DeviceKind::kCUDA, t.device.device_id};
   } else {
-    throw_type(name_ + " lives on an unsupported device (DLPack device type " +
-               std::to_string(t.device.device_type) + "); expected cpu or cuda");
+    throw_type(name_ + " lives on an unsupported device (DLPack device type " + std::to_string(t.device.device_type) +
+               "); expected cpu or cuda");
   }
   if (!dtype_from_dl(t.dtype, &dtype_))
     throw_type(name_ + " has unsupported dtype " + dl_dtype_str(t.dtype) +
@@ -80,7 +91,10 @@ TensorArg::TensorArg(py::handle obj, std::string name) : name_(std::move(name)) 
     strides_.assign(t.strides, t.strides + t.ndim);
   } else {
     int64_t s = 1;
-    for (int d = t.ndim - 1; d >= 0; --d) { strides_[size_t(d)] = s; s *= shape_[size_t(d)]; }
+    for (int d = t.ndim - 1; d >= 0; --d) {
+      strides_[size_t(d)] = s;
+      s *= shape_[size_t(d)];
+    }
   }
   data_ = static_cast<char*>(t.data) + t.byte_offset;
 }
@@ -129,9 +143,8 @@ const TensorArg& TensorArg::expect_ndim(int n) const {
 
 const TensorArg& TensorArg::expect_size(int dim, int64_t size, const std::string& what) const {
   if (this->size(dim) != size)
-    throw_value(name_ + ".shape[" + std::to_string(dim < 0 ? dim + ndim() : dim) + "] must be " +
-                std::to_string(size) + " (" + what + "), got " + std::to_string(this->size(dim)) + " in shape " +
-                shape_str());
+    throw_value(name_ + ".shape[" + std::to_string(dim < 0 ? dim + ndim() : dim) + "] must be " + std::to_string(size) +
+                " (" + what + "), got " + std::to_string(this->size(dim)) + " in shape " + shape_str());
   return *this;
 }
 
@@ -182,7 +195,8 @@ const TensorArg& TensorArg::expect_no_internal_overlap() const {
   if (numel() == 0) return *this;
   for (int d = 0; d < ndim(); ++d)
     if (shape_[size_t(d)] > 1 && strides_[size_t(d)] == 0)
-      throw_value(name_ + " has stride 0 in dimension " + std::to_string(d) + " (an expanded view), so several of "
+      throw_value(name_ + " has stride 0 in dimension " + std::to_string(d) +
+                  " (an expanded view), so several of "
                   "its elements share memory; pass a separate array");
   // Dimensions by stride: each must step past everything the smaller ones span, or two index
   // tuples can name one element (a sufficient test; every dense or sliced layout passes it).
@@ -199,8 +213,6 @@ const TensorArg& TensorArg::expect_no_internal_overlap() const {
   }
   return *this;
 }
-
-
 
 namespace {
 
@@ -243,9 +255,13 @@ void expect_disjoint(const TensorArg& out, const TensorArg& other) {
   const auto ra = byte_runs(out), rb = byte_runs(other);
   for (size_t i = 0, j = 0; i < ra.size() && j < rb.size();) {
     if (ra[i].first < rb[j].second && rb[j].first < ra[i].second)
-      throw_value(out.name() + " overlaps " + other.name() + " in memory; outputs must not share memory with "
+      throw_value(out.name() + " overlaps " + other.name() +
+                  " in memory; outputs must not share memory with "
                   "the inputs or with each other; pass a separate array");
-    if (ra[i].second <= rb[j].second) ++i; else ++j;
+    if (ra[i].second <= rb[j].second)
+      ++i;
+    else
+      ++j;
   }
 }
 

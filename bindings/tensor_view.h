@@ -20,8 +20,15 @@ namespace a2ats::bind {
 namespace py = pybind11;
 
 // The stable DLPack ABI (v0.x "dltensor" capsules), declared here to stay dependency-free.
-struct DLDevice { int32_t device_type; int32_t device_id; };
-struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct DLDevice {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
 struct DLTensor {
   void* data;
   DLDevice device;
@@ -59,7 +66,10 @@ class TensorArg {
 
   const std::string& name() const { return name_; }
   py::handle object() const { return object_; }
-  template <typename T = void> T* data() const { return static_cast<T*>(data_); }
+  template <typename T = void>
+  T* data() const {
+    return static_cast<T*>(data_);
+  }
   DType dtype() const { return dtype_; }
   const Device& device() const { return device_; }
   bool is_cuda() const { return device_.kind == DeviceKind::kCUDA; }

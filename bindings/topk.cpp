@@ -7,7 +7,8 @@ namespace a2ats::bind {
 namespace {
 
 py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, int64_t group_size, int64_t sink,
-                      int64_t window, bool add_resident, py::handle out_indices_obj, py::handle out_counts_obj, py::handle stream_obj) {
+                      int64_t window, bool add_resident, py::handle out_indices_obj, py::handle out_counts_obj,
+                      py::handle stream_obj) {
   TensorArg scores(scores_obj, "scores"), lengths(lengths_obj, "lengths");
   scores.expect_dtype({DType::kFloat32}).expect_ndim(3).expect_last_dim_contiguous();
   const int64_t B = scores.size(0), Hq = scores.size(1), Tcap = scores.size(2);
@@ -30,28 +31,40 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
   indices.disjoint_from({&scores, &lengths});
   counts.disjoint_from({&scores, &lengths, &indices.view});
   SelectTopkParams p;
-  p.batch = B; p.num_q_heads = Hq; p.group_size = group_size; p.capacity = Tcap;
-  p.k = k; p.sink = sink; p.window = window; p.max_selected = max_selected; p.add_resident = add_resident;
-  p.scores_stride[0] = scores.stride(0); p.scores_stride[1] = scores.stride(1);
-  p.indices_stride[0] = indices.view.stride(0); p.indices_stride[1] = indices.view.stride(1);
-  p.counts_stride[0] = counts.view.stride(0); p.counts_stride[1] = counts.view.stride(1);
-  run_on_device(scores, stream_obj, "select_topk",
-                [&] {
-                  select_topk_cpu(scores.data<float>(), lengths.data<int32_t>(), indices.view.data<int32_t>(),
-                                  counts.view.data<int32_t>(), p);
-                },
-                A2ATS_ON_CUDA(select_topk_cuda(scores.data<float>(), lengths.data<int32_t>(),
-                                               indices.view.data<int32_t>(), counts.view.data<int32_t>(), p, stream)));
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.group_size = group_size;
+  p.capacity = Tcap;
+  p.k = k;
+  p.sink = sink;
+  p.window = window;
+  p.max_selected = max_selected;
+  p.add_resident = add_resident;
+  p.scores_stride[0] = scores.stride(0);
+  p.scores_stride[1] = scores.stride(1);
+  p.indices_stride[0] = indices.view.stride(0);
+  p.indices_stride[1] = indices.view.stride(1);
+  p.counts_stride[0] = counts.view.stride(0);
+  p.counts_stride[1] = counts.view.stride(1);
+  run_on_device(
+      scores, stream_obj, "select_topk",
+      [&] {
+        select_topk_cpu(scores.data<float>(), lengths.data<int32_t>(), indices.view.data<int32_t>(),
+                        counts.view.data<int32_t>(), p);
+      },
+      A2ATS_ON_CUDA(select_topk_cuda(scores.data<float>(), lengths.data<int32_t>(), indices.view.data<int32_t>(),
+                                     counts.view.data<int32_t>(), p, stream)));
   return py::make_tuple(indices.object, counts.object);
 }
 
 }  // namespace
 
 void bind_topk(py::module_& m) {
-  m.def("select_topk", &select_topk, py::arg("scores"), py::arg("k"), py::arg("lengths"), py::kw_only(),
-        py::arg("group_size"), py::arg("sink"), py::arg("window"), py::arg("add_resident") = true,
-        py::arg("out_indices") = py::none(), py::arg("out_counts") = py::none(), py::arg("stream") = py::none(),
-        R"doc(Rows to attend over: (indices (B, Hkv, G*k + sink + window) int32 ascending, padded with -1; counts (B, Hkv) int32).
+  m.def(
+      "select_topk", &select_topk, py::arg("scores"), py::arg("k"), py::arg("lengths"), py::kw_only(),
+      py::arg("group_size"), py::arg("sink"), py::arg("window"), py::arg("add_resident") = true,
+      py::arg("out_indices") = py::none(), py::arg("out_counts") = py::none(), py::arg("stream") = py::none(),
+      R"doc(Rows to attend over: (indices (B, Hkv, G*k + sink + window) int32 ascending, padded with -1; counts (B, Hkv) int32).
 
 Per query head the top k of tokens [sink, length - window) (all when fewer), united over the
 group_size heads of each KV head, plus the first sink and last window tokens. add_resident=False

@@ -14,9 +14,11 @@ void check_centroids(const TensorArg& centroids, int64_t num_kv_heads, int64_t h
   centroids.expect_dtype({DType::kFloat32}).expect_ndim(4).expect_contiguous().expect_device(like.device(), like);
   centroids.expect_size(0, num_kv_heads, "num_kv_heads");
   const int64_t M = centroids.size(1), C = centroids.size(2), dsub = centroids.size(3);
-  if (M < 1 || C < 1) throw_value("centroids must have M >= 1 subspaces and C >= 1 centroids, got shape " + centroids.shape_str());
+  if (M < 1 || C < 1)
+    throw_value("centroids must have M >= 1 subspaces and C >= 1 centroids, got shape " + centroids.shape_str());
   if (C > kMaxCentroids)
-    throw_value("centroids.shape[2] (C) must be <= " + std::to_string(kMaxCentroids) + " so codes fit int16, got " + std::to_string(C));
+    throw_value("centroids.shape[2] (C) must be <= " + std::to_string(kMaxCentroids) + " so codes fit int16, got " +
+                std::to_string(C));
   if (M * dsub != head_dim)
     throw_value("centroids.shape[1] * centroids.shape[3] (M * D/M) must equal head_dim " + std::to_string(head_dim) +
                 ", got " + std::to_string(M) + " * " + std::to_string(dsub));
@@ -26,18 +28,28 @@ py::object vq_encode(py::handle x_obj, py::handle centroids_obj, py::handle out_
   TensorArg x(x_obj, "x"), centroids(centroids_obj, "centroids");
   x.expect_dtype(kFloatTypes).expect_ndim(4).expect_last_dim_contiguous();
   const int64_t B = x.size(0), Hkv = x.size(1), T = x.size(2), D = x.size(3);
-  if (D > kMaxHeadDim) throw_value("x.shape[3] (head_dim) must be <= " + std::to_string(kMaxHeadDim) + ", got " + std::to_string(D));
+  if (D > kMaxHeadDim)
+    throw_value("x.shape[3] (head_dim) must be <= " + std::to_string(kMaxHeadDim) + ", got " + std::to_string(D));
   check_centroids(centroids, Hkv, D, x);
   const int64_t M = centroids.size(1);
   Output out(out_obj, "out", x, {B, Hkv, T, M}, DType::kInt16);
   out.disjoint_from({&x, &centroids});
   VQEncodeParams p;
-  p.batch = B; p.num_kv_heads = Hkv; p.num_tokens = T; p.head_dim = D;
-  p.num_subspaces = M; p.num_centroids = centroids.size(2); p.dtype = x.dtype();
-  for (int d = 0; d < 3; ++d) { p.x_stride[d] = x.stride(d); p.codes_stride[d] = out.view.stride(d); }
-  run_on_device(x, stream_obj, "vq_encode",
-                [&] { vq_encode_cpu(x.data(), centroids.data<float>(), out.view.data<int16_t>(), p); },
-                A2ATS_ON_CUDA(vq_encode_cuda(x.data(), centroids.data<float>(), out.view.data<int16_t>(), p, stream)));
+  p.batch = B;
+  p.num_kv_heads = Hkv;
+  p.num_tokens = T;
+  p.head_dim = D;
+  p.num_subspaces = M;
+  p.num_centroids = centroids.size(2);
+  p.dtype = x.dtype();
+  for (int d = 0; d < 3; ++d) {
+    p.x_stride[d] = x.stride(d);
+    p.codes_stride[d] = out.view.stride(d);
+  }
+  run_on_device(
+      x, stream_obj, "vq_encode",
+      [&] { vq_encode_cpu(x.data(), centroids.data<float>(), out.view.data<int16_t>(), p); },
+      A2ATS_ON_CUDA(vq_encode_cuda(x.data(), centroids.data<float>(), out.view.data<int16_t>(), p, stream)));
   return out.object;
 }
 
@@ -47,8 +59,10 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
       lengths(lengths_obj, "lengths");
   q.expect_dtype({DType::kFloat32});
   if (q.ndim() != 3 && q.ndim() != 4)
-    throw_value("q must have shape (batch, num_q_heads, head_dim) or, distance-binned, (batch, num_q_heads, "
-                "num_bins, head_dim); got " + std::to_string(q.ndim()) + " dimensions with shape " + q.shape_str());
+    throw_value(
+        "q must have shape (batch, num_q_heads, head_dim) or, distance-binned, (batch, num_q_heads, "
+        "num_bins, head_dim); got " +
+        std::to_string(q.ndim()) + " dimensions with shape " + q.shape_str());
   q.expect_last_dim_contiguous();
   const bool binned = q.ndim() == 4;
   const int64_t B = q.size(0), Hq = q.size(1), NB = binned ? q.size(2) : 1, D = q.size(-1);
@@ -56,8 +70,8 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
   const int64_t Hkv = codes.size(1), Tcap = codes.size(2);
   codes.expect_size(0, B, "batch of q");
   if (Hkv < 1 || Hq % Hkv != 0)
-    throw_value("q.shape[1] (num_q_heads = " + std::to_string(Hq) + ") must be a multiple of codes.shape[1] (num_kv_heads = " +
-                std::to_string(Hkv) + ")");
+    throw_value("q.shape[1] (num_q_heads = " + std::to_string(Hq) +
+                ") must be a multiple of codes.shape[1] (num_kv_heads = " + std::to_string(Hkv) + ")");
   check_centroids(centroids, Hkv, D, q);
   const int64_t M = centroids.size(1);
   codes.expect_size(3, M, "subspaces M of centroids");
@@ -68,32 +82,44 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
   const int32_t* edges = nullptr;
   if (NB > 1 || (bin_edges && bin_edges->numel() > 0)) {
     if (!bin_edges)
-      throw_value("bin_edges is required when q has " + std::to_string(NB) + " distance bins (shape " + q.shape_str() + ")");
+      throw_value("bin_edges is required when q has " + std::to_string(NB) + " distance bins (shape " + q.shape_str() +
+                  ")");
     bin_edges->expect_dtype({DType::kInt32}).expect_shape({NB - 1}, "num_bins - 1 edges").expect_contiguous();
     bin_edges->expect_device(q.device(), q);
     edges = bin_edges->data<int32_t>();
     if (!bin_edges->is_cuda())
       for (int64_t j = 1; j < NB - 1; ++j)
         if (edges[j] < edges[j - 1])
-          throw_value("bin_edges must be ascending, got bin_edges[" + std::to_string(j - 1) + "] = " +
-                      std::to_string(edges[j - 1]) + " > bin_edges[" + std::to_string(j) + "] = " + std::to_string(edges[j]));
+          throw_value("bin_edges must be ascending, got bin_edges[" + std::to_string(j - 1) +
+                      "] = " + std::to_string(edges[j - 1]) + " > bin_edges[" + std::to_string(j) +
+                      "] = " + std::to_string(edges[j]));
   }
   Output out(out_obj, "out", q, {B, Hq, Tcap}, DType::kFloat32);
   out.disjoint_from({&q, &centroids, &codes, &lengths, bin_edges ? &*bin_edges : nullptr});
   LutScoresParams p;
-  p.batch = B; p.num_q_heads = Hq; p.num_kv_heads = Hkv; p.head_dim = D; p.num_subspaces = M;
-  p.num_centroids = centroids.size(2); p.capacity = Tcap; p.num_bins = NB;
-  p.q_stride[0] = q.stride(0); p.q_stride[1] = q.stride(1); p.q_stride[2] = binned ? q.stride(2) : 0;
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.num_kv_heads = Hkv;
+  p.head_dim = D;
+  p.num_subspaces = M;
+  p.num_centroids = centroids.size(2);
+  p.capacity = Tcap;
+  p.num_bins = NB;
+  p.q_stride[0] = q.stride(0);
+  p.q_stride[1] = q.stride(1);
+  p.q_stride[2] = binned ? q.stride(2) : 0;
   for (int d = 0; d < 3; ++d) p.codes_stride[d] = codes.stride(d);
-  p.scores_stride[0] = out.view.stride(0); p.scores_stride[1] = out.view.stride(1);
+  p.scores_stride[0] = out.view.stride(0);
+  p.scores_stride[1] = out.view.stride(1);
   // Codes outside [0, C): the CPU kernel refuses them (ValueError); CUDA gives NaN scores (a2ats_cuda.h).
-  run_on_device(q, stream_obj, "lut_scores",
-                [&] {
-                  lut_scores_cpu(q.data<float>(), centroids.data<float>(), codes.data<int16_t>(),
-                                 lengths.data<int32_t>(), edges, out.view.data<float>(), p);
-                },
-                A2ATS_ON_CUDA(lut_scores_cuda(q.data<float>(), centroids.data<float>(), codes.data<int16_t>(),
-                                              lengths.data<int32_t>(), edges, out.view.data<float>(), p, stream)));
+  run_on_device(
+      q, stream_obj, "lut_scores",
+      [&] {
+        lut_scores_cpu(q.data<float>(), centroids.data<float>(), codes.data<int16_t>(), lengths.data<int32_t>(), edges,
+                       out.view.data<float>(), p);
+      },
+      A2ATS_ON_CUDA(lut_scores_cuda(q.data<float>(), centroids.data<float>(), codes.data<int16_t>(),
+                                    lengths.data<int32_t>(), edges, out.view.data<float>(), p, stream)));
   return out.object;
 }
 

@@ -86,7 +86,7 @@ cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices
 //   lse[b, h] = log sum exp(scale * K q)  // (B, Hq) f32; -inf and out = 0 when n == 0
 struct AttendRowsParams {
   int64_t batch = 0, num_q_heads = 0, group_size = 1, head_dim = 0;
-  int64_t max_rows = 0;                // rows per (b, g) the buffers hold
+  int64_t max_rows = 0;  // rows per (b, g) the buffers hold
   float scale = 1.f;
   DType dtype = DType::kFloat32;       // of keys and values
   int64_t q_stride[2] = {0, 0};        // q (B, Hq, D) f32, head_dim contiguous
@@ -137,9 +137,8 @@ class CudaPipeline : public PipelineBase {
   // k, v (B, Hkv, t, D) of the store's dtype, post-RoPE at positions (B, t) int64 (strides
   // pos_stride); num_tokens host (B,) or null.
   void plan(int64_t k);  // PipelineBase::plan; the step's lengths go to the device with its first decode
-  cudaError_t prefill(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
-                      const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens,
-                      cudaStream_t stream);
+  cudaError_t prefill(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new, const int64_t* positions,
+                      const int64_t pos_stride[2], const int32_t* num_tokens, cudaStream_t stream);
   // q (B, Hq, D), k, v (B, Hkv, 1, D), positions (B,) int64, out (B, Hq, D): as Pipeline::decode.
   cudaError_t decode(int64_t layer, const ConstRows& q, const ConstRows& k, const ConstRows& v,
                      const int64_t* positions, int64_t pos_stride, float scale, void* out, const int64_t out_stride[2],
@@ -179,12 +178,12 @@ class CudaPipeline : public PipelineBase {
   int64_t* wrope_ = nullptr;      // (NB,)
   int16_t* codes_ = nullptr;      // (L, B, Hkv, capacity, M)
   char *resident_k_ = nullptr, *resident_v_ = nullptr;
-  int32_t* meta_ = nullptr;       // (4, B): step lengths, step starts, resident counts, scratch
+  int32_t* meta_ = nullptr;  // (4, B): step lengths, step starts, resident counts, scratch
   float *q_ = nullptr, *q_wrope_ = nullptr, *q_dual_ = nullptr;  // (B, Hq, D), (B, Hq, NB, D) x 2
-  int64_t* rotate_by_ = nullptr;  // (B, NB) and, in decode, (B,)
-  float *keys_ = nullptr, *whitened_ = nullptr;  // (B, Hkv, D)
-  int16_t* new_codes_ = nullptr;  // (B, Hkv, M)
-  float* scores_ = nullptr;       // (B, Hq, capacity)
+  int64_t* rotate_by_ = nullptr;                                 // (B, NB) and, in decode, (B,)
+  float *keys_ = nullptr, *whitened_ = nullptr;                  // (B, Hkv, D)
+  int16_t* new_codes_ = nullptr;                                 // (B, Hkv, M)
+  float* scores_ = nullptr;                                      // (B, Hq, capacity)
   float *out_middle_ = nullptr, *lse_middle_ = nullptr, *out_resident_ = nullptr, *lse_resident_ = nullptr;
   int64_t selection_capacity_ = -1;  // G * k the selection buffers hold
   int32_t *indices_ = nullptr, *counts_ = nullptr;

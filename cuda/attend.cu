@@ -65,7 +65,10 @@ __global__ void __launch_bounds__(kThreads)
     float* state = states + ((b * a.num_kv_heads * a.group_size + h) * a.tiles + tile) * (D + 2);
     if (n == 0) {  // no rows here: the empty state (merges as nothing)
       for (int64_t d = threadIdx.x; d < D; d += kThreads) state[d] = 0.f;
-      if (threadIdx.x == 0) { state[D] = -INFINITY; state[D + 1] = 0.f; }
+      if (threadIdx.x == 0) {
+        state[D] = -INFINITY;
+        state[D + 1] = 0.f;
+      }
       continue;
     }
     for (int64_t d = threadIdx.x; d < D; d += kThreads) q_head[d] = q[b * a.q_stride[0] + h * a.q_stride[1] + d];
@@ -94,7 +97,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t i = 0; i < n; ++i) acc += logits[i] * load_f32(v_rows + i * a.rows_stride[2] + d);
       state[d] = acc;
     }
-    if (threadIdx.x == 0) { state[D] = m; state[D + 1] = s; }
+    if (threadIdx.x == 0) {
+      state[D] = m;
+      state[D + 1] = s;
+    }
     __syncthreads();  // logits and q_head are rewritten for the next head
   }
 }
@@ -150,7 +156,10 @@ cudaError_t attend_rows_cuda(const float* q, const void* keys, const void* value
   const int64_t groups = p.batch * Hkv, heads = p.batch * p.num_q_heads;
   if (groups == 0) return cudaSuccess;
   AttendArgs a;
-  a.num_kv_heads = Hkv; a.group_size = p.group_size; a.head_dim = p.head_dim; a.scale = p.scale;
+  a.num_kv_heads = Hkv;
+  a.group_size = p.group_size;
+  a.head_dim = p.head_dim;
+  a.scale = p.scale;
   a.tiles = std::max<int64_t>(1, ceil_div(p.max_rows, kTileRows));  // one empty tile when max_rows == 0
   for (int d = 0; d < 2; ++d) {
     a.q_stride[d] = p.q_stride[d];
@@ -166,21 +175,22 @@ cudaError_t attend_rows_cuda(const float* q, const void* keys, const void* value
   switch (p.dtype) {
     case DType::kFloat32:
       attend_tile_kernel<float><<<grid, kThreads, smem, stream>>>(q, static_cast<const float*>(keys),
-                                                                 static_cast<const float*>(values), counts, states, a);
+                                                                  static_cast<const float*>(values), counts, states, a);
       break;
     case DType::kFloat16:
-      attend_tile_kernel<half_t><<<grid, kThreads, smem, stream>>>(q, static_cast<const half_t*>(keys),
-                                                                  static_cast<const half_t*>(values), counts, states, a);
+      attend_tile_kernel<half_t><<<grid, kThreads, smem, stream>>>(
+          q, static_cast<const half_t*>(keys), static_cast<const half_t*>(values), counts, states, a);
       break;
     case DType::kBFloat16:
       attend_tile_kernel<bfloat16_t><<<grid, kThreads, smem, stream>>>(
           q, static_cast<const bfloat16_t*>(keys), static_cast<const bfloat16_t*>(values), counts, states, a);
       break;
-    default: return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
   }
   A2ATS_CUDA_TRY(cudaGetLastError());
-  attend_combine_kernel<<<unsigned(heads), kThreads, 0, stream>>>(states, out, lse, p.num_q_heads, p.head_dim,
-                                                                   a.tiles, p);
+  attend_combine_kernel<<<unsigned(heads), kThreads, 0, stream>>>(states, out, lse, p.num_q_heads, p.head_dim, a.tiles,
+                                                                  p);
   return cudaGetLastError();
 }
 
@@ -192,18 +202,19 @@ cudaError_t merge_attention_cuda(const float* out_a, const float* lse_a, const f
   if (heads > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
   switch (p.dtype) {
     case DType::kFloat32:
-      merge_kernel<float><<<unsigned(heads), kThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b,
-                                                                    static_cast<float*>(out), p);
+      merge_kernel<float>
+          <<<unsigned(heads), kThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b, static_cast<float*>(out), p);
       break;
     case DType::kFloat16:
-      merge_kernel<half_t><<<unsigned(heads), kThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b,
-                                                                     static_cast<half_t*>(out), p);
+      merge_kernel<half_t>
+          <<<unsigned(heads), kThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b, static_cast<half_t*>(out), p);
       break;
     case DType::kBFloat16:
-      merge_kernel<bfloat16_t><<<unsigned(heads), kThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b,
-                                                                         static_cast<bfloat16_t*>(out), p);
+      merge_kernel<bfloat16_t>
+          <<<unsigned(heads), kThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b, static_cast<bfloat16_t*>(out), p);
       break;
-    default: return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

@@ -62,7 +62,9 @@ class Scratch {
   Scratch& operator=(const Scratch&) = delete;
   cudaError_t allocate(size_t bytes) { return scratch_alloc(&ptr_, bytes == 0 ? 256 : bytes, stream_); }
   template <typename T = void>
-  T* get() const { return static_cast<T*>(ptr_); }
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
 
  private:
   cudaStream_t stream_;

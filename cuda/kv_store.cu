@@ -135,7 +135,10 @@ struct CudaStoreState {
       } else {
         cudaGetLastError();
         s.host = static_cast<char*>(std::malloc(bytes));  // pageable: copies then stage synchronously
-        if (s.host == nullptr) { release_slots(); return cudaErrorMemoryAllocation; }
+        if (s.host == nullptr) {
+          release_slots();
+          return cudaErrorMemoryAllocation;
+        }
       }
       cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&s.dev), bytes);
       if (err == cudaSuccess) err = cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming);
@@ -256,10 +259,10 @@ cudaError_t kv_append_cuda(KVStore& store, int64_t layer, const RowsView& k, con
     for (int64_t g = 0; g < store.num_kv_heads(); ++g) {
       const char* src_k = static_cast<const char*>(k.data) + (b * k.stride[0] + g * k.stride[1]) * elem;
       const char* src_v = static_cast<const char*>(v.data) + (b * v.stride[0] + g * v.stride[1]) * elem;
-      A2ATS_CUDA_TRY(copy_rows(store.k_rows(layer, b, g) + start * int64_t(row), row, src_k,
-                               size_t(k.stride[2] * elem), row, n, cudaMemcpyDeviceToHost, stream));
-      A2ATS_CUDA_TRY(copy_rows(store.v_rows(layer, b, g) + start * int64_t(row), row, src_v,
-                               size_t(v.stride[2] * elem), row, n, cudaMemcpyDeviceToHost, stream));
+      A2ATS_CUDA_TRY(copy_rows(store.k_rows(layer, b, g) + start * int64_t(row), row, src_k, size_t(k.stride[2] * elem),
+                               row, n, cudaMemcpyDeviceToHost, stream));
+      A2ATS_CUDA_TRY(copy_rows(store.v_rows(layer, b, g) + start * int64_t(row), row, src_v, size_t(v.stride[2] * elem),
+                               row, n, cudaMemcpyDeviceToHost, stream));
     }
   }
   // The rows must be in host memory before the caller advances the lengths (or, without
@@ -290,8 +293,10 @@ cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices
     A2ATS_CUDA_TRY(cudaStreamSynchronize(stream));
     idx = idx_host;
     cnt = cnt_host;
-    idx_stride[0] = Hkv * max_selected; idx_stride[1] = max_selected;
-    cnt_stride[0] = Hkv; cnt_stride[1] = 1;
+    idx_stride[0] = Hkv * max_selected;
+    idx_stride[1] = max_selected;
+    cnt_stride[0] = Hkv;
+    cnt_stride[1] = 1;
   }
 
   // 2. Validation (throws std::invalid_argument before anything is written).
@@ -328,24 +333,27 @@ cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices
     char* host_k = slot.host;
     char* host_v = slot.host + n * row_bytes;
     RowMeta* meta = reinterpret_cast<RowMeta*>(slot.host + 2 * n * row_bytes);
-    store.pool().parallel_for(n, [&](int64_t begin, int64_t end) {
-      int64_t r = r0 + begin;
-      int64_t bg = int64_t(std::upper_bound(seg.begin(), seg.end(), r) - seg.begin()) - 1;
-      for (int64_t e = begin; e < end; ++e, ++r) {
-        while (r >= seg[size_t(bg + 1)]) ++bg;
-        const int64_t b = bg / Hkv, g = bg % Hkv, i = r - seg[size_t(bg)];
-        const int64_t row_index = idx[b * idx_stride[0] + g * idx_stride[1] + i];
-        std::memcpy(host_k + e * row_bytes, store.k_rows(layer, b, g) + row_index * row_bytes, size_t(row_bytes));
-        std::memcpy(host_v + e * row_bytes, store.v_rows(layer, b, g) + row_index * row_bytes, size_t(row_bytes));
-        meta[e] = RowMeta{int32_t(bg), int32_t(i)};
-      }
-    }, 64);
+    store.pool().parallel_for(
+        n,
+        [&](int64_t begin, int64_t end) {
+          int64_t r = r0 + begin;
+          int64_t bg = int64_t(std::upper_bound(seg.begin(), seg.end(), r) - seg.begin()) - 1;
+          for (int64_t e = begin; e < end; ++e, ++r) {
+            while (r >= seg[size_t(bg + 1)]) ++bg;
+            const int64_t b = bg / Hkv, g = bg % Hkv, i = r - seg[size_t(bg)];
+            const int64_t row_index = idx[b * idx_stride[0] + g * idx_stride[1] + i];
+            std::memcpy(host_k + e * row_bytes, store.k_rows(layer, b, g) + row_index * row_bytes, size_t(row_bytes));
+            std::memcpy(host_v + e * row_bytes, store.v_rows(layer, b, g) + row_index * row_bytes, size_t(row_bytes));
+            meta[e] = RowMeta{int32_t(bg), int32_t(i)};
+          }
+        },
+        64);
     const size_t bytes = size_t(n) * (2 * size_t(row_bytes) + sizeof(RowMeta));
     cudaError_t err = cudaMemcpyAsync(slot.dev, slot.host, bytes, cudaMemcpyHostToDevice, stream);
     if (err != cudaSuccess) return fail(err);
     const int64_t blocks = ceil_div(2 * n * 32, kScatterThreads);
     scatter_rows_kernel<<<unsigned(blocks), kScatterThreads, 0, stream>>>(slot.dev, n, row_bytes, elem, Hkv, out_k,
-                                                                           out_v);
+                                                                          out_v);
     err = cudaGetLastError();
     if (err == cudaSuccess) err = cudaEventRecord(slot.done, stream);
     if (err != cudaSuccess) return fail(err);

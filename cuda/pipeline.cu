@@ -19,9 +19,8 @@ constexpr int kThreads = 128;
 
 // out (n0, n1, n2, D) f32 contiguous from strided rows of T (head_dim contiguous); one block per row.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    to_f32_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2, int64_t n1, int64_t n2, int64_t D,
-                  float* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) to_f32_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2,
+                                                          int64_t n1, int64_t n2, int64_t D, float* __restrict__ out) {
   const int64_t r = blockIdx.x, i = r / (n1 * n2), j = (r / n2) % n1, t = r % n2;
   const T* row = x + i * s0 + j * s1 + t * s2;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) out[r * D + d] = load_f32(row + d);
@@ -35,18 +34,19 @@ cudaError_t to_f32(const ConstRows& x, DType dtype, int64_t n0, int64_t n1, int6
   const auto s = x.stride;
   switch (dtype) {
     case DType::kFloat32:
-      to_f32_kernel<float><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const float*>(x.data), s[0], s[1], s[2], n1,
-                                                             n2, D, out);
+      to_f32_kernel<float><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const float*>(x.data), s[0], s[1], s[2],
+                                                                    n1, n2, D, out);
       break;
     case DType::kFloat16:
-      to_f32_kernel<half_t><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const half_t*>(x.data), s[0], s[1], s[2], n1,
-                                                             n2, D, out);
+      to_f32_kernel<half_t><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const half_t*>(x.data), s[0], s[1],
+                                                                     s[2], n1, n2, D, out);
       break;
     case DType::kBFloat16:
-      to_f32_kernel<bfloat16_t><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const bfloat16_t*>(x.data), s[0], s[1], s[2],
-                                                             n1, n2, D, out);
+      to_f32_kernel<bfloat16_t><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const bfloat16_t*>(x.data), s[0],
+                                                                         s[1], s[2], n1, n2, D, out);
       break;
-    default: return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
@@ -115,17 +115,19 @@ __global__ void __launch_bounds__(kThreads)
 // Rows n = starts[b] + i (i < num_new[b]) of k, v (B, Hkv, t, D) into their resident slots (see
 // a2ats_cuda.h); rows that leave the window within this append are skipped. Grid (B * Hkv, t).
 __global__ void __launch_bounds__(kThreads)
-    place_resident_kernel(const char* __restrict__ k, const char* __restrict__ v, int64_t ks0, int64_t ks1,
-                          int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2, int64_t num_kv_heads, int64_t row_bytes,
-                          int64_t elem, int64_t sink, int64_t window, const int32_t* __restrict__ starts,
+    place_resident_kernel(const char* __restrict__ k, const char* __restrict__ v, int64_t ks0, int64_t ks1, int64_t ks2,
+                          int64_t vs0, int64_t vs1, int64_t vs2, int64_t num_kv_heads, int64_t row_bytes, int64_t elem,
+                          int64_t sink, int64_t window, const int32_t* __restrict__ starts,
                           const int32_t* __restrict__ num_new, char* __restrict__ resident_k,
                           char* __restrict__ resident_v) {
   const int64_t bg = blockIdx.x, i = blockIdx.y, b = bg / num_kv_heads, g = bg % num_kv_heads;
   if (i >= num_new[b]) return;
   const int64_t n = starts[b] + i, end = starts[b] + num_new[b];
   int64_t slot = -1;
-  if (n < sink) slot = n;
-  else if (n >= end - window) slot = sink + (n - sink) % window;
+  if (n < sink)
+    slot = n;
+  else if (n >= end - window)
+    slot = sink + (n - sink) % window;
   if (slot < 0) return;
   const int64_t slots = sink + window;
   const uint16_t* src_k = reinterpret_cast<const uint16_t*>(k + (b * ks0 + g * ks1 + i * ks2) * elem);
@@ -218,13 +220,32 @@ void CudaPipeline::release() {
   if (switch_device) cudaSetDevice(device_);
   // Decode steps leave rows in flight to the host store, which may be freed after us.
   if (has_stream_) cudaDeviceSynchronize();
-  device_free(chol_); device_free(chol_inv_); device_free(centroids_); device_free(inv_freq_);
-  device_free(bin_edges_); device_free(wrope_); device_free(codes_);
-  device_free(resident_k_); device_free(resident_v_); device_free(meta_);
-  device_free(q_); device_free(q_wrope_); device_free(q_dual_); device_free(rotate_by_);
-  device_free(keys_); device_free(whitened_); device_free(new_codes_); device_free(scores_);
-  device_free(out_middle_); device_free(lse_middle_); device_free(out_resident_); device_free(lse_resident_);
-  device_free(indices_); device_free(counts_); device_free(gathered_k_); device_free(gathered_v_);
+  device_free(chol_);
+  device_free(chol_inv_);
+  device_free(centroids_);
+  device_free(inv_freq_);
+  device_free(bin_edges_);
+  device_free(wrope_);
+  device_free(codes_);
+  device_free(resident_k_);
+  device_free(resident_v_);
+  device_free(meta_);
+  device_free(q_);
+  device_free(q_wrope_);
+  device_free(q_dual_);
+  device_free(rotate_by_);
+  device_free(keys_);
+  device_free(whitened_);
+  device_free(new_codes_);
+  device_free(scores_);
+  device_free(out_middle_);
+  device_free(lse_middle_);
+  device_free(out_resident_);
+  device_free(lse_resident_);
+  device_free(indices_);
+  device_free(counts_);
+  device_free(gathered_k_);
+  device_free(gathered_v_);
   if (switch_device) cudaSetDevice(current);
   cudaGetLastError();  // teardown errors (e.g. at process exit) are not reported
 }
@@ -240,7 +261,9 @@ const void* CudaPipeline::resident_v(int64_t layer) const {
 cudaError_t CudaPipeline::ensure_selection(int64_t max_middle) {
   if (max_middle <= selection_capacity_) return cudaSuccess;
   const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
-  device_free(indices_); device_free(gathered_k_); device_free(gathered_v_);
+  device_free(indices_);
+  device_free(gathered_k_);
+  device_free(gathered_v_);
   selection_capacity_ = -1;
   const int64_t rows = B * Hkv * max_middle * D * dtype_size(store_.dtype());
   A2ATS_CUDA_TRY(device_alloc(&indices_, B * Hkv * max_middle));
@@ -268,8 +291,8 @@ cudaError_t CudaPipeline::encode_and_store(int64_t layer, const ConstRows& k, co
       host_meta_[size_t(B + b)] = int32_t(store_.length(layer, b));
       host_meta_[size_t(3 * B + b)] = num_tokens ? num_tokens[b] : int32_t(num_new);
     }
-    A2ATS_CUDA_TRY(cudaMemcpyAsync(starts, host_meta_.data() + B, size_t(B) * sizeof(int32_t),
-                                   cudaMemcpyHostToDevice, stream));
+    A2ATS_CUDA_TRY(
+        cudaMemcpyAsync(starts, host_meta_.data() + B, size_t(B) * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
     A2ATS_CUDA_TRY(cudaMemcpyAsync(counts, host_meta_.data() + 3 * B, size_t(B) * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
   }
@@ -296,15 +319,15 @@ cudaError_t CudaPipeline::encode_and_store(int64_t layer, const ConstRows& k, co
   A2ATS_CUDA_TRY(rows_times_matrix(keys, chol_ + layer * Hkv * D * D, rows, num_new, Hkv, D, false, whitened, stream));
   const float* centroids = centroids_ + layer * Hkv * shape_.num_centroids * D;
   A2ATS_CUDA_TRY(vq_encode_cuda(whitened, centroids, new_codes, key_encoding(num_new), stream));
-  place_codes_kernel<<<unsigned(B * Hkv), kThreads, 0, stream>>>(new_codes, num_new, M, Hkv, store_.capacity(),
-                                                                 starts, counts, codes_ + layer * layer_codes_);
+  place_codes_kernel<<<unsigned(B * Hkv), kThreads, 0, stream>>>(new_codes, num_new, M, Hkv, store_.capacity(), starts,
+                                                                 counts, codes_ + layer * layer_codes_);
   A2ATS_CUDA_TRY(cudaGetLastError());
   char* res_k = resident_k_ + layer * layer_resident_ * elem;
   char* res_v = resident_v_ + layer * layer_resident_ * elem;
   place_resident_kernel<<<dim3(unsigned(B * Hkv), unsigned(num_new)), kThreads, 0, stream>>>(
       static_cast<const char*>(k.data), static_cast<const char*>(v.data), k.stride[0], k.stride[1], k.stride[2],
-      v.stride[0], v.stride[1], v.stride[2], Hkv, store_.row_bytes(), elem, shape_.sink, shape_.window, starts,
-      counts, res_k, res_v);
+      v.stride[0], v.stride[1], v.stride[2], Hkv, store_.row_bytes(), elem, shape_.sink, shape_.window, starts, counts,
+      res_k, res_v);
   A2ATS_CUDA_TRY(cudaGetLastError());
   // The full rows to the host store; a prefill waits for them, a decode step leaves them in
   // flight (the next host read of the store, the gather's index copy, synchronises after them).
@@ -353,8 +376,8 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
       host_meta_[size_t(3 * B + b)] = 1;
     }
     // Pageable source: staged before the call returns, so host_meta_ may change right after.
-    A2ATS_CUDA_TRY(cudaMemcpyAsync(meta_, host_meta_.data(), host_meta_.size() * sizeof(int32_t),
-                                   cudaMemcpyHostToDevice, stream));
+    A2ATS_CUDA_TRY(
+        cudaMemcpyAsync(meta_, host_meta_.data(), host_meta_.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
     plan_uploaded_ = true;
   }
   const int64_t pos2[2] = {pos_stride, 0};
@@ -387,25 +410,43 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
 
   // Exact attention with the model's query over the middle rows and over the resident rows.
   AttendRowsParams ap;
-  ap.batch = B; ap.num_q_heads = Hq; ap.group_size = group; ap.head_dim = D; ap.scale = scale;
+  ap.batch = B;
+  ap.num_q_heads = Hq;
+  ap.group_size = group;
+  ap.head_dim = D;
+  ap.scale = scale;
   ap.dtype = store_.dtype();
-  ap.q_stride[0] = Hq * D; ap.q_stride[1] = D;
-  ap.out_stride[0] = Hq * D; ap.out_stride[1] = D;
-  ap.lse_stride[0] = Hq; ap.lse_stride[1] = 1;
+  ap.q_stride[0] = Hq * D;
+  ap.q_stride[1] = D;
+  ap.out_stride[0] = Hq * D;
+  ap.out_stride[1] = D;
+  ap.lse_stride[0] = Hq;
+  ap.lse_stride[1] = 1;
   ap.max_rows = max_middle;
-  ap.rows_stride[0] = gk.stride[0]; ap.rows_stride[1] = gk.stride[1]; ap.rows_stride[2] = D;
-  ap.counts_stride[0] = Hkv; ap.counts_stride[1] = 1;
+  ap.rows_stride[0] = gk.stride[0];
+  ap.rows_stride[1] = gk.stride[1];
+  ap.rows_stride[2] = D;
+  ap.counts_stride[0] = Hkv;
+  ap.counts_stride[1] = 1;
   A2ATS_CUDA_TRY(attend_rows_cuda(q_, gathered_k_, gathered_v_, counts_, out_middle_, lse_middle_, ap, stream));
   ap.max_rows = resident_rows_;
-  ap.rows_stride[0] = Hkv * resident_rows_ * D; ap.rows_stride[1] = resident_rows_ * D;
-  ap.counts_stride[0] = 1; ap.counts_stride[1] = 0;  // one count per batch row
+  ap.rows_stride[0] = Hkv * resident_rows_ * D;
+  ap.rows_stride[1] = resident_rows_ * D;
+  ap.counts_stride[0] = 1;
+  ap.counts_stride[1] = 0;  // one count per batch row
   A2ATS_CUDA_TRY(attend_rows_cuda(q_, resident_k(layer), resident_v(layer), resident_counts, out_resident_,
                                   lse_resident_, ap, stream));
   MergeAttentionParams mp;
-  mp.batch = B; mp.num_heads = Hq; mp.head_dim = D; mp.dtype = store_.dtype();
-  mp.out_a_stride[0] = mp.out_b_stride[0] = Hq * D; mp.out_a_stride[1] = mp.out_b_stride[1] = D;
-  mp.lse_a_stride[0] = mp.lse_b_stride[0] = Hq; mp.lse_a_stride[1] = mp.lse_b_stride[1] = 1;
-  mp.out_stride[0] = out_stride[0]; mp.out_stride[1] = out_stride[1];
+  mp.batch = B;
+  mp.num_heads = Hq;
+  mp.head_dim = D;
+  mp.dtype = store_.dtype();
+  mp.out_a_stride[0] = mp.out_b_stride[0] = Hq * D;
+  mp.out_a_stride[1] = mp.out_b_stride[1] = D;
+  mp.lse_a_stride[0] = mp.lse_b_stride[0] = Hq;
+  mp.lse_a_stride[1] = mp.lse_b_stride[1] = 1;
+  mp.out_stride[0] = out_stride[0];
+  mp.out_stride[1] = out_stride[1];
   A2ATS_CUDA_TRY(merge_attention_cuda(out_middle_, lse_middle_, out_resident_, lse_resident_, out, mp, stream));
   count_step(host_counts_.data(), false);
   return cudaSuccess;

@@ -17,8 +17,7 @@ constexpr int kRotaryThreads = 128;
 template <typename T, typename P>
 __global__ void __launch_bounds__(kRotaryThreads)
     rotary_kernel(const T* x, T* out,  // out may alias x
-                  const P* __restrict__ positions, const float* __restrict__ inv_freq,
-                  RotaryParams p) {
+                  const P* __restrict__ positions, const float* __restrict__ inv_freq, RotaryParams p) {
   __shared__ float cos_t[kMaxHeadDim / 2];
   __shared__ float sin_t[kMaxHeadDim / 2];
   const int64_t item = blockIdx.x;
@@ -66,8 +65,8 @@ cudaError_t launch(const void* x, void* out, const void* positions, const float*
   const int64_t blocks = p.batch * p.num_tokens;
   if (blocks == 0 || p.num_heads == 0) return cudaSuccess;
   if (blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
-  rotary_kernel<T, P><<<unsigned(blocks), kRotaryThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<T*>(out), static_cast<const P*>(positions), inv_freq, p);
+  rotary_kernel<T, P><<<unsigned(blocks), kRotaryThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
+                                                                       static_cast<const P*>(positions), inv_freq, p);
   return cudaGetLastError();
 }
 
@@ -81,15 +80,19 @@ cudaError_t launch_pos(const void* x, void* out, const void* positions, const fl
 
 }  // namespace
 
-cudaError_t rotary_cuda(const void* x, void* out, const void* positions, const float* inv_freq,
-                        const RotaryParams& p, cudaStream_t stream) {
+cudaError_t rotary_cuda(const void* x, void* out, const void* positions, const float* inv_freq, const RotaryParams& p,
+                        cudaStream_t stream) {
   if (p.rotary_dim < 0 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0 || p.head_dim > kMaxHeadDim)
     return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kFloat32: return launch_pos<float>(x, out, positions, inv_freq, p, stream);
-    case DType::kFloat16: return launch_pos<half_t>(x, out, positions, inv_freq, p, stream);
-    case DType::kBFloat16: return launch_pos<bfloat16_t>(x, out, positions, inv_freq, p, stream);
-    default: return cudaErrorInvalidValue;
+    case DType::kFloat32:
+      return launch_pos<float>(x, out, positions, inv_freq, p, stream);
+    case DType::kFloat16:
+      return launch_pos<half_t>(x, out, positions, inv_freq, p, stream);
+    case DType::kBFloat16:
+      return launch_pos<bfloat16_t>(x, out, positions, inv_freq, p, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

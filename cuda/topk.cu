@@ -27,10 +27,10 @@ namespace {
 using namespace cuda_detail;
 
 constexpr int kThreads = 256;
-constexpr int kRounds = 16;                  // tokens per thread and tile
-constexpr int kTile = kThreads * kRounds;    // 4096 tokens, a multiple of 32 (bitmap words)
+constexpr int kRounds = 16;                // tokens per thread and tile
+constexpr int kTile = kThreads * kRounds;  // 4096 tokens, a multiple of 32 (bitmap words)
 constexpr int kHistBins = 2048;
-constexpr int kCompactItems = 4;             // bitmap words per thread and round of `compact`
+constexpr int kCompactItems = 4;  // bitmap words per thread and round of `compact`
 
 __host__ __device__ constexpr int level_shift(int level) { return level == 0 ? 21 : level == 1 ? 10 : 0; }
 __host__ __device__ constexpr int level_bins(int level) { return level == 2 ? 1024 : 2048; }
@@ -109,7 +109,7 @@ __device__ void pick_digit(int64_t row, uint32_t* hrow, RowState* state, unsigne
       cum += local[q];
     }
   }
-  __syncthreads();  // every thread has read its bins
+  __syncthreads();                                                  // every thread has read its bins
   for (int i = threadIdx.x; i < kBins; i += kThreads) hrow[i] = 0;  // clean for the next level
 }
 
@@ -299,9 +299,15 @@ cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_
       p.k > 2147483647 || p.max_selected > 2147483647)
     return cudaErrorInvalidValue;
   TopkArgs a;
-  a.batch = p.batch; a.num_q_heads = p.num_q_heads; a.group_size = p.group_size;
-  a.num_kv_heads = p.num_q_heads / p.group_size; a.capacity = p.capacity;
-  a.k = p.k; a.sink = p.sink; a.window = p.window; a.max_selected = p.max_selected;
+  a.batch = p.batch;
+  a.num_q_heads = p.num_q_heads;
+  a.group_size = p.group_size;
+  a.num_kv_heads = p.num_q_heads / p.group_size;
+  a.capacity = p.capacity;
+  a.k = p.k;
+  a.sink = p.sink;
+  a.window = p.window;
+  a.max_selected = p.max_selected;
   a.add_resident = p.add_resident;
   for (int d = 0; d < 2; ++d) {
     a.scores_stride[d] = p.scores_stride[d];

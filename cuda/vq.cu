@@ -24,9 +24,9 @@ using namespace cuda_detail;
 
 // ---- vq_encode ---------------------------------------------------------------------------
 constexpr int kEncThreads = 256;
-constexpr int kEncRows = 64;      // rows per block
-constexpr int kEncCents = 64;     // centroids per shared tile
-constexpr int kEncDims = 32;      // dims per shared tile
+constexpr int kEncRows = 64;   // rows per block
+constexpr int kEncCents = 64;  // centroids per shared tile
+constexpr int kEncDims = 32;   // dims per shared tile
 constexpr int kEncPad = kEncDims + 1;
 
 template <typename T>
@@ -49,7 +49,10 @@ __global__ void __launch_bounds__(kEncThreads)
     float best[4];
     int32_t best_c[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) { best[i] = INFINITY; best_c[i] = 0; }
+    for (int i = 0; i < 4; ++i) {
+      best[i] = INFINITY;
+      best_c[i] = 0;
+    }
 
     for (int64_t c0 = 0; c0 < C; c0 += kEncCents) {
       float acc[4][4];
@@ -63,7 +66,8 @@ __global__ void __launch_bounds__(kEncThreads)
         for (int e = tid; e < kEncRows * kEncDims; e += kEncThreads) {
           const int r = e / kEncDims, dd = e % kEncDims;
           const int64_t t = t0 + r, d = d0 + dd;
-          xs[r * kEncPad + dd] = (t < p.num_tokens && d < dsub) ? load_f32(xbg + t * p.x_stride[2] + m * dsub + d) : 0.f;
+          xs[r * kEncPad + dd] =
+              (t < p.num_tokens && d < dsub) ? load_f32(xbg + t * p.x_stride[2] + m * dsub + d) : 0.f;
         }
         for (int e = tid; e < kEncCents * kEncDims; e += kEncThreads) {
           const int r = e / kEncDims, dd = e % kEncDims;
@@ -95,7 +99,10 @@ __global__ void __launch_bounds__(kEncThreads)
         if (c < C) {
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            if (acc[i][j] < best[i]) { best[i] = acc[i][j]; best_c[i] = int32_t(c); }
+            if (acc[i][j] < best[i]) {
+              best[i] = acc[i][j];
+              best_c[i] = int32_t(c);
+            }
         }
       }
     }
@@ -108,7 +115,10 @@ __global__ void __launch_bounds__(kEncThreads)
       for (int off = 8; off > 0; off >>= 1) {
         const float od = __shfl_xor_sync(0xffffffffu, bd, off);
         const int32_t oc = __shfl_xor_sync(0xffffffffu, bc, off);
-        if (od < bd || (od == bd && oc < bc)) { bd = od; bc = oc; }
+        if (od < bd || (od == bd && oc < bc)) {
+          bd = od;
+          bc = oc;
+        }
       }
       const int64_t t = t0 + tr + 16 * i;
       if (tc == 0 && t < p.num_tokens)
@@ -124,19 +134,19 @@ cudaError_t launch_encode(const void* x, const float* centroids, int16_t* codes,
   const int64_t blocks = p.batch * p.num_kv_heads * row_tiles;
   if (blocks == 0) return cudaSuccess;
   if (blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
-  vq_encode_kernel<T><<<unsigned(blocks), kEncThreads, 0, stream>>>(static_cast<const T*>(x), centroids, codes, p,
-                                                                     row_tiles);
+  vq_encode_kernel<T>
+      <<<unsigned(blocks), kEncThreads, 0, stream>>>(static_cast<const T*>(x), centroids, codes, p, row_tiles);
   return cudaGetLastError();
 }
 
 // ---- lut_scores --------------------------------------------------------------------------
 constexpr int kLutThreads = 256;
-constexpr int kLutMaxCents = 64;                  // centroids per build_lut block
-constexpr int kLutSmemBudget = 48 * 1024;         // build_lut: centroid tile bytes
+constexpr int kLutMaxCents = 64;           // centroids per build_lut block
+constexpr int kLutSmemBudget = 48 * 1024;  // build_lut: centroid tile bytes
 constexpr int kScoreThreads = 256;
-constexpr int kScoreItems = 16;                   // tokens per thread
+constexpr int kScoreItems = 16;  // tokens per thread
 constexpr int kScoreTile = kScoreThreads * kScoreItems;
-constexpr int64_t kMaxSmemLutFloats = 24576;      // 96 KiB: staged in shared memory up to here
+constexpr int64_t kMaxSmemLutFloats = 24576;  // 96 KiB: staged in shared memory up to here
 
 struct LutArgs {
   int64_t batch, num_q_heads, num_kv_heads, group_size, num_bins, num_subspaces, num_centroids, dsub;
@@ -184,9 +194,12 @@ __global__ void __launch_bounds__(kLutThreads)
   const int64_t CT = a.cents_per_block, M = a.num_subspaces, C = a.num_centroids, dsub = a.dsub;
   const int64_t pad = dsub + 1;
   int64_t rest = blockIdx.x;
-  const int64_t ctile = rest % a.cent_tiles; rest /= a.cent_tiles;
-  const int64_t m = rest % M; rest /= M;
-  const int64_t j = rest % a.num_bins; rest /= a.num_bins;
+  const int64_t ctile = rest % a.cent_tiles;
+  rest /= a.cent_tiles;
+  const int64_t m = rest % M;
+  rest /= M;
+  const int64_t j = rest % a.num_bins;
+  rest /= a.num_bins;
   const int64_t g = rest % a.num_kv_heads;
   const int64_t b = rest / a.num_kv_heads;
   const int64_t c_begin = ctile * CT;
@@ -283,7 +296,10 @@ __global__ void __launch_bounds__(kScoreThreads)
     }
     bins[r] = j;
   }
-  if (tid == 0) { bin_lo = int(NB); bin_hi = -1; }
+  if (tid == 0) {
+    bin_lo = int(NB);
+    bin_hi = -1;
+  }
   __syncthreads();
   atomicMin(&bin_lo, my_lo);
   atomicMax(&bin_hi, my_hi);
@@ -317,10 +333,14 @@ cudaError_t vq_encode_cuda(const void* x, const float* centroids, int16_t* codes
                            cudaStream_t stream) {
   if (p.num_subspaces < 1 || p.head_dim % p.num_subspaces != 0 || p.num_centroids < 1) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kFloat32: return launch_encode<float>(x, centroids, codes, p, stream);
-    case DType::kFloat16: return launch_encode<half_t>(x, centroids, codes, p, stream);
-    case DType::kBFloat16: return launch_encode<bfloat16_t>(x, centroids, codes, p, stream);
-    default: return cudaErrorInvalidValue;
+    case DType::kFloat32:
+      return launch_encode<float>(x, centroids, codes, p, stream);
+    case DType::kFloat16:
+      return launch_encode<half_t>(x, centroids, codes, p, stream);
+    case DType::kBFloat16:
+      return launch_encode<bfloat16_t>(x, centroids, codes, p, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 
@@ -341,8 +361,14 @@ cudaError_t lut_scores_cuda(const float* q, const float* centroids, const int16_
   A2ATS_CUDA_TRY(lut.allocate(size_t(p.batch * p.num_q_heads * NB * table) * sizeof(float)));
 
   LutArgs la;
-  la.batch = p.batch; la.num_q_heads = p.num_q_heads; la.num_kv_heads = p.num_kv_heads; la.group_size = G;
-  la.num_bins = NB; la.num_subspaces = M; la.num_centroids = C; la.dsub = dsub;
+  la.batch = p.batch;
+  la.num_q_heads = p.num_q_heads;
+  la.num_kv_heads = p.num_kv_heads;
+  la.group_size = G;
+  la.num_bins = NB;
+  la.num_subspaces = M;
+  la.num_centroids = C;
+  la.dsub = dsub;
   for (int d = 0; d < 3; ++d) la.q_stride[d] = p.q_stride[d];
   la.cents_per_block = std::max<int64_t>(1, std::min<int64_t>(kLutMaxCents, kLutSmemBudget / (4 * (dsub + 1))));
   la.cent_tiles = ceil_div(C, la.cents_per_block);
@@ -354,10 +380,16 @@ cudaError_t lut_scores_cuda(const float* q, const float* centroids, const int16_
   A2ATS_CUDA_TRY(cudaGetLastError());
 
   ScoreArgs sa;
-  sa.num_q_heads = p.num_q_heads; sa.group_size = G; sa.num_bins = NB; sa.num_subspaces = M; sa.num_centroids = C;
-  sa.capacity = p.capacity; sa.tiles = ceil_div(p.capacity, kScoreTile);
+  sa.num_q_heads = p.num_q_heads;
+  sa.group_size = G;
+  sa.num_bins = NB;
+  sa.num_subspaces = M;
+  sa.num_centroids = C;
+  sa.capacity = p.capacity;
+  sa.tiles = ceil_div(p.capacity, kScoreTile);
   for (int d = 0; d < 3; ++d) sa.codes_stride[d] = p.codes_stride[d];
-  sa.scores_stride[0] = p.scores_stride[0]; sa.scores_stride[1] = p.scores_stride[1];
+  sa.scores_stride[0] = p.scores_stride[0];
+  sa.scores_stride[1] = p.scores_stride[1];
   const int64_t score_blocks = p.batch * p.num_q_heads * sa.tiles;
   if (score_blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
   const bool smem_table = table <= kMaxSmemLutFloats;

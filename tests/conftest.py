@@ -5,13 +5,15 @@ built with CUDA, sees a device, and torch can use it (otherwise that parameter i
 the reason). CPU and CUDA implementations must pass the very same tests. Tests marked
 ``every_isa`` run their CPU parameters once per ISA level the CPU supports.
 """
+
 from __future__ import annotations
 
 import os
 
-import a2ats_core
 import pytest
 import torch
+
+import a2ats_core
 
 
 def _cuda_skip_reason() -> str | None:
@@ -27,7 +29,9 @@ def _cuda_skip_reason() -> str | None:
 # .ci/sanitize runs these tests against its own ASan build: make sure that is the one imported.
 _EXPECTED_CORE = os.environ.get("A2ATS_EXPECT_CORE")
 if _EXPECTED_CORE and not os.path.realpath(a2ats_core.__file__).startswith(os.path.realpath(_EXPECTED_CORE)):
-    raise pytest.UsageError(f"A2ATS_EXPECT_CORE={_EXPECTED_CORE} but a2ats_core was imported from {a2ats_core.__file__}")
+    raise pytest.UsageError(
+        f"A2ATS_EXPECT_CORE={_EXPECTED_CORE} but a2ats_core was imported from {a2ats_core.__file__}"
+    )
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
 HAS_CUDA = CUDA_SKIP_REASON is None
@@ -53,8 +57,10 @@ BEST_ISA = ISA_LEVELS[-1]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "every_isa: run the test once per ISA level this CPU supports "
-                                       "(a2ats_core.set_isa), CPU parameters only")
+    config.addinivalue_line(
+        "markers",
+        "every_isa: run the test once per ISA level this CPU supports (a2ats_core.set_isa), CPU parameters only",
+    )
 
 
 def pytest_generate_tests(metafunc):
@@ -99,26 +105,38 @@ def _seed():
 
 # -- shared state: no test may leave it changed ----------------------------------------------------
 
+
 def shared_state(model=None, codebook=None) -> dict:
     """What a test must leave as it found it: torch's global settings, and of the shared model
     and codebook every tensor (object, in-place version counter, dtype, device), the modules'
     training flags and the config. Tensors are compared by ``_version``, which every in-place
     write bumps, so the check costs nothing however large the model."""
-    state = {"torch": (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
-                       torch.are_deterministic_algorithms_enabled())}
+    state = {
+        "torch": (
+            torch.get_num_threads(),
+            torch.get_default_dtype(),
+            torch.is_grad_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+        )
+    }
 
     def tensors(named):
-        return [(name, id(t), t._version, t.dtype, str(t.device), t.requires_grad, tuple(t.shape))
-                for name, t in named]
+        return [(name, id(t), t._version, t.dtype, str(t.device), t.requires_grad, tuple(t.shape)) for name, t in named]
 
     if model is not None:
         state["model_tensors"] = tensors(list(model.named_parameters()) + list(model.named_buffers()))
         state["model_training"] = [module.training for module in model.modules()]
         state["model_config"] = {key: repr(value) for key, value in vars(model.config).items()}
     if codebook is not None:
-        named = [(f"{kind}{layer}", t) for kind, table in
-                 (("centroids", codebook.centroids), ("chol", codebook.chol), ("chol_inv", codebook.chol_inv))
-                 for layer, t in table.items()] + [("inv_freq", codebook.inv_freq)]
+        named = [
+            (f"{kind}{layer}", t)
+            for kind, table in (
+                ("centroids", codebook.centroids),
+                ("chol", codebook.chol),
+                ("chol_inv", codebook.chol_inv),
+            )
+            for layer, t in table.items()
+        ] + [("inv_freq", codebook.inv_freq)]
         state["codebook_tensors"] = tensors(named)
         state["codebook_metadata"] = repr(codebook.metadata)
     return state
@@ -132,8 +150,11 @@ def leaked_state(before: dict, after: dict) -> list[str]:
         if old == new:
             continue
         if isinstance(old, dict):
-            diffs = [f"{name}: {old.get(name)} -> {new.get(name)}" for name in sorted(set(old) | set(new))
-                     if old.get(name) != new.get(name)]
+            diffs = [
+                f"{name}: {old.get(name)} -> {new.get(name)}"
+                for name in sorted(set(old) | set(new))
+                if old.get(name) != new.get(name)
+            ]
         elif isinstance(old, list):
             diffs = [f"{a} -> {b}" for a, b in zip(old, new) if a != b] or [f"{len(old)} -> {len(new)} entries"]
         else:
@@ -168,14 +189,18 @@ def _shared_state_unchanged(request):
             model.config._a2ats_fallback = fallback
     leaks = leaked_state(before, shared_state(model, codebook))
     if leaks:
-        pytest.fail("the test left shared state changed: " + "; ".join(leaks) +
-                    " (restore it, or work on a copy)", pytrace=False)
+        pytest.fail(
+            "the test left shared state changed: " + "; ".join(leaks) + " (restore it, or work on a copy)",
+            pytrace=False,
+        )
 
 
 def pytest_report_header(config):
-    return (f"a2ats_core {a2ats_core.__version__}: built_with_cuda={a2ats_core.built_with_cuda()}, "
-            f"cuda_device_count={a2ats_core.cuda_device_count()}, cpu threads={a2ats_core.num_threads()}; "
-            f"cuda tests: {'run' if HAS_CUDA else 'skipped (' + str(CUDA_SKIP_REASON) + ')'}")
+    return (
+        f"a2ats_core {a2ats_core.__version__}: built_with_cuda={a2ats_core.built_with_cuda()}, "
+        f"cuda_device_count={a2ats_core.cuda_device_count()}, cpu threads={a2ats_core.num_threads()}; "
+        f"cuda tests: {'run' if HAS_CUDA else 'skipped (' + str(CUDA_SKIP_REASON) + ')'}"
+    )
 
 
 # The real SmolLM2-135M and one small-preset codebook for it, shared by every test file that
@@ -196,5 +221,9 @@ def small_codebook(smollm2):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--long", action="store_true", default=False,
-                     help="run the long forms of the fuzz test (10,000 calls per binding)")
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run the long forms of the fuzz test (10,000 calls per binding)",
+    )

@@ -14,6 +14,7 @@ Prints one JSON object (calls per binding, valid and invalid) and exits 0, or pr
 failures and exits 1. A crash kills this process, not the caller: tests/test_fuzz.py runs it in a
 subprocess so that a segfault fails a test instead of ending pytest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,14 +61,28 @@ def tolerance(dtype):
 # A mutation takes the call's kwargs and returns (kwargs, names the error may cite) or None when it
 # does not apply to this draw. Every one must make the call invalid.
 
+
 def wrong_dtype(name, allowed):
     def mutate(rng, kw):
         if not isinstance(kw.get(name), torch.Tensor):
             return None
-        choices = [d for d in (torch.float32, torch.float16, torch.float64, torch.int16, torch.int32, torch.int64,
-                               torch.uint8, torch.bool) if d not in allowed]
+        choices = [
+            d
+            for d in (
+                torch.float32,
+                torch.float16,
+                torch.float64,
+                torch.int16,
+                torch.int32,
+                torch.int64,
+                torch.uint8,
+                torch.bool,
+            )
+            if d not in allowed
+        ]
         kw[name] = kw[name].to(rng.choice(choices))
         return kw, {name}
+
     return mutate
 
 
@@ -77,11 +92,13 @@ def extra_dims(name):
             return None
         kw[name] = kw[name][None, None]
         return kw, {name}
+
     return mutate
 
 
 def resized(name, dim, partners=()):
     """Dimension `dim` of `name` one larger (or smaller) than the shapes it must agree with."""
+
     def mutate(rng, kw):
         t = kw.get(name)
         if not isinstance(t, torch.Tensor) or t.dim() <= dim:
@@ -90,6 +107,7 @@ def resized(name, dim, partners=()):
         shape[dim] = shape[dim] + 1 if shape[dim] == 0 or rng.random() < 0.5 else shape[dim] - 1
         kw[name] = torch.zeros(shape, dtype=t.dtype)
         return kw, {name, *partners}
+
     return mutate
 
 
@@ -101,6 +119,7 @@ def not_an_array(name):
         if kw[name] is None:
             return None
         return kw, {name}
+
     return mutate
 
 
@@ -111,6 +130,7 @@ def last_dim_strided(name):
             return None
         kw[name] = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)[..., ::2]
         return kw, {name}
+
     return mutate
 
 
@@ -123,11 +143,13 @@ def negative_stride(name):
         array = np.ascontiguousarray(t.numpy())
         kw[name] = np.flip(array, axis=rng.choice(dims))
         return kw, {name}
+
     return mutate
 
 
 def overlapping(name, source):
     """`name` (an output) made a view of the input `source`'s memory."""
+
     def mutate(rng, kw):
         src = kw.get(source)
         shape = kw.get("_shape_" + name)
@@ -140,6 +162,7 @@ def overlapping(name, source):
             return None
         kw[name] = raw[:need].view(dtype).view(shape)
         return kw, {name}
+
     return mutate
 
 
@@ -151,11 +174,13 @@ def set_value(name, value, cite):
         if kw[name] is None:
             return None
         return kw, set(cite)
+
     return mutate
 
 
 def poke(name, value, cite, where=None):
     """One element of integer tensor `name` set to value(rng, kw); `where` picks which element."""
+
     def mutate(rng, kw):
         t = kw.get(name)
         if not isinstance(t, torch.Tensor) or t.numel() == 0:
@@ -168,19 +193,24 @@ def poke(name, value, cite, where=None):
         t[index] = v
         kw[name] = t
         return kw, set(cite)
+
     return mutate
 
 
 # ----------------------------------------------------------------------------- bindings
+
 
 def draw_rotary(rng):
     B, H, T = rng.randint(0, 3), rng.randint(1, 4), rng.randint(0, 6)
     D = rng.choice([2, 4, 8, 16, 18])
     R = 2 * rng.randint(1, D // 2)
     dtype = rng.choice(FLOATS)
-    kw = dict(x=strided(rng, (B, H, T, D), dtype),
-              positions=torch.randint(-300, 300, (B, T), dtype=rng.choice([torch.int32, torch.int64])),
-              inv_freq=torch.rand(R // 2), interleaved=rng.random() < 0.5)
+    kw = dict(
+        x=strided(rng, (B, H, T, D), dtype),
+        positions=torch.randint(-300, 300, (B, T), dtype=rng.choice([torch.int32, torch.int64])),
+        inv_freq=torch.rand(R // 2),
+        interleaved=rng.random() < 0.5,
+    )
     if rng.random() < 0.5:
         kw["out"] = torch.full((B, H, T, D), SENTINEL, dtype=dtype)
     kw["_shape_out"], kw["_dtype_out"] = (B, H, T, D), dtype
@@ -189,11 +219,22 @@ def draw_rotary(rng):
         want = reference.rotary(kw["x"], kw["positions"], kw["inv_freq"], interleaved=kw["interleaved"])
         tol = tolerance(dtype)
         torch.testing.assert_close(result.float(), want.float(), rtol=tol, atol=tol)
-    mutations = [wrong_dtype("x", FLOATS), wrong_dtype("positions", [torch.int32, torch.int64]),
-                 wrong_dtype("inv_freq", [torch.float32]), extra_dims("x"), extra_dims("positions"),
-                 resized("positions", 0, {"x"}), resized("positions", 1, {"x"}), resized("out", 2, {"x"}),
-                 not_an_array("x"), not_an_array("inv_freq"), last_dim_strided("x"), negative_stride("x"),
-                 set_value("inv_freq", lambda rng, kw: torch.rand(kw["x"].shape[3] // 2 + 1), {"inv_freq"})]
+
+    mutations = [
+        wrong_dtype("x", FLOATS),
+        wrong_dtype("positions", [torch.int32, torch.int64]),
+        wrong_dtype("inv_freq", [torch.float32]),
+        extra_dims("x"),
+        extra_dims("positions"),
+        resized("positions", 0, {"x"}),
+        resized("positions", 1, {"x"}),
+        resized("out", 2, {"x"}),
+        not_an_array("x"),
+        not_an_array("inv_freq"),
+        last_dim_strided("x"),
+        negative_stride("x"),
+        set_value("inv_freq", lambda rng, kw: torch.rand(kw["x"].shape[3] // 2 + 1), {"inv_freq"}),
+    ]
     return a2ats_core.rotary, kw, check, mutations
 
 
@@ -217,14 +258,25 @@ def draw_vq_encode(rng):
             chosen = torch.stack([centroids[g, m][codes[:, g, :, m].long()] for g in range(Hkv) for m in range(M)], 2)
             chosen = chosen.reshape(B, T, Hkv, M, D // M).permute(0, 2, 1, 3, 4)
             return ((x - chosen) ** 2).sum(-1)
+
         if B * T:
             got_d, want_d = dist(result), dist(want)
             if not bool((got_d <= want_d + 1e-3 * (1 + want_d)).all()):
                 raise Mismatch("vq_encode chose a farther centroid than the reference")
-    mutations = [wrong_dtype("x", FLOATS), wrong_dtype("centroids", [torch.float32]), extra_dims("x"),
-                 resized("centroids", 0, {"centroids", "x"}), resized("centroids", 3, {"centroids"}),
-                 resized("out", 3, {"out"}), not_an_array("centroids"), last_dim_strided("x"),
-                 last_dim_strided("centroids"), overlapping("out", "x"), negative_stride("x")]
+
+    mutations = [
+        wrong_dtype("x", FLOATS),
+        wrong_dtype("centroids", [torch.float32]),
+        extra_dims("x"),
+        resized("centroids", 0, {"centroids", "x"}),
+        resized("centroids", 3, {"centroids"}),
+        resized("out", 3, {"out"}),
+        not_an_array("centroids"),
+        last_dim_strided("x"),
+        last_dim_strided("centroids"),
+        overlapping("out", "x"),
+        negative_stride("x"),
+    ]
     return a2ats_core.vq_encode, kw, check, mutations
 
 
@@ -235,9 +287,12 @@ def draw_lut_scores(rng):
     C, Tcap, NB = rng.choice([1, 5, 16]), rng.randint(0, 20), rng.choice([1, 1, 2, 3])
     centroids = torch.randn(Hkv, M, C, D // M)
     q_shape = (B, Hkv * G, NB, D) if NB > 1 or rng.random() < 0.2 else (B, Hkv * G, D)
-    kw = dict(q=strided(rng, q_shape, torch.float32), centroids=centroids,
-              codes=strided(rng, (B, Hkv, Tcap, M), torch.int16, make=lambda s: torch.randint(0, C, s)),
-              lengths=torch.randint(0, Tcap + 1, (B,), dtype=torch.int32))
+    kw = dict(
+        q=strided(rng, q_shape, torch.float32),
+        centroids=centroids,
+        codes=strided(rng, (B, Hkv, Tcap, M), torch.int16, make=lambda s: torch.randint(0, C, s)),
+        lengths=torch.randint(0, Tcap + 1, (B,), dtype=torch.int32),
+    )
     if len(q_shape) == 4:
         kw["bin_edges"] = torch.sort(torch.randint(0, Tcap + 2, (q_shape[2] - 1,))).values.to(torch.int32)
     if rng.random() < 0.5:
@@ -254,18 +309,35 @@ def draw_lut_scores(rng):
             return None
         b = rng.choice(rows)
         return b, rng.randrange(Hkv), rng.randrange(int(kw["lengths"][b])), rng.randrange(M)
-    mutations = [wrong_dtype("q", [torch.float32]), wrong_dtype("codes", [torch.int16]),
-                 wrong_dtype("lengths", [torch.int32]), resized("codes", 0, {"codes", "q"}),
-                 resized("codes", 3, {"codes"}), resized("lengths", 0, {"lengths"}), resized("out", 2, {"out"}),
-                 poke("codes", lambda rng, kw: rng.choice([C, C + 1, 32767, -1, -32768]), {"codes"}, valid_token),
-                 poke("lengths", lambda rng, kw: rng.choice([Tcap + 1, -1, 2**31 - 1]), {"lengths"}),
-                 set_value("q", lambda rng, kw: torch.randn(B, Hkv * G + 1, D) if Hkv > 1 else None,
-                           {"q", "codes"}),
-                 last_dim_strided("codes"), last_dim_strided("q"), not_an_array("codes"),
-                 overlapping("out", "q"), overlapping("out", "centroids"), negative_stride("codes")]
+
+    mutations = [
+        wrong_dtype("q", [torch.float32]),
+        wrong_dtype("codes", [torch.int16]),
+        wrong_dtype("lengths", [torch.int32]),
+        resized("codes", 0, {"codes", "q"}),
+        resized("codes", 3, {"codes"}),
+        resized("lengths", 0, {"lengths"}),
+        resized("out", 2, {"out"}),
+        poke("codes", lambda rng, kw: rng.choice([C, C + 1, 32767, -1, -32768]), {"codes"}, valid_token),
+        poke("lengths", lambda rng, kw: rng.choice([Tcap + 1, -1, 2**31 - 1]), {"lengths"}),
+        set_value("q", lambda rng, kw: torch.randn(B, Hkv * G + 1, D) if Hkv > 1 else None, {"q", "codes"}),
+        last_dim_strided("codes"),
+        last_dim_strided("q"),
+        not_an_array("codes"),
+        overlapping("out", "q"),
+        overlapping("out", "centroids"),
+        negative_stride("codes"),
+    ]
     if NB > 2:
-        mutations.append(set_value("bin_edges", lambda rng, kw: kw["bin_edges"].flip(0) if
-                                   int(kw["bin_edges"][0]) != int(kw["bin_edges"][-1]) else None, {"bin_edges"}))
+        mutations.append(
+            set_value(
+                "bin_edges",
+                lambda rng, kw: (
+                    kw["bin_edges"].flip(0) if int(kw["bin_edges"][0]) != int(kw["bin_edges"][-1]) else None
+                ),
+                {"bin_edges"},
+            )
+        )
     if NB > 1:
         mutations.append(set_value("bin_edges", lambda rng, kw: torch.zeros(NB, dtype=torch.int32), {"bin_edges"}))
     return a2ats_core.lut_scores, kw, check, mutations
@@ -275,8 +347,14 @@ def draw_select_topk(rng):
     B, Hkv, G, Tcap = rng.randint(0, 3), rng.randint(1, 3), rng.choice([1, 2, 3, 7]), rng.randint(0, 40)
     k, sink, window = rng.randint(0, 12), rng.randint(0, 6), rng.randint(0, 10)
     scores = strided(rng, (B, Hkv * G, Tcap), torch.float32)
-    kw = dict(scores=scores, k=k, lengths=torch.randint(0, Tcap + 1, (B,), dtype=torch.int32), group_size=G,
-              sink=sink, window=window)
+    kw = dict(
+        scores=scores,
+        k=k,
+        lengths=torch.randint(0, Tcap + 1, (B,), dtype=torch.int32),
+        group_size=G,
+        sink=sink,
+        window=window,
+    )
     kmax = G * k + sink + window
     if rng.random() < 0.5:
         kw["out_indices"] = torch.full((B, Hkv, kmax), 99, dtype=torch.int32)
@@ -285,24 +363,36 @@ def draw_select_topk(rng):
 
     def check(kw, result):
         indices, counts = result
-        want_indices, want_counts = reference.select_topk(scores, k, kw["lengths"], group_size=G, sink=sink,
-                                                          window=window)
+        want_indices, want_counts = reference.select_topk(
+            scores, k, kw["lengths"], group_size=G, sink=sink, window=window
+        )
         if not (torch.equal(counts, want_counts) and torch.equal(indices, want_indices)):
             raise Mismatch("select_topk differs from the reference")
-    mutations = [wrong_dtype("scores", [torch.float32]), wrong_dtype("lengths", [torch.int32]),
-                 extra_dims("scores"), resized("lengths", 0, {"lengths"}), resized("out_counts", 1, {"out_counts"}),
-                 set_value("k", lambda rng, kw: rng.choice([-1, 2**31, 2**62]), {"k", "group_size"}),
-                 set_value("sink", lambda rng, kw: rng.choice([-1, 2**40]), {"sink", "group_size"}),
-                 set_value("window", lambda rng, kw: rng.choice([-5, 2**62]), {"window", "group_size"}),
-                 set_value("group_size", lambda rng, kw: rng.choice([0, -1, Hkv * G + 1]) if Hkv * G > 1 else 0,
-                           {"group_size"}),
-                 poke("lengths", lambda rng, kw: rng.choice([Tcap + 1, -1]), {"lengths"}),
-                 last_dim_strided("scores"), not_an_array("scores"), overlapping("out_indices", "scores")]
+
+    mutations = [
+        wrong_dtype("scores", [torch.float32]),
+        wrong_dtype("lengths", [torch.int32]),
+        extra_dims("scores"),
+        resized("lengths", 0, {"lengths"}),
+        resized("out_counts", 1, {"out_counts"}),
+        set_value("k", lambda rng, kw: rng.choice([-1, 2**31, 2**62]), {"k", "group_size"}),
+        set_value("sink", lambda rng, kw: rng.choice([-1, 2**40]), {"sink", "group_size"}),
+        set_value("window", lambda rng, kw: rng.choice([-5, 2**62]), {"window", "group_size"}),
+        set_value("group_size", lambda rng, kw: rng.choice([0, -1, Hkv * G + 1]) if Hkv * G > 1 else 0, {"group_size"}),
+        poke("lengths", lambda rng, kw: rng.choice([Tcap + 1, -1]), {"lengths"}),
+        last_dim_strided("scores"),
+        not_an_array("scores"),
+        overlapping("out_indices", "scores"),
+    ]
     return a2ats_core.select_topk, kw, check, mutations
 
 
-BINDINGS = {"rotary": draw_rotary, "vq_encode": draw_vq_encode, "lut_scores": draw_lut_scores,
-            "select_topk": draw_select_topk}
+BINDINGS = {
+    "rotary": draw_rotary,
+    "vq_encode": draw_vq_encode,
+    "lut_scores": draw_lut_scores,
+    "select_topk": draw_select_topk,
+}
 
 
 def expect_rejected(call, cite, watched_before, watched_now, what):
@@ -335,6 +425,7 @@ def fuzz_function(rng, name):
 
     def snapshot():
         return {k: bits(v) for k, v in tensors.items()}
+
     if invalid:
         expect_rejected(lambda: fn(**args), cite, snapshot(), snapshot, name)
     else:
@@ -344,6 +435,7 @@ def fuzz_function(rng, name):
 
 # ----------------------------------------------------------------------------- KVStore
 
+
 class StoreModel:
     """A KVStore and a torch copy of what it should hold."""
 
@@ -351,8 +443,9 @@ class StoreModel:
         self.L, self.B, self.Hkv = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 3)
         self.D, self.cap = rng.choice([1, 4, 8, 16, 24]), rng.randint(1, 24)
         self.dtype = rng.choice(FLOATS)
-        self.store = a2ats_core.KVStore(self.L, self.B, self.Hkv, self.D, self.cap, self.dtype,
-                                        threads=rng.randint(0, 3))
+        self.store = a2ats_core.KVStore(
+            self.L, self.B, self.Hkv, self.D, self.cap, self.dtype, threads=rng.randint(0, 3)
+        )
         self.k = torch.zeros(self.L, self.B, self.Hkv, self.cap, self.D, dtype=self.dtype)
         self.v = torch.zeros_like(self.k)
         self.lengths = np.zeros((self.L, self.B), dtype=np.int64)
@@ -383,19 +476,27 @@ class StoreModel:
 
 
 def fuzz_store_constructor(rng):
-    dims = dict(num_layers=rng.randint(1, 3), batch=rng.randint(1, 3), num_kv_heads=rng.randint(1, 3),
-                head_dim=rng.randint(1, 16), capacity=rng.randint(1, 32))
+    dims = dict(
+        num_layers=rng.randint(1, 3),
+        batch=rng.randint(1, 3),
+        num_kv_heads=rng.randint(1, 3),
+        head_dim=rng.randint(1, 16),
+        capacity=rng.randint(1, 32),
+    )
     options = dict(dtype=rng.choice(FLOATS + ["float32", "float16", "bfloat16"]), threads=rng.randint(0, 4))
     if rng.random() < 0.5:
         store = a2ats_core.KVStore(*dims.values(), options["dtype"], threads=options["threads"])
-        if not (store.lengths() == 0).all() or store.capacity != dims["capacity"] or store.nbytes < 2 * int(
-                np.prod(list(dims.values()))):
+        if (
+            not (store.lengths() == 0).all()
+            or store.capacity != dims["capacity"]
+            or store.nbytes < 2 * int(np.prod(list(dims.values())))
+        ):
             raise Mismatch("KVStore constructed with the wrong size or lengths")
         return False
     choice = rng.randrange(5)
     if choice == 0:
         name = rng.choice(list(dims))
-        dims[name] = rng.choice([0, -1, -2**40])
+        dims[name] = rng.choice([0, -1, -(2**40)])
         cite = {name}
     elif choice == 1:  # products that overflow int64 or exceed memory
         for name in rng.sample(list(dims), 2):
@@ -410,8 +511,13 @@ def fuzz_store_constructor(rng):
     else:
         dims["capacity"] = 2**31
         cite = {"capacity"}
-    expect_rejected(lambda: a2ats_core.KVStore(*dims.values(), options["dtype"], threads=options["threads"]),
-                    cite, {}, dict, "KVStore")
+    expect_rejected(
+        lambda: a2ats_core.KVStore(*dims.values(), options["dtype"], threads=options["threads"]),
+        cite,
+        {},
+        dict,
+        "KVStore",
+    )
     return True
 
 
@@ -446,14 +552,19 @@ def fuzz_append(rng, model: StoreModel):
             kw["k"], cite = [[1.0]], {"k"}
     if cite:
         before = model.state()
-        expect_rejected(lambda: model.store.append(kw["layer"], kw["k"], kw["v"], num_tokens=kw["num_tokens"]),
-                        cite, before, model.state, "KVStore.append")
+        expect_rejected(
+            lambda: model.store.append(kw["layer"], kw["k"], kw["v"], num_tokens=kw["num_tokens"]),
+            cite,
+            before,
+            model.state,
+            "KVStore.append",
+        )
         return True
     model.store.append(layer, k, v, num_tokens=num_tokens)
     for b, n in enumerate(counts):
         start = int(model.lengths[layer, b])
-        model.k[layer, b, :, start:start + n] = k[b, :, :n]
-        model.v[layer, b, :, start:start + n] = v[b, :, :n]
+        model.k[layer, b, :, start : start + n] = k[b, :, :n]
+        model.v[layer, b, :, start : start + n] = v[b, :, :n]
         model.lengths[layer, b] += n
     if rng.random() < 0.1:
         model.verify()
@@ -506,8 +617,13 @@ def fuzz_gather(rng, model: StoreModel):
             kw["indices"], cite = indices.to(torch.int64), {"indices"}
     if cite:
         watched = lambda: {"out_k": bits(out_k), "out_v": bits(out_v), **model.state()}  # noqa: E731
-        expect_rejected(lambda: model.store.gather(kw["layer"], kw["indices"], kw["counts"], kw["out_k"], kw["out_v"]),
-                        cite, watched(), watched, "KVStore.gather")
+        expect_rejected(
+            lambda: model.store.gather(kw["layer"], kw["indices"], kw["counts"], kw["out_k"], kw["out_v"]),
+            cite,
+            watched(),
+            watched,
+            "KVStore.gather",
+        )
         return True
     model.store.gather(layer, indices, counts, out_k, out_v)
     full_k, full_v = model.k[layer], model.v[layer]
@@ -525,7 +641,7 @@ def fuzz_attend(rng, model: StoreModel):
     G = rng.choice([1, 2, 3])
     indices, counts = draw_selection(rng, model, layer)
     q = strided(rng, (model.B, model.Hkv * G, model.D), torch.float32)
-    scale = rng.choice([1.0, 0.125, 1 / model.D ** 0.5])
+    scale = rng.choice([1.0, 0.125, 1 / model.D**0.5])
     kw = dict(layer=layer, q=q, indices=indices, counts=counts, scale=scale)
     cite = None
     if rng.random() < 0.5:
@@ -544,8 +660,13 @@ def fuzz_attend(rng, model: StoreModel):
             kw["layer"], cite = model.L, {"layer"}
     if cite:
         before = model.state()
-        expect_rejected(lambda: model.store.attend(kw["layer"], kw["q"], kw["indices"], kw["counts"], scale=kw["scale"]),
-                        cite, before, model.state, "KVStore.attend")
+        expect_rejected(
+            lambda: model.store.attend(kw["layer"], kw["q"], kw["indices"], kw["counts"], scale=kw["scale"]),
+            cite,
+            before,
+            model.state,
+            "KVStore.attend",
+        )
         return True
     out, lse = model.store.attend(layer, q, indices, counts, scale=scale)
     kmax = indices.shape[2]
@@ -560,13 +681,19 @@ def fuzz_attend(rng, model: StoreModel):
 
 # ----------------------------------------------------------------------------- Pipeline
 
+
 class PipelineModel:
     """A Pipeline and the reference composition of the ops (tests/test_pipeline.py) beside it."""
 
     def __init__(self, rng):
         from test_pipeline import ReferencePipeline, random_codebook
 
-        self.L, self.B, self.Hkv, self.G = rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 2), rng.choice([1, 2, 3])
+        self.L, self.B, self.Hkv, self.G = (
+            rng.randint(1, 2),
+            rng.randint(1, 3),
+            rng.randint(1, 2),
+            rng.choice([1, 2, 3]),
+        )
         self.D = rng.choice([4, 8, 16])
         M, C = rng.choice([1, 2]), rng.choice([1, 4, 16])
         self.cap, self.sink, self.window = rng.randint(4, 40), rng.randint(0, 4), rng.randint(1, 6)
@@ -576,17 +703,40 @@ class PipelineModel:
         self.dtype = rng.choice(FLOATS)
         book = random_codebook(self.L, self.Hkv, self.D, M, C, torch.Generator().manual_seed(rng.randrange(2**31)))
         self.store = a2ats_core.KVStore(self.L, self.B, self.Hkv, self.D, self.cap, self.dtype)
-        self.pipe = a2ats_core.Pipeline(self.store, num_q_heads=self.Hkv * self.G, inv_freq=book[3], chol=book[0],
-                                        chol_inv=book[1], centroids=book[2], sink=self.sink, window=self.window,
-                                        wrope_distances=distances, bin_edges=edges)
-        self.ref = ReferencePipeline(self.L, self.B, self.Hkv * self.G, self.Hkv, self.D, self.cap, self.dtype, book,
-                                     self.sink, self.window, distances, edges)
+        self.pipe = a2ats_core.Pipeline(
+            self.store,
+            num_q_heads=self.Hkv * self.G,
+            inv_freq=book[3],
+            chol=book[0],
+            chol_inv=book[1],
+            centroids=book[2],
+            sink=self.sink,
+            window=self.window,
+            wrope_distances=distances,
+            bin_edges=edges,
+        )
+        self.ref = ReferencePipeline(
+            self.L,
+            self.B,
+            self.Hkv * self.G,
+            self.Hkv,
+            self.D,
+            self.cap,
+            self.dtype,
+            book,
+            self.sink,
+            self.window,
+            distances,
+            edges,
+        )
         self.next_layer = None  # the layer a planned step decodes next
         self.k = 0
 
     def state(self):
-        return {"lengths": torch.from_numpy(self.store.lengths().copy()),
-                **{f"codes{layer}": torch.from_numpy(self.pipe.codes(layer)) for layer in range(self.L)}}
+        return {
+            "lengths": torch.from_numpy(self.store.lengths().copy()),
+            **{f"codes{layer}": torch.from_numpy(self.pipe.codes(layer)) for layer in range(self.L)},
+        }
 
     def rows(self, rng, t, dtype=None):
         return strided(rng, (self.B, self.Hkv, t, self.D), dtype or self.dtype)
@@ -602,25 +752,46 @@ def fuzz_pipeline(rng, model: PipelineModel):
         k, v = model.rows(rng, 1), model.rows(rng, 1)
         positions = torch.from_numpy(model.store.lengths()[layer].copy()) + rng.randint(0, 5)
         kw = dict(layer=layer, q=q, k=k, v=v, positions=positions, scale=rng.choice([0.25, 1.0]))
-        mutations = [("q", dict(q=q.double())), ("q", dict(q=torch.zeros(B, Hq + 1, D, dtype=model.dtype))),
-                     ("k", dict(k=model.rows(rng, 2))), ("v", dict(v=v.to(torch.float64))),
-                     ("positions", dict(positions=positions.int())), ("positions", dict(positions=positions[None])),
-                     ("scale", dict(scale=float("nan"))), ("layer", dict(layer=model.L)),
-                     ("layer", dict(layer=layer - 1) if layer > 0 else dict(layer=-1))]
+        mutations = [
+            ("q", dict(q=q.double())),
+            ("q", dict(q=torch.zeros(B, Hq + 1, D, dtype=model.dtype))),
+            ("k", dict(k=model.rows(rng, 2))),
+            ("v", dict(v=v.to(torch.float64))),
+            ("positions", dict(positions=positions.int())),
+            ("positions", dict(positions=positions[None])),
+            ("scale", dict(scale=float("nan"))),
+            ("layer", dict(layer=model.L)),
+            ("layer", dict(layer=layer - 1) if layer > 0 else dict(layer=-1)),
+        ]
         if q.is_contiguous():
             mutations.append(("out", dict(out=q)))
         if invalid:
             cite, change = rng.choice(mutations)
             kw.update(change)
             before = model.state()
-            expect_rejected(lambda: model.pipe.decode(kw.pop("layer"), kw.pop("q"), kw.pop("k"), kw.pop("v"),
-                                                      kw.pop("positions"), **kw), {cite}, before, model.state,
-                            "Pipeline.decode")
+            expect_rejected(
+                lambda: model.pipe.decode(
+                    kw.pop("layer"), kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("positions"), **kw
+                ),
+                {cite},
+                before,
+                model.state,
+                "Pipeline.decode",
+            )
             return True
         out = model.pipe.decode(layer, q, k, v, positions, scale=kw["scale"])
         selection = tuple(torch.from_numpy(a) for a in model.pipe.last_selection())
-        want, _ = model.ref.decode(layer, q, k, v, positions, model.k, kw["scale"],
-                                   codes=torch.from_numpy(model.pipe.codes(layer)), selection=selection)
+        want, _ = model.ref.decode(
+            layer,
+            q,
+            k,
+            v,
+            positions,
+            model.k,
+            kw["scale"],
+            codes=torch.from_numpy(model.pipe.codes(layer)),
+            selection=selection,
+        )
         tol = tolerance(model.dtype)
         torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
         model.next_layer = layer + 1 if layer + 1 < model.L else None
@@ -630,8 +801,9 @@ def fuzz_pipeline(rng, model: PipelineModel):
     if not behind and rng.random() < 0.5 and int(lengths[0].max()) < model.cap:  # plan a step
         k = rng.randint(0, 8)
         if invalid:
-            expect_rejected(lambda: model.pipe.plan(rng.choice([-1, 2**31])), {"k"}, model.state(), model.state,
-                            "Pipeline.plan")
+            expect_rejected(
+                lambda: model.pipe.plan(rng.choice([-1, 2**31])), {"k"}, model.state(), model.state, "Pipeline.plan"
+            )
             return True
         model.pipe.plan(k)
         model.k, model.next_layer = k, 0
@@ -649,21 +821,36 @@ def fuzz_pipeline(rng, model: PipelineModel):
     positions = torch.randint(0, 200, (B, t))
     kw = dict(k=k, v=v, positions=positions, num_tokens=torch.tensor(counts, dtype=torch.int32))
     if invalid:
-        mutations = [("k", dict(k=k.to(torch.float64))), ("v", dict(v=model.rows(rng, t + 1))),
-                     ("positions", dict(positions=positions.int())), ("positions", dict(positions=positions[:, :0]
-                                                                                       if t else positions[:, None])),
-                     ("num_tokens", dict(num_tokens=torch.full((B,), t + 1, dtype=torch.int32))),
-                     ("num_tokens", dict(num_tokens=torch.zeros(B, dtype=torch.int64))),
-                     ("layer", dict(layer=model.L))]
+        mutations = [
+            ("k", dict(k=k.to(torch.float64))),
+            ("v", dict(v=model.rows(rng, t + 1))),
+            ("positions", dict(positions=positions.int())),
+            ("positions", dict(positions=positions[:, :0] if t else positions[:, None])),
+            ("num_tokens", dict(num_tokens=torch.full((B,), t + 1, dtype=torch.int32))),
+            ("num_tokens", dict(num_tokens=torch.zeros(B, dtype=torch.int64))),
+            ("layer", dict(layer=model.L)),
+        ]
         if t:
-            mutations.append(("capacity", dict(k=model.rows(rng, model.cap + 1), v=model.rows(rng, model.cap + 1),
-                                               positions=torch.zeros(B, model.cap + 1, dtype=torch.int64),
-                                               num_tokens=None)))
+            mutations.append(
+                (
+                    "capacity",
+                    dict(
+                        k=model.rows(rng, model.cap + 1),
+                        v=model.rows(rng, model.cap + 1),
+                        positions=torch.zeros(B, model.cap + 1, dtype=torch.int64),
+                        num_tokens=None,
+                    ),
+                )
+            )
         cite, change = rng.choice(mutations)
         kw.update(change)
-        expect_rejected(lambda: model.pipe.prefill(kw.pop("layer", layer), kw.pop("k"), kw.pop("v"),
-                                                   kw.pop("positions"), **kw), {cite}, model.state(), model.state,
-                        "Pipeline.prefill")
+        expect_rejected(
+            lambda: model.pipe.prefill(kw.pop("layer", layer), kw.pop("k"), kw.pop("v"), kw.pop("positions"), **kw),
+            {cite},
+            model.state(),
+            model.state,
+            "Pipeline.prefill",
+        )
         return True
     model.pipe.prefill(layer, k, v, positions, num_tokens=kw["num_tokens"])
     model.ref.append(layer, k, v, positions, counts)

@@ -5,11 +5,12 @@ and the checkers of vq_encode codes and lut_scores scores against a2ats.referenc
 Not a test module: the tests import it as ``from kernel_helpers import ...``, the way they
 import ``tiny_models`` (pytest puts tests/ on sys.path).
 """
+
 from __future__ import annotations
 
 import torch
-from a2ats import reference
 
+from a2ats import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
@@ -52,8 +53,11 @@ def check_codes(codes: torch.Tensor, x: torch.Tensor, centroids: torch.Tensor, p
     assert int(codes.min()) >= 0 and int(codes.max()) < C
     xs = x.double().reshape(B, Hkv, T, M, dsub)
     cent = centroids.double()
-    dist = (xs.square().sum(-1)[..., None] + cent.square().sum(-1)[None, :, None]
-            - 2 * torch.einsum("bgtmd,gmcd->bgtmc", xs, cent))  # (B, Hkv, T, M, C), exact enough in f64
+    dist = (
+        xs.square().sum(-1)[..., None]
+        + cent.square().sum(-1)[None, :, None]
+        - 2 * torch.einsum("bgtmd,gmcd->bgtmc", xs, cent)
+    )  # (B, Hkv, T, M, C), exact enough in f64
     best = dist.min(-1).values
     chosen = dist.gather(-1, codes.long()[..., None])[..., 0]
     # Ties may go either way, but never to a clearly farther centroid.

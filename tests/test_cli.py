@@ -1,4 +1,5 @@
 """The command line: fast help, every refusal before any work, --quick with explicit options."""
+
 import argparse
 import json
 import subprocess
@@ -29,8 +30,9 @@ for argv in json.loads(sys.argv[1]):
     report.append({"argv": argv, "code": code, "heavy": heavy, "chars": len(out.getvalue())})
 print(json.dumps(report))
 """
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(HELP_ARGVS)], capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(HELP_ARGVS)], capture_output=True, text=True, timeout=60, check=True
+    )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     for entry in report:
         assert entry["code"] == 0 and entry["chars"] > 10, entry
@@ -70,6 +72,7 @@ def test_topk_values(text, value):
 
 
 # -- refusals: each one before the model is loaded ---------------------------------------------------
+
 
 @pytest.fixture
 def no_model_load(monkeypatch):
@@ -135,8 +138,10 @@ REFUSALS = [
     (["calibrate", "--tol", "-1"], "argument --tol: must be a finite number >= 0.0, got -1"),
     (["calibrate", "--wrope-distance", "-3"], "argument --wrope-distance: must be >= 0, got -3"),
     # values that fit apart but not together, or not the files and devices there are
-    (["calibrate", "--preset", "small", "--tokens", "100"],
-     "--tokens 100 is fewer than the 1024 centroids (--centroids, or the 'small' preset's)"),
+    (
+        ["calibrate", "--preset", "small", "--tokens", "100"],
+        "--tokens 100 is fewer than the 1024 centroids (--centroids, or the 'small' preset's)",
+    ),
     (["calibrate", "-C", "64", "--tokens", "32"], "--tokens 32 is fewer than the 64 centroids"),
     (["calibrate", "--text", "/no/such/file.txt"], "--text /no/such/file.txt: no such file"),
     (["calibrate", "-o", "/no/such/dir/book.safetensors"], "--output /no/such/dir/book.safetensors: the directory"),
@@ -148,14 +153,21 @@ REFUSALS = [
     (["eval", "--model-device", "cuda"], "--model-device cuda: a2ats eval runs on the CPU"),
     (["demo", "--model", "/no/such/model"], "model '/no/such/model' is neither 'smollm2', a local directory"),
     # the model's context, from its config
-    (["demo", "--context", "100000"],
-     "--context 100000 plus 12 answer tokens (--max-new-tokens) is past SmolLM2-135M-Instruct's context of 8192 "
-     "tokens (max_position_embeddings in its config); pass --context 8180 or less"),
+    (
+        ["demo", "--context", "100000"],
+        "--context 100000 plus 12 answer tokens (--max-new-tokens) is past SmolLM2-135M-Instruct's context of 8192 "
+        "tokens (max_position_embeddings in its config); pass --context 8180 or less",
+    ),
     (["demo", "--context", "8192", "--max-new-tokens", "2"], "pass --context 8190 or less"),
-    (["eval", "--lengths", "2048", "100000"],
-     "--lengths 100000 plus 48 answer tokens (the longest task answer) is past SmolLM2-135M-Instruct's context "
-     "of 8192 tokens (max_position_embeddings in its config); pass --lengths 8144 or less"),
-    (["calibrate", "--preset", "small", "-M", "5"], "--subspaces 5 does not divide SmolLM2-135M-Instruct's head dim 64"),
+    (
+        ["eval", "--lengths", "2048", "100000"],
+        "--lengths 100000 plus 48 answer tokens (the longest task answer) is past SmolLM2-135M-Instruct's context "
+        "of 8192 tokens (max_position_embeddings in its config); pass --lengths 8144 or less",
+    ),
+    (
+        ["calibrate", "--preset", "small", "-M", "5"],
+        "--subspaces 5 does not divide SmolLM2-135M-Instruct's head dim 64",
+    ),
 ]
 
 
@@ -172,8 +184,10 @@ def test_cuda_refused_where_torch_has_no_gpu(no_model_load, cached_facts, capsys
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for argv, flag in ((["demo", "--model-device", "cuda"], "--model-device"),
-                       (["calibrate", "--device", "cuda:0"], "--device")):
+    for argv, flag in (
+        (["demo", "--model-device", "cuda"], "--model-device"),
+        (["calibrate", "--device", "cuda:0"], "--device"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"{flag} cuda" in err and "sees no CUDA device here" in err and f"use {flag} cpu" in err, err
@@ -181,8 +195,9 @@ def test_cuda_refused_where_torch_has_no_gpu(no_model_load, cached_facts, capsys
 
 
 def test_cuda_refused_when_built_without_cuda_kernels(no_model_load, cached_facts, capsys, monkeypatch):
-    import a2ats_core
     import torch
+
+    import a2ats_core
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -217,6 +232,7 @@ def test_eval_answer_tokens_cover_every_task(smollm2):
 
 # -- eval --quick ---------------------------------------------------------------------------------------
 
+
 def _eval_args(argv):
     args = _subparsers()["eval"].parse_args(argv)
     cli._eval_settings(args)
@@ -248,8 +264,9 @@ def test_eval_says_which_codebooks_it_calibrates_first(smollm2, cached_facts, ca
     with pytest.raises(Stop):
         main(["eval", "--quick", "-q"])
     out = capsys.readouterr().out
-    assert ("first, once: calibrating 3 codebook(s) with the 'small' preset for a2ats, a2ats-no-wrope, a2ats-no-qa"
-            in out), out
+    assert (
+        "first, once: calibrating 3 codebook(s) with the 'small' preset for a2ats, a2ats-no-wrope, a2ats-no-qa" in out
+    ), out
     assert "--methods without the ablations skips theirs" in out
     with pytest.raises(Stop):
         main(["eval", "--quick", "-q", "--methods", "dense", "a2ats"])

@@ -1,10 +1,12 @@
 """The cache keyword: past_key_values= before transformers 5.24, cache= from it."""
+
 import inspect
 
 import transformers
 from packaging.version import Version
 
 from a2ats.compat import cache_keyword, cache_kwargs
+
 from tiny_models import tiny_model
 
 

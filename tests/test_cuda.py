@@ -6,16 +6,17 @@ tensors, and gathers with several streams (and Python threads) in flight. Every 
 skipped, with the reason, when there is no usable GPU; ``test_cuda_emulated.py`` runs the CUDA
 kernel code on the CPU instead.
 """
+
 from __future__ import annotations
 
 import threading
 
-import a2ats_core
 import numpy as np
 import pytest
 import torch
 from conftest import CUDA_SKIP_REASON  # one definition of when CUDA tests can run
 
+import a2ats_core
 
 SKIP_REASON = CUDA_SKIP_REASON
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
@@ -33,6 +34,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ rotary
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -56,6 +58,7 @@ def test_rotary_cpu_vs_cuda(dtype, interleaved):
 
 
 # --------------------------------------------------------------------------------- vq_encode
+
 
 def _check_codes(x, cent, c_cpu, c_gpu):
     """Codes equal, or (near-ties, different summation order) equally close in float64."""
@@ -97,8 +100,10 @@ def test_vq_encode_strided_output():
 
 # -------------------------------------------------------------------------------- lut_scores
 
-@pytest.mark.parametrize("D,M,C,NB", [(128, 1, 4096, 1), (128, 1, 4096, 4), (64, 2, 256, 1), (64, 1, 32768, 2),
-                                      (40, 4, 50, 3)])
+
+@pytest.mark.parametrize(
+    "D,M,C,NB", [(128, 1, 4096, 1), (128, 1, 4096, 4), (64, 2, 256, 1), (64, 1, 32768, 2), (40, 4, 50, 3)]
+)
 def test_lut_scores_cpu_vs_cuda(D, M, C, NB):
     B, Hkv, G, Tcap = 3, 2, 4, 9000
     q = torch.randn(B, Hkv * G, NB, D) if NB > 1 else torch.randn(B, Hkv * G, D)
@@ -107,8 +112,9 @@ def test_lut_scores_cpu_vs_cuda(D, M, C, NB):
     lengths = torch.tensor([Tcap, 0, 4097], dtype=torch.int32)
     edges = torch.tensor([64 * 4**j for j in range(NB - 1)], dtype=torch.int32) if NB > 1 else None
     cpu = a2ats_core.lut_scores(q, cent, codes, lengths, bin_edges=edges)
-    gpu = a2ats_core.lut_scores(q.cuda(), cent.cuda(), codes.cuda(), lengths.cuda(),
-                                bin_edges=None if edges is None else edges.cuda()).cpu()
+    gpu = a2ats_core.lut_scores(
+        q.cuda(), cent.cuda(), codes.cuda(), lengths.cuda(), bin_edges=None if edges is None else edges.cuda()
+    ).cpu()
     assert torch.equal(torch.isinf(gpu), torch.isinf(cpu))
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
 
@@ -137,6 +143,7 @@ def test_lut_scores_lengths_clamped_on_cuda():
 
 
 # ------------------------------------------------------------------------------- select_topk
+
 
 def _scores(kind: str, B: int, Hq: int, T: int) -> torch.Tensor:
     if kind == "random":
@@ -229,6 +236,7 @@ def test_stream_argument():
 
 
 # -------------------------------------------------------------------------------- KV store
+
 
 def _reference_gather(k_all, indices, counts):
     B, Hkv, kmax = indices.shape

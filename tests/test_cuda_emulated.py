@@ -9,6 +9,7 @@ needs no GPU, so it gives the CUDA code execution coverage where no GPU is avail
 catch what only hardware shows (timing, the memory model, real streams and events).
 Set A2ATS_SKIP_EMULATED_CUDA=1 to skip it (it takes about a minute).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,15 +1,19 @@
 """Bad input raises a clear TypeError / ValueError naming the argument; nothing aborts the process,
 the module keeps working afterwards, and a KVStore keeps the rows it already had."""
+
 from __future__ import annotations
 
-import a2ats_core
 import numpy as np
 import pytest
 import torch
+
+import a2ats_core
 from a2ats import reference
 
 HAS_CUDA = a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0 and torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build of a2ats_core, a CUDA device and torch with CUDA")
+requires_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA build of a2ats_core, a CUDA device and torch with CUDA"
+)
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
@@ -33,9 +37,13 @@ def still_works():
 
 # ------------------------------------------------------------------------------------ rotary
 
+
 def rotary_args(device="cpu", B=2, H=3, T=5, D=16, R=8):
-    return (torch.randn(B, H, T, D, device=device), torch.randint(-50, 50, (B, T), dtype=torch.int32, device=device),
-            torch.rand(R // 2, device=device))
+    return (
+        torch.randn(B, H, T, D, device=device),
+        torch.randint(-50, 50, (B, T), dtype=torch.int32, device=device),
+        torch.rand(R // 2, device=device),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,6 +102,7 @@ def test_rotary_bad_shapes(device):
 
 # --------------------------------------------------------------------------------- vq_encode
 
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_vq_encode_bad_input(device):
     x = torch.randn(2, 3, 5, 16, device=device)
@@ -121,6 +130,7 @@ def test_vq_encode_bad_input(device):
 
 
 # -------------------------------------------------------------------------------- lut_scores
+
 
 def lut_args(device="cpu", B=2, Hkv=2, G=3, D=16, M=2, C=8, Tcap=12):
     q = torch.randn(B, Hkv * G, D, device=device)
@@ -192,6 +202,7 @@ def test_lut_scores_bad_shapes_and_types(device):
 
 # ------------------------------------------------------------------------------- select_topk
 
+
 def test_select_topk_bad_values():
     scores = torch.randn(2, 6, 20)
     lengths = torch.tensor([20, 7], dtype=torch.int32)
@@ -233,8 +244,9 @@ def test_select_topk_bad_shapes_and_types(device):
     with pytest.raises(ValueError, match="lengths"):
         a2ats_core.select_topk(scores, 3, lengths[None], **kw)
     with pytest.raises(ValueError, match="out_indices"):
-        a2ats_core.select_topk(scores, 3, lengths, **kw,
-                               out_indices=torch.empty(2, 2, 14, dtype=torch.int32, device=device))
+        a2ats_core.select_topk(
+            scores, 3, lengths, **kw, out_indices=torch.empty(2, 2, 14, dtype=torch.int32, device=device)
+        )
     with pytest.raises(TypeError, match="out_counts"):
         a2ats_core.select_topk(scores, 3, lengths, **kw, out_counts=torch.empty(2, 2, dtype=torch.int64, device=device))
     with pytest.raises(TypeError, match="scores"):
@@ -242,6 +254,7 @@ def test_select_topk_bad_shapes_and_types(device):
 
 
 # ----------------------------------------------------------------------------------- KVStore
+
 
 def test_kv_store_bad_construction():
     with pytest.raises(TypeError, match="dtype"):
@@ -360,8 +373,12 @@ def test_kv_store_bad_append(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kv_store_bad_gather(device):
     store, _, _ = filled_store(device)
-    store.append(0, torch.randn(2, 2, 2, 16).half().to(device), torch.randn(2, 2, 2, 16).half().to(device),
-                 num_tokens=torch.tensor([2, 0], dtype=torch.int32))  # layer 0 lengths: [8, 6]
+    store.append(
+        0,
+        torch.randn(2, 2, 2, 16).half().to(device),
+        torch.randn(2, 2, 2, 16).half().to(device),
+        num_tokens=torch.tensor([2, 0], dtype=torch.int32),
+    )  # layer 0 lengths: [8, 6]
     snap = snapshot(store)
     kmax = 4
     good_idx = torch.tensor([0, 7, 3, 1], dtype=torch.int32).expand(2, 2, kmax).contiguous()
@@ -375,7 +392,14 @@ def test_kv_store_bad_gather(device):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for b, g, i, bad in [(1, 0, 1, 6), (1, 1, 3, 7), (0, 0, 2, 8), (0, 1, 0, -1), (1, 1, 3, -(2**31)), (0, 0, 0, 2**31 - 1)]:
+    for b, g, i, bad in [
+        (1, 0, 1, 6),
+        (1, 1, 3, 7),
+        (0, 0, 2, 8),
+        (0, 1, 0, -1),
+        (1, 1, 3, -(2**31)),
+        (0, 0, 0, 2**31 - 1),
+    ]:
         idx = good_idx.clone()
         idx[b, g, i] = bad  # row b holds 8 (b = 0) or 6 (b = 1) rows
         with pytest.raises(ValueError, match="indices"):
@@ -411,6 +435,7 @@ def test_kv_store_bad_gather(device):
 
 # ------------------------------------------------------------------------------ mixed devices
 
+
 @requires_cuda
 def test_mixed_devices():
     x, pos, inv = rotary_args("cuda")
@@ -433,23 +458,42 @@ def test_mixed_devices():
     with pytest.raises(ValueError, match="lengths"):
         a2ats_core.select_topk(scores, 2, lengths.cpu(), group_size=3, sink=1, window=1)
     with pytest.raises(ValueError, match="out_indices"):
-        a2ats_core.select_topk(scores, 2, lengths, group_size=3, sink=1, window=1,
-                               out_indices=torch.empty(2, 2, 8, dtype=torch.int32))
+        a2ats_core.select_topk(
+            scores, 2, lengths, group_size=3, sink=1, window=1, out_indices=torch.empty(2, 2, 8, dtype=torch.int32)
+        )
     store, _, _ = filled_store("cpu")
     idx = torch.zeros(2, 2, 3, dtype=torch.int32)
     cnt = torch.ones(2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="out_v"):
-        store.gather(0, idx, cnt, torch.zeros(2, 2, 3, 16, dtype=torch.float16, device="cuda"),
-                     torch.zeros(2, 2, 3, 16, dtype=torch.float16))
+        store.gather(
+            0,
+            idx,
+            cnt,
+            torch.zeros(2, 2, 3, 16, dtype=torch.float16, device="cuda"),
+            torch.zeros(2, 2, 3, 16, dtype=torch.float16),
+        )
     with pytest.raises(ValueError, match="counts"):
-        store.gather(0, idx.cuda(), cnt, torch.zeros(2, 2, 3, 16, dtype=torch.float16, device="cuda"),
-                     torch.zeros(2, 2, 3, 16, dtype=torch.float16, device="cuda"))
+        store.gather(
+            0,
+            idx.cuda(),
+            cnt,
+            torch.zeros(2, 2, 3, 16, dtype=torch.float16, device="cuda"),
+            torch.zeros(2, 2, 3, 16, dtype=torch.float16, device="cuda"),
+        )
     with pytest.raises(ValueError, match="indices"):  # CPU outputs need host indices
-        store.gather(0, idx.cuda(), cnt.cuda(), torch.zeros(2, 2, 3, 16, dtype=torch.float16),
-                     torch.zeros(2, 2, 3, 16, dtype=torch.float16))
+        store.gather(
+            0,
+            idx.cuda(),
+            cnt.cuda(),
+            torch.zeros(2, 2, 3, 16, dtype=torch.float16),
+            torch.zeros(2, 2, 3, 16, dtype=torch.float16),
+        )
     with pytest.raises(ValueError, match=r"\bv\b"):
-        store.append(0, torch.zeros(2, 2, 1, 16, dtype=torch.float16, device="cuda"),
-                     torch.zeros(2, 2, 1, 16, dtype=torch.float16))
+        store.append(
+            0,
+            torch.zeros(2, 2, 1, 16, dtype=torch.float16, device="cuda"),
+            torch.zeros(2, 2, 1, 16, dtype=torch.float16),
+        )
 
 
 def test_kv_store_bad_attend():
@@ -492,6 +536,7 @@ def test_kv_store_bad_attend():
 
 # ------------------------------------------------------------ checks before writes, aliasing, empty
 
+
 def test_lut_scores_rejected_call_writes_nothing():
     """Codes are checked before any score is written: a rejected call leaves out= as it was."""
     q, cent, codes, lengths = lut_args()
@@ -523,13 +568,24 @@ def _aliasing_cases():
         ("out", lambda: a2ats_core.vq_encode(x, cent, out=x_as_codes)),
         ("out", lambda: a2ats_core.lut_scores(q, cent, codes, lengths, out=q[..., :12])),
         ("out", lambda: a2ats_core.lut_scores(q, cent, codes, lengths, out=cent.view(-1)[:144].view(2, 6, 12))),
-        ("out_indices", lambda: a2ats_core.select_topk(scores, 1, lengths, out_indices=scores_as_int[:, :2, :5], **topk)),
+        (
+            "out_indices",
+            lambda: a2ats_core.select_topk(scores, 1, lengths, out_indices=scores_as_int[:, :2, :5], **topk),
+        ),
         ("out_counts", lambda: a2ats_core.select_topk(scores, 1, lengths, out_counts=scores_as_int[:, 0, :2], **topk)),
-        ("out_counts", lambda: a2ats_core.select_topk(scores, 1, lengths, out_indices=selection[..., :5],
-                                                      out_counts=selection[:, 0, 3:5], **topk)),
+        (
+            "out_counts",
+            lambda: a2ats_core.select_topk(
+                scores, 1, lengths, out_indices=selection[..., :5], out_counts=selection[:, 0, 3:5], **topk
+            ),
+        ),
         ("out_v", lambda: store.gather(0, idx, cnt, rows, rows)),
-        ("out", lambda: a2ats_core.lut_scores(q, cent, codes, lengths,
-                                              out=torch.empty(200).as_strided((2, 6, 12), (24, 4, 1)))),
+        (
+            "out",
+            lambda: a2ats_core.lut_scores(
+                q, cent, codes, lengths, out=torch.empty(200).as_strided((2, 6, 12), (24, 4, 1))
+            ),
+        ),
         ("out_v", lambda: store.gather(0, idx, cnt, halves[..., :16], halves[..., 8:24])),
         ("out_k", lambda: store.gather(0, idx, cnt, torch.zeros(2, 2, 1, 16).expand(2, 2, 3, 16), rows)),
         ("out", lambda: store.attend(0, heads[:, :4], idx, cnt, scale=0.25, out=heads[:, 2:])),
@@ -562,19 +618,33 @@ def test_numpy_empty_arrays_are_accepted():
     cent = np.random.default_rng(0).standard_normal((2, 1, 4, 8)).astype(f32)
     assert a2ats_core.vq_encode(np.zeros((0, 2, 5, 8), f32), cent).shape == (0, 2, 5, 1)
     assert a2ats_core.vq_encode(np.zeros((1, 2, 0, 8), f32), cent).shape == (1, 2, 0, 1)
-    assert a2ats_core.rotary(np.zeros((1, 2, 0, 8), f32), np.zeros((1, 0), np.int64), np.ones(4, f32)).shape == (1, 2, 0, 8)
-    assert a2ats_core.lut_scores(np.zeros((0, 2, 8), f32), cent, np.zeros((0, 2, 5, 1), np.int16),
-                                 np.zeros(0, np.int32)).shape == (0, 2, 5)
-    assert a2ats_core.lut_scores(np.zeros((1, 2, 8), f32), cent, np.zeros((1, 2, 0, 1), np.int16),
-                                 np.zeros(1, np.int32)).shape == (1, 2, 0)
-    indices, counts = a2ats_core.select_topk(np.zeros((0, 2, 5), f32), 1, np.zeros(0, np.int32), group_size=1,
-                                             sink=1, window=1)
+    assert a2ats_core.rotary(np.zeros((1, 2, 0, 8), f32), np.zeros((1, 0), np.int64), np.ones(4, f32)).shape == (
+        1,
+        2,
+        0,
+        8,
+    )
+    assert a2ats_core.lut_scores(
+        np.zeros((0, 2, 8), f32), cent, np.zeros((0, 2, 5, 1), np.int16), np.zeros(0, np.int32)
+    ).shape == (0, 2, 5)
+    assert a2ats_core.lut_scores(
+        np.zeros((1, 2, 8), f32), cent, np.zeros((1, 2, 0, 1), np.int16), np.zeros(1, np.int32)
+    ).shape == (1, 2, 0)
+    indices, counts = a2ats_core.select_topk(
+        np.zeros((0, 2, 5), f32), 1, np.zeros(0, np.int32), group_size=1, sink=1, window=1
+    )
     assert indices.shape == (0, 2, 3) and counts.shape == (0, 2)
     store = a2ats_core.KVStore(1, 2, 2, 8, 16, "float32")
     store.append(0, np.zeros((2, 2, 0, 8), f32), np.zeros((2, 2, 0, 8), f32))
-    store.gather(0, np.zeros((2, 2, 0), np.int32), np.zeros((2, 2), np.int32), np.zeros((2, 2, 0, 8), f32),
-                 np.zeros((2, 2, 0, 8), f32))
-    out, lse = store.attend(0, np.zeros((2, 2, 8), f32), np.zeros((2, 2, 0), np.int32), np.zeros((2, 2), np.int32),
-                            scale=1.0)
+    store.gather(
+        0,
+        np.zeros((2, 2, 0), np.int32),
+        np.zeros((2, 2), np.int32),
+        np.zeros((2, 2, 0, 8), f32),
+        np.zeros((2, 2, 0, 8), f32),
+    )
+    out, lse = store.attend(
+        0, np.zeros((2, 2, 8), f32), np.zeros((2, 2, 0), np.int32), np.zeros((2, 2), np.int32), scale=1.0
+    )
     assert np.all(out == 0) and np.all(np.isneginf(lse))
     assert store.lengths().tolist() == [[0, 0]]

@@ -1,13 +1,25 @@
 """The evaluation suite: tasks, the shared budget rule, each selector on hand-checkable cases,
 and the harness end to end on the real SmolLM2."""
+
 from collections import Counter
 
 import pytest
 import torch
 
 import a2ats
-from a2ats.evaluation import (A2ATS, Budget, Dense, Oracle, PQCache, Quest, StreamingLLM, TASKS, make_sample,
-                              run_sample, score_answer)
+from a2ats.evaluation import (
+    A2ATS,
+    TASKS,
+    Budget,
+    Dense,
+    Oracle,
+    PQCache,
+    Quest,
+    StreamingLLM,
+    make_sample,
+    run_sample,
+    score_answer,
+)
 from a2ats.evaluation.harness import prompt_ids, selected_rows
 from a2ats.evaluation.report import summarize
 from a2ats.evaluation.selectors import page_bound_scores
@@ -76,9 +88,9 @@ def test_budget_accounting_is_the_same_for_every_selector(selector, length):
     if selector.reads_all:
         assert mask.all()
         return
-    assert mask[:, :min(4, length)].all() and mask[:, max(0, length - 16):].all()  # sink and window
+    assert mask[:, : min(4, length)].all() and mask[:, max(0, length - 16) :].all()  # sink and window
     k = int(0.05 * length) if selector.scores_tokens else 0
-    middle = mask[:, 4:max(4, length - 16)].sum(1)
+    middle = mask[:, 4 : max(4, length - 16)].sum(1)
     assert (middle <= 3 * k).all() and (middle <= max(0, length - 20)).all()
     if selector.scores_tokens and length - 20 > 3 * k:
         assert (middle >= k).all()
@@ -128,9 +140,17 @@ def test_harness_oracle_at_full_budget_equals_dense(smollm2, small_codebook):
     model, tokenizer = smollm2
     sample = make_sample("niah_single_number", tokenizer, 512, seed=1)
     full = [Budget(1.0, sink=4, window=8)]
-    results = run_sample(model, tokenizer, sample, [(Dense(), full), (Oracle(), full),
-                                                    (A2ATS(small_codebook), [Budget(0.03, sink=4, window=8)]),
-                                                    (StreamingLLM(), full)])
+    results = run_sample(
+        model,
+        tokenizer,
+        sample,
+        [
+            (Dense(), full),
+            (Oracle(), full),
+            (A2ATS(small_codebook), [Budget(0.03, sink=4, window=8)]),
+            (StreamingLLM(), full),
+        ],
+    )
     dense, oracle, ours, streaming = results
     assert oracle.answer == dense.answer
     assert oracle.recall == pytest.approx(1.0, abs=1e-5) and oracle.rows_read == 1.0
@@ -149,12 +169,21 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
     from a2ats import A2ATSCache
     from a2ats.calibration import calibrate
     from a2ats.demo import ABLATIONS
+
     from tiny_models import tiny_model
 
     _, tokenizer = smollm2
     tiny = tiny_model("llama", vocab_size=49152)
-    codebook = calibrate(tiny, tokenizer, num_centroids=64, num_tokens=2048, holdout_tokens=256, chunk_len=512,
-                         progress=False, **ABLATIONS.get(ablation, {}))
+    codebook = calibrate(
+        tiny,
+        tokenizer,
+        num_centroids=64,
+        num_tokens=2048,
+        holdout_tokens=256,
+        chunk_len=512,
+        progress=False,
+        **ABLATIONS.get(ablation, {}),
+    )
     assert codebook.ablation == ablation
     assert 0 < codebook.quality["query_aware"] < 1  # the held-out report covers every variant
     if ablation == "no-query-awareness":
@@ -171,7 +200,7 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
     keys = cache.layers[1].keys[0]  # (Hkv, T, D) post-RoPE
     selector.prefill(1, keys)
     query = torch.randn(4, codebook.head_dim) * keys.std()
-    true = torch.einsum("hd,htd->ht", query, keys.repeat_interleave(2, 0)) / codebook.head_dim ** 0.5
+    true = torch.einsum("hd,htd->ht", query, keys.repeat_interleave(2, 0)) / codebook.head_dim**0.5
     approx = selector.scores(1, query, keys, keys.shape[1] - 1)
     if ablation == "no-wrope":  # scored as cached: the approximation is of the true scores
         correlation = torch.corrcoef(torch.stack([true.flatten(), approx.flatten()]))[0, 1]
@@ -180,10 +209,11 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
         from a2ats import reference
 
         position = keys.shape[1] - 1
-        q_w = reference.rotary(query[None, :, None], torch.tensor([[codebook.wrope_distance - position]]),
-                               codebook.inv_freq)[0, :, 0]
+        q_w = reference.rotary(
+            query[None, :, None], torch.tensor([[codebook.wrope_distance - position]]), codebook.inv_freq
+        )[0, :, 0]
         k_pre = reference.rotary(keys[None], -torch.arange(keys.shape[1])[None], codebook.inv_freq)[0]
-        true = torch.einsum("hd,htd->ht", q_w, k_pre.repeat_interleave(2, 0)) / codebook.head_dim ** 0.5
+        true = torch.einsum("hd,htd->ht", q_w, k_pre.repeat_interleave(2, 0)) / codebook.head_dim**0.5
         # 64 centroids for random (not the model's) queries: a loose fit, but far from the
         # ~0.1 of scores taken at the wrong positions.
         correlation = torch.corrcoef(torch.stack([true.flatten(), approx.flatten()]))[0, 1]
@@ -198,9 +228,13 @@ def test_reports_summarize_and_write_csv_json_png(tmp_path):
     def run(task, method, budget, score, recall, rows):
         return RunResult(task, method, budget, 2048, 0, "x", score, recall, rows, 1.0)
 
-    results = [run("vt", "dense", "all", 1.0, 1.0, 1.0), run("cwe", "dense", "all", 0.5, 1.0, 1.0),
-               run("vt", "a2ats", "3.0%", 1.0, 0.9, 0.1), run("cwe", "a2ats", "3.0%", 0.0, 0.8, 0.1),
-               run("vt", "a2ats", "1.5%", 0.0, 0.7, 0.05)]
+    results = [
+        run("vt", "dense", "all", 1.0, 1.0, 1.0),
+        run("cwe", "dense", "all", 0.5, 1.0, 1.0),
+        run("vt", "a2ats", "3.0%", 1.0, 0.9, 0.1),
+        run("cwe", "a2ats", "3.0%", 0.0, 0.8, 0.1),
+        run("vt", "a2ats", "1.5%", 0.0, 0.7, 0.05),
+    ]
     table = {(row["method"], row["budget"]): row for row in summarize(results)}
     assert table[("dense", "all")]["accuracy"] == 0.75 and table[("dense", "all")]["acc_cwe"] == 0.5
     assert table[("a2ats", "3.0%")]["recall"] == pytest.approx(0.85) and table[("a2ats", "1.5%")]["runs"] == 1

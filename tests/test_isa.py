@@ -3,6 +3,7 @@
 The kernels themselves are checked at every level by the ``every_isa`` tests (conftest.py);
 here, that the level is chosen, reported and refused as documented.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ import platform
 import subprocess
 import sys
 
-import a2ats_core
 import pytest
+
+import a2ats_core
 
 LEVELS = ["baseline", "avx2", "avx512"]
 # CPU flags (as /proc/cpuinfo spells them) of GCC's x86-64-v3 and x86-64-v4 levels.
@@ -20,12 +22,15 @@ V4_FLAGS = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
 
 
-@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
-                    reason="the clones exist on x86-64 Linux (elsewhere only baseline)")
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64"),
+    reason="the clones exist on x86-64 Linux (elsewhere only baseline)",
+)
 def test_supported_levels_follow_the_cpu_flags():
     with open("/proc/cpuinfo") as f:
         flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())

@@ -1,4 +1,5 @@
 """a2ats_core.KVStore: host K/V storage, append and gather, against reference.gather."""
+
 from __future__ import annotations
 
 import faulthandler
@@ -7,15 +8,17 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import a2ats_core
 import numpy as np
 import pytest
 import torch
+
+import a2ats_core
 from a2ats import reference
 
 requires_cuda = pytest.mark.skipif(
     not (a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0 and torch.cuda.is_available()),
-    reason="needs a CUDA build of a2ats_core, a CUDA device and torch with CUDA")
+    reason="needs a CUDA build of a2ats_core, a CUDA device and torch with CUDA",
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
@@ -116,8 +119,8 @@ def test_ragged_appends(device, dtype):
         num_tokens = torch.tensor(num, dtype=torch.int32)
         store.append(0, k.to(device), v.to(device), num_tokens=num_tokens)
         for b in range(B):
-            rows_k[b].append(k[b, :, :num[b]])
-            rows_v[b].append(v[b, :, :num[b]])
+            rows_k[b].append(k[b, :, : num[b]])
+            rows_v[b].append(v[b, :, : num[b]])
     sync(device)
     lens = [sum(r.shape[1] for r in rows_k[b]) for b in range(B)]
     assert store.lengths().tolist() == [lens]
@@ -125,8 +128,8 @@ def test_ragged_appends(device, dtype):
     padded_k = torch.zeros(B, Hkv, max(lens), D, dtype=dtype)
     padded_v = torch.zeros(B, Hkv, max(lens), D, dtype=dtype)
     for b in range(B):
-        padded_k[b, :, :lens[b]] = torch.cat(rows_k[b], 1)
-        padded_v[b, :, :lens[b]] = torch.cat(rows_v[b], 1)
+        padded_k[b, :, : lens[b]] = torch.cat(rows_k[b], 1)
+        padded_v[b, :, : lens[b]] = torch.cat(rows_v[b], 1)
     kmax = 30
     indices, counts = random_selection(B, Hkv, kmax, lens)
     out_k = torch.zeros(B, Hkv, kmax, D, dtype=dtype, device=device)
@@ -163,24 +166,24 @@ def test_strided_sources_and_outputs(device, dtype):
     kmax = 50
     indices, counts = random_selection(B, Hkv, kmax, [t] * B)
     idx_base = torch.full((B, Hkv, kmax + 3), -9, dtype=torch.int32)
-    idx_base[..., 2:2 + kmax] = indices
+    idx_base[..., 2 : 2 + kmax] = indices
     cnt_base = counts.t().contiguous()  # counts as a transposed (Hkv, B) array
     ok_base = torch.randn(B, Hkv, kmax + 4, D + 8).to(dtype)
     ov_base = torch.randn(B, kmax, Hkv, D).to(dtype)
     ok_before, ov_before = ok_base.clone(), ov_base.clone()
     ok_based, ov_based = ok_base.to(device), ov_base.to(device)
-    out_k = ok_based[:, :, 2:2 + kmax, :D]
+    out_k = ok_based[:, :, 2 : 2 + kmax, :D]
     out_v = ov_based.transpose(1, 2)
-    idx = idx_base.to(device)[..., 2:2 + kmax]
+    idx = idx_base.to(device)[..., 2 : 2 + kmax]
     cnt = cnt_base.to(device).t()
     assert not idx.is_contiguous() and not cnt.is_contiguous() and not out_k.is_contiguous()
     store.gather(0, idx, cnt, out_k, out_v)
     sync(device)
-    check_gathered(out_k, ok_before[:, :, 2:2 + kmax, :D], k_dense, indices, counts)
+    check_gathered(out_k, ok_before[:, :, 2 : 2 + kmax, :D], k_dense, indices, counts)
     check_gathered(out_v, ov_before.transpose(1, 2), v_dense, indices, counts)
     # Nothing outside the output views was written.
     outside = torch.ones(ok_base.shape, dtype=torch.bool)
-    outside[:, :, 2:2 + kmax, :D] = False
+    outside[:, :, 2 : 2 + kmax, :D] = False
     assert torch.equal(bits(ok_based.cpu()[outside]), bits(ok_before[outside]))
 
 
@@ -306,8 +309,13 @@ def test_reset_and_layers(device):
     assert torch.equal(out_k.cpu(), k2.flip(2)) and torch.equal(out_v.cpu(), v2.flip(2))
     # Layer 0 is empty after the reset: any index there is out of range.
     with pytest.raises(ValueError, match="indices"):
-        store.gather(0, indices[..., :1].contiguous().to(device), torch.ones(B, Hkv, dtype=torch.int32).to(device),
-                     out_k[:, :, :1], out_v[:, :, :1])
+        store.gather(
+            0,
+            indices[..., :1].contiguous().to(device),
+            torch.ones(B, Hkv, dtype=torch.int32).to(device),
+            out_k[:, :, :1],
+            out_v[:, :, :1],
+        )
         sync(device)
 
 
@@ -321,8 +329,13 @@ def test_pinned_flag():
     k = torch.randn(1, 2, 32, 64).bfloat16()
     store.append(0, k, k)
     out = torch.zeros(1, 2, 3, 64, dtype=torch.bfloat16)
-    store.gather(0, torch.tensor([[[31, 0, 5]] * 2], dtype=torch.int32), torch.tensor([[3, 2]], dtype=torch.int32),
-                 out, out.clone())
+    store.gather(
+        0,
+        torch.tensor([[[31, 0, 5]] * 2], dtype=torch.int32),
+        torch.tensor([[3, 2]], dtype=torch.int32),
+        out,
+        out.clone(),
+    )
     assert torch.equal(bits(out[0, 0]), bits(k[0, 0, [31, 0, 5]]))
     assert torch.equal(bits(out[0, 1, :2]), bits(k[0, 1, [31, 0]])) and (out[0, 1, 2] == 0).all()
 
@@ -362,11 +375,13 @@ def test_cuda_outputs_with_host_indices():
 
 # ------------------------------------------------------------------------------ KVStore.attend
 
+
 def reference_attend(keys, values, q, indices, counts, scale):
     """reference.attend over reference.gather's rows, the first counts[b, g] of them valid."""
     valid = torch.arange(indices.shape[-1])[None, None, :] < counts.long()[..., None]
-    return reference.attend(q, reference.gather(keys, indices, counts), reference.gather(values, indices, counts),
-                            valid, scale=scale)
+    return reference.attend(
+        q, reference.gather(keys, indices, counts), reference.gather(values, indices, counts), valid, scale=scale
+    )
 
 
 def check_attend(out, lse, ref_out, ref_lse):
@@ -401,7 +416,7 @@ def test_attend_matches_reference(dtype, G, D):
     counts[2, 1] = 129  # one full chunk plus one row
     indices[2, 1, :129] = torch.randint(0, lengths[2], (129,), dtype=torch.int32)
     q = torch.randn(B, Hkv * G, D)
-    scale = D ** -0.5
+    scale = D**-0.5
     out, lse = store.attend(1, q, indices, counts, scale=scale)
     assert out.shape == (B, Hkv * G, D) and lse.shape == (B, Hkv * G)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
@@ -422,7 +437,7 @@ def test_attend_strided_views_and_out():
     indices = full[..., 50:]  # (B, Hkv, 950), as the cache slices the sink off
     counts = torch.full((B, 2 * Hkv), 900, dtype=torch.int32)[:, ::2]
     out = torch.full((B, Hkv * G, 2 * D), 7.0)[..., :D]
-    lse = torch.full((B, 2 * Hkv * G), 7.0)[:, 3:3 + Hkv * G]
+    lse = torch.full((B, 2 * Hkv * G), 7.0)[:, 3 : 3 + Hkv * G]
     for scale in (0.088, 3.0):
         result = store.attend(0, q, indices, counts, scale=scale, out=out, out_lse=lse)
         assert result[0] is out and result[1] is lse
@@ -448,9 +463,13 @@ def test_attend_merges_with_other_rows():
     out_b, lse_b = store.attend(0, q, part_b, counts_b, scale=0.125)
     merged, merged_lse = reference.merge_attention(out_a, lse_a, out_b, lse_b)
     valid = torch.cat([torch.arange(150) < counts_a[..., None], torch.arange(110) < counts_b[..., None]], -1)
-    ref_out, ref_lse = reference.attend(q, keys.gather(2, union.long()[..., None].expand(-1, -1, -1, D)),
-                                        values.gather(2, union.long()[..., None].expand(-1, -1, -1, D)),
-                                        valid, scale=0.125)
+    ref_out, ref_lse = reference.attend(
+        q,
+        keys.gather(2, union.long()[..., None].expand(-1, -1, -1, D)),
+        values.gather(2, union.long()[..., None].expand(-1, -1, -1, D)),
+        valid,
+        scale=0.125,
+    )
     torch.testing.assert_close(merged, ref_out, rtol=1e-5, atol=3e-6)
     torch.testing.assert_close(merged_lse, ref_lse, rtol=1e-6, atol=2e-6)
 

@@ -4,13 +4,15 @@ a2ats.reference.lut_scores (pure PyTorch).
 Every test that takes ``device`` runs on the CPU and, when available, on CUDA (see the
 ``device`` fixture in conftest.py). The reference always runs on CPU copies of the same inputs.
 """
+
 from __future__ import annotations
 
 import math
 
-import a2ats_core
 import pytest
 import torch
+
+import a2ats_core
 from a2ats import reference
 
 from kernel_helpers import check_scores, lut_inputs, sync
@@ -83,21 +85,24 @@ def test_lut_scores_binned(device, B, G, M, edges):
     NB = bin_edges.numel() + 1
     q, centroids, codes = lut_inputs(B, Hkv, G, D, M, C, Tcap, num_bins=NB)
     lengths = ragged_lengths(B, Tcap)
-    out = a2ats_core.lut_scores(q.to(device), centroids.to(device), codes.to(device), lengths.to(device),
-                                bin_edges=bin_edges.to(device))
+    out = a2ats_core.lut_scores(
+        q.to(device), centroids.to(device), codes.to(device), lengths.to(device), bin_edges=bin_edges.to(device)
+    )
     sync(device)
     ref = reference.lut_scores(q, centroids, codes, lengths, bin_edges=bin_edges)
     check_scores(out, ref, lengths)
     # Independently of the reference: each token equals the unbinned score with its bin's query.
     for j in range(NB):
-        single = a2ats_core.lut_scores(q[:, :, j].contiguous().to(device), centroids.to(device), codes.to(device),
-                                       lengths.to(device)).cpu()
+        single = a2ats_core.lut_scores(
+            q[:, :, j].contiguous().to(device), centroids.to(device), codes.to(device), lengths.to(device)
+        ).cpu()
         for b, length in enumerate(lengths.tolist()):
             n = torch.arange(length)
             dist = length - 1 - n
             in_bin = (dist[:, None] >= bin_edges[None, :].long()).sum(-1) == j
-            torch.testing.assert_close(out.cpu()[b, :, :length][:, in_bin], single[b, :, :length][:, in_bin],
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                out.cpu()[b, :, :length][:, in_bin], single[b, :, :length][:, in_bin], rtol=1e-6, atol=1e-6
+            )
 
 
 @pytest.mark.parametrize("empty_edges", [False, True], ids=["no_edges", "empty_edges"])
@@ -128,8 +133,9 @@ def test_lut_scores_strided_and_out(device, q_layout, codes_layout, binned):
     q_views = {  # (base shape, view) for q of shape (B, Hq, [NB,] D)
         "heads_slice": ((B, 2 * Hq, *qshape[2:]), lambda a: a[:, ::2]),
         "row_padded": ((*qshape[:-1], D + 16), lambda a: a[..., 16:]),
-        "transposed": (((B, NB, Hq, D), lambda a: a.transpose(1, 2)) if binned
-                       else ((Hq, B, D), lambda a: a.transpose(0, 1))),
+        "transposed": (
+            ((B, NB, Hq, D), lambda a: a.transpose(1, 2)) if binned else ((Hq, B, D), lambda a: a.transpose(0, 1))
+        ),
     }
     c_views = {  # codes (B, Hkv, Tcap, M)
         "transposed": ((B, Tcap, Hkv, M), lambda a: a.transpose(1, 2)),
@@ -153,12 +159,12 @@ def test_lut_scores_strided_and_out(device, q_layout, codes_layout, binned):
     check_scores(out, ref, lengths)
     # A strided out= buffer (row-padded); margins untouched.
     out_base = torch.full((B, Hq, Tcap + 6), 99.0, device=device)
-    out_view = out_base[..., 3:3 + Tcap]
+    out_view = out_base[..., 3 : 3 + Tcap]
     res = a2ats_core.lut_scores(q, centroids.to(device), codes, lengths.to(device), bin_edges=edges, out=out_view)
     sync(device)
     assert res is out_view
     check_scores(out_view, ref, lengths)
-    assert (out_base[..., :3] == 99.0).all() and (out_base[..., 3 + Tcap:] == 99.0).all()
+    assert (out_base[..., :3] == 99.0).all() and (out_base[..., 3 + Tcap :] == 99.0).all()
 
 
 def test_lut_scores_ignores_codes_past_length(device):

@@ -1,4 +1,5 @@
 """a2ats_core.Pipeline, the fused decode step, against the composition of the reference ops."""
+
 from __future__ import annotations
 
 import gc
@@ -7,10 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-import a2ats_core
 import pytest
 import torch
 
+import a2ats_core
 from a2ats import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -19,7 +20,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 def random_codebook(L, Hkv, D, M, C, generator):
     """chol: lower-triangular with a positive diagonal, chol_inv its inverse; random centroids."""
-    a = torch.randn(L, Hkv, D, D, generator=generator) / D ** 0.5
+    a = torch.randn(L, Hkv, D, D, generator=generator) / D**0.5
     chol = torch.linalg.cholesky(a @ a.transpose(-1, -2) + 0.5 * torch.eye(D))
     chol_inv = torch.linalg.inv(chol)
     centroids = torch.randn(L, Hkv, M, C, D // M, generator=generator)
@@ -47,9 +48,9 @@ class ReferencePipeline:
         codes = self.encode(layer, keys, positions)
         for b, n in enumerate(counts):
             start = int(self.lengths[layer, b])
-            self.k[layer, b, :, start:start + n] = keys[b, :, :n]
-            self.v[layer, b, :, start:start + n] = values[b, :, :n]
-            self.codes[layer, b, :, start:start + n] = codes[b, :, :n]
+            self.k[layer, b, :, start : start + n] = keys[b, :, :n]
+            self.v[layer, b, :, start : start + n] = values[b, :, :n]
+            self.codes[layer, b, :, start : start + n] = codes[b, :, :n]
             self.lengths[layer, b] += n
 
     def decode(self, layer, q, keys, values, positions, k, scale, codes=None, selection=None):
@@ -68,11 +69,17 @@ class ReferencePipeline:
         if nb == 1:
             q_dual = q_dual[:, :, 0]
         used = self.codes[layer] if codes is None else codes
-        scores = reference.lut_scores(q_dual.contiguous(), self.centroids[layer], used, lengths,
-                                      bin_edges=torch.tensor(self.edges, dtype=torch.int32) if nb > 1 else None)
+        scores = reference.lut_scores(
+            q_dual.contiguous(),
+            self.centroids[layer],
+            used,
+            lengths,
+            bin_edges=torch.tensor(self.edges, dtype=torch.int32) if nb > 1 else None,
+        )
         if selection is None:
-            indices, counts = reference.select_topk(scores, k, lengths, group_size=group, sink=self.sink,
-                                                    window=self.window)
+            indices, counts = reference.select_topk(
+                scores, k, lengths, group_size=group, sink=self.sink, window=self.window
+            )
         else:
             indices, counts = selection
             self.check_selection(scores, k, lengths, indices, counts)
@@ -82,14 +89,13 @@ class ReferencePipeline:
         out, _ = reference.attend(q32, rows_k, rows_v, valid, scale=scale)
         return out.to(q.dtype), counts
 
-
     def check_selection(self, scores, k, lengths, indices, counts, eps=1e-5):
         group = self.Hq // self.Hkv
         for b in range(self.B):
             n = int(lengths[b])
             lo, hi = self.sink, n - self.window
             for g in range(self.Hkv):
-                chosen = set(indices[b, g, :int(counts[b, g])].tolist())
+                chosen = set(indices[b, g, : int(counts[b, g])].tolist())
                 always = set(range(min(self.sink, n))) | set(range(max(hi, 0), n))
                 assert always <= chosen, f"row {b}, KV head {g}: sink or window rows missing"
                 middle = chosen - always
@@ -97,7 +103,7 @@ class ReferencePipeline:
                 if hi <= lo:
                     assert not middle
                     continue
-                head_scores = scores[b, g * group:(g + 1) * group, lo:hi]  # (G, candidates)
+                head_scores = scores[b, g * group : (g + 1) * group, lo:hi]  # (G, candidates)
                 take = min(k, hi - lo)
                 if take == 0:
                     assert not middle
@@ -109,14 +115,37 @@ class ReferencePipeline:
                 assert len(middle) >= take
 
 
-def make(L=2, B=3, Hkv=2, G=3, D=16, M=1, C=16, capacity=96, dtype=torch.float32, sink=4, window=8,
-         distances=(64,), edges=(), seed=0):
+def make(
+    L=2,
+    B=3,
+    Hkv=2,
+    G=3,
+    D=16,
+    M=1,
+    C=16,
+    capacity=96,
+    dtype=torch.float32,
+    sink=4,
+    window=8,
+    distances=(64,),
+    edges=(),
+    seed=0,
+):
     generator = torch.Generator().manual_seed(seed)
     book = random_codebook(L, Hkv, D, M, C, generator)
     store = a2ats_core.KVStore(L, B, Hkv, D, capacity, dtype)
-    pipe = a2ats_core.Pipeline(store, num_q_heads=Hkv * G, inv_freq=book[3], chol=book[0], chol_inv=book[1],
-                               centroids=book[2], sink=sink, window=window, wrope_distances=list(distances),
-                               bin_edges=list(edges))
+    pipe = a2ats_core.Pipeline(
+        store,
+        num_q_heads=Hkv * G,
+        inv_freq=book[3],
+        chol=book[0],
+        chol_inv=book[1],
+        centroids=book[2],
+        sink=sink,
+        window=window,
+        wrope_distances=list(distances),
+        bin_edges=list(edges),
+    )
     ref = ReferencePipeline(L, B, Hkv * G, Hkv, D, capacity, dtype, book, sink, window, list(distances), list(edges))
     return pipe, ref, generator
 
@@ -202,8 +231,10 @@ def test_budgets_zero_and_covering_everything(budget, prompts):
         for b in range(2):
             n = int(ref.lengths[0, b])
             valid = torch.ones(1, 2, n, dtype=torch.bool)
-            dense, _ = reference.attend(q[b:b + 1], ref.k[0, b:b + 1, :, :n], ref.v[0, b:b + 1, :, :n], valid, scale=0.3)
-            torch.testing.assert_close(out[b:b + 1], dense, rtol=2e-5, atol=2e-5)
+            dense, _ = reference.attend(
+                q[b : b + 1], ref.k[0, b : b + 1, :, :n], ref.v[0, b : b + 1, :, :n], valid, scale=0.3
+            )
+            torch.testing.assert_close(out[b : b + 1], dense, rtol=2e-5, atol=2e-5)
     else:
         expected = sum(ref.Hkv * min(n + s, 4 + 8) for n in prompts for s in (1, 2)) * ref.L
         assert read == expected and stats["rows_fetched"] == before["rows_fetched"]
@@ -228,9 +259,15 @@ def test_steps_must_be_planned_and_whole():
         pipe.prefill(1, kv, kv, positions[:, None])
     pipe.reset()
     assert (pipe.store.lengths() == 0).all()
-    prefill_both(pipe, ReferencePipeline(3, 2, 2, 2, 16, 40, torch.float32, (ref.chol, ref.chol_inv, ref.centroids,
-                                                                              ref.inv_freq), 4, 8, [64], []),
-                 generator, [5, 7], torch.float32)
+    prefill_both(
+        pipe,
+        ReferencePipeline(
+            3, 2, 2, 2, 16, 40, torch.float32, (ref.chol, ref.chol_inv, ref.centroids, ref.inv_freq), 4, 8, [64], []
+        ),
+        generator,
+        [5, 7],
+        torch.float32,
+    )
     pipe.plan(1)
     for layer in range(3):
         pipe.decode(layer, q, kv, kv, torch.tensor([5, 7]), scale=1.0)
@@ -246,8 +283,17 @@ def test_the_store_belongs_to_the_pipeline():
         pipe.store.reset()
     book = random_codebook(1, 2, 16, 1, 16, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="another Pipeline"):
-        a2ats_core.Pipeline(pipe.store, num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1],
-                            centroids=book[2], sink=1, window=1, wrope_distances=[8])
+        a2ats_core.Pipeline(
+            pipe.store,
+            num_q_heads=2,
+            inv_freq=book[3],
+            chol=book[0],
+            chol_inv=book[1],
+            centroids=book[2],
+            sink=1,
+            window=1,
+            wrope_distances=[8],
+        )
     # Gone with its pipeline: the store is an ordinary one again.
     store = pipe.store
     del pipe
@@ -256,11 +302,29 @@ def test_the_store_belongs_to_the_pipeline():
     assert store.lengths().tolist() == [[1]]
     # A store that already holds rows has no codes for them: refused.
     with pytest.raises(ValueError, match="store must be empty"):
-        a2ats_core.Pipeline(store, num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1],
-                            centroids=book[2], sink=1, window=1, wrope_distances=[8])
+        a2ats_core.Pipeline(
+            store,
+            num_q_heads=2,
+            inv_freq=book[3],
+            chol=book[0],
+            chol_inv=book[1],
+            centroids=book[2],
+            sink=1,
+            window=1,
+            wrope_distances=[8],
+        )
     store.reset()
-    a2ats_core.Pipeline(store, num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1],
-                        centroids=book[2], sink=1, window=1, wrope_distances=[8])
+    a2ats_core.Pipeline(
+        store,
+        num_q_heads=2,
+        inv_freq=book[3],
+        chol=book[0],
+        chol_inv=book[1],
+        centroids=book[2],
+        sink=1,
+        window=1,
+        wrope_distances=[8],
+    )
 
 
 def test_last_selection_is_the_last_decode_s_even_after_a_larger_plan():
@@ -269,8 +333,9 @@ def test_last_selection_is_the_last_decode_s_even_after_a_larger_plan():
     with pytest.raises(ValueError, match="no decode"):
         pipe.last_selection()
     pipe.plan(2)
-    pipe.decode(0, torch.randn(2, 6, 16), torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16), torch.tensor([30, 20]),
-                scale=0.5)
+    pipe.decode(
+        0, torch.randn(2, 6, 16), torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16), torch.tensor([30, 20]), scale=0.5
+    )
     pipe.plan(50)  # a larger Kmax planned, nothing decoded with it yet
     indices, counts = pipe.last_selection()
     assert indices.shape == (2, 2, 3 * 2 + 4 + 8) and (counts <= indices.shape[2]).all()
@@ -302,21 +367,43 @@ def test_bad_arguments_name_themselves_and_change_nothing():
         pipe.plan(-1)
     book = random_codebook(1, 2, 16, 1, 16, torch.Generator().manual_seed(0))
     store = a2ats_core.KVStore(1, 1, 2, 16, 8, "float32")
-    good = dict(num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1], centroids=book[2], sink=1, window=1,
-                wrope_distances=[8])
-    for name, change in [("num_q_heads", dict(num_q_heads=3)), ("num_q_heads", dict(num_q_heads=2**17)),
-                         ("chol", dict(chol=book[0][:, :1])),
-                         ("centroids", dict(centroids=book[2][..., :3])), ("inv_freq", dict(inv_freq=torch.ones(9))),
-                         ("window", dict(window=0)), ("bin_edges", dict(bin_edges=[1])),
-                         ("wrope_distances", dict(wrope_distances=[]))]:
+    good = dict(
+        num_q_heads=2,
+        inv_freq=book[3],
+        chol=book[0],
+        chol_inv=book[1],
+        centroids=book[2],
+        sink=1,
+        window=1,
+        wrope_distances=[8],
+    )
+    for name, change in [
+        ("num_q_heads", dict(num_q_heads=3)),
+        ("num_q_heads", dict(num_q_heads=2**17)),
+        ("chol", dict(chol=book[0][:, :1])),
+        ("centroids", dict(centroids=book[2][..., :3])),
+        ("inv_freq", dict(inv_freq=torch.ones(9))),
+        ("window", dict(window=0)),
+        ("bin_edges", dict(bin_edges=[1])),
+        ("wrope_distances", dict(wrope_distances=[])),
+    ]:
         with pytest.raises(ValueError, match=rf"\b{name}\b"):
             a2ats_core.Pipeline(store, **(good | change))
     a2ats_core.Pipeline(store, **good)  # the store was not taken by the failed constructions
     wide = a2ats_core.KVStore(1, 1, 1, 1026, 8, "float32")
     wide_book = random_codebook(1, 1, 1026, 1, 2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="head_dim"):
-        a2ats_core.Pipeline(wide, num_q_heads=1, inv_freq=wide_book[3], chol=wide_book[0], chol_inv=wide_book[1],
-                            centroids=wide_book[2], sink=1, window=1, wrope_distances=[8])
+        a2ats_core.Pipeline(
+            wide,
+            num_q_heads=1,
+            inv_freq=wide_book[3],
+            chol=wide_book[0],
+            chol_inv=wide_book[1],
+            centroids=wide_book[2],
+            sink=1,
+            window=1,
+            wrope_distances=[8],
+        )
 
 
 _DETERMINISM = textwrap.dedent("""
@@ -352,11 +439,17 @@ def test_outputs_are_bit_identical_whatever_the_threads_and_load():
     digests = {}
     # A2ATS_MIN_CHUNK_OPS=1 splits every loop, however small: with the default grain a decode
     # step this size runs inline and the thread count would not reach it.
-    for threads, load, grain in [("1", "quiet", ""), ("2", "quiet", "1"), ("3", "quiet", "1"), ("2", "busy", "1"),
-                                 ("2", "quiet", "")]:
+    for threads, load, grain in [
+        ("1", "quiet", ""),
+        ("2", "quiet", "1"),
+        ("3", "quiet", "1"),
+        ("2", "busy", "1"),
+        ("2", "quiet", ""),
+    ]:
         env = dict(os.environ, A2ATS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, A2ATS_MIN_CHUNK_OPS=grain)
-        result = subprocess.run([sys.executable, "-c", script, load], capture_output=True, text=True, env=env,
-                                timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", script, load], capture_output=True, text=True, env=env, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         digests[(threads, load, grain)] = result.stdout.strip().splitlines()[-1]
     assert len(set(digests.values())) == 1, digests
@@ -372,9 +465,9 @@ def test_the_selection_check_refuses_a_wrong_selection():
     indices, counts = (torch.from_numpy(a) for a in pipe.last_selection())
     codes = check_codes(pipe, ref, 0)
     wrong = indices.clone()
-    middle = [t for t in range(4, 43) if t not in set(indices[0, 0, :int(counts[0, 0])].tolist())]
+    middle = [t for t in range(4, 43) if t not in set(indices[0, 0, : int(counts[0, 0])].tolist())]
     wrong[0, 0, 4] = middle[0]  # swap one selected middle row for an unselected one
-    wrong[0, 0, :int(counts[0, 0])] = wrong[0, 0, :int(counts[0, 0])].sort().values
+    wrong[0, 0, : int(counts[0, 0])] = wrong[0, 0, : int(counts[0, 0])].sort().values
     with pytest.raises(AssertionError, match="not a top-3 selection"):
         ref.decode(0, q, kv, kv, positions, 3, 0.25, codes=codes, selection=(wrong, counts))
 
@@ -384,8 +477,16 @@ CUDA = a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0 and t
 
 def test_device_argument_is_checked():
     book = random_codebook(1, 2, 16, 1, 16, torch.Generator().manual_seed(0))
-    good = dict(num_q_heads=2, inv_freq=book[3], chol=book[0], chol_inv=book[1], centroids=book[2], sink=1, window=1,
-                wrope_distances=[8])
+    good = dict(
+        num_q_heads=2,
+        inv_freq=book[3],
+        chol=book[0],
+        chol_inv=book[1],
+        centroids=book[2],
+        sink=1,
+        window=1,
+        wrope_distances=[8],
+    )
     store = a2ats_core.KVStore(1, 1, 2, 16, 8, "float32")
     for bad in ["tpu", "cuda:x", "cuda:", "cudax"]:
         with pytest.raises(ValueError, match=r"\bdevice\b"):
@@ -412,8 +513,17 @@ def test_cuda_pipeline_equals_the_cpu_pipeline(dtype, G, prompts, bins, k):
     B = len(prompts)
     generator = torch.Generator().manual_seed(5)
     book = random_codebook(L, Hkv, D, 1, 16, generator)
-    common = dict(num_q_heads=Hkv * G, inv_freq=book[3], chol=book[0], chol_inv=book[1], centroids=book[2],
-                  sink=sink, window=window, wrope_distances=list(bins[0]), bin_edges=list(bins[1]))
+    common = dict(
+        num_q_heads=Hkv * G,
+        inv_freq=book[3],
+        chol=book[0],
+        chol_inv=book[1],
+        centroids=book[2],
+        sink=sink,
+        window=window,
+        wrope_distances=list(bins[0]),
+        bin_edges=list(bins[1]),
+    )
     cpu = a2ats_core.Pipeline(a2ats_core.KVStore(L, B, Hkv, D, capacity, dtype), **common)
     dev = a2ats_core.Pipeline(a2ats_core.KVStore(L, B, Hkv, D, capacity, dtype), **common, device="cuda")
     t = max(prompts)
@@ -443,7 +553,7 @@ def test_cuda_pipeline_equals_the_cpu_pipeline(dtype, G, prompts, bins, k):
             assert indices.shape == (B, Hkv, G * k) and (counts_ <= G * k).all()
             for b in range(B):
                 for g in range(Hkv):
-                    middle = indices[b, g, :counts_[b, g]]
+                    middle = indices[b, g, : counts_[b, g]]
                     assert ((middle >= sink) & (middle < lengths[b] - window)).all()
     assert cpu.stats() == dev.stats()
     assert (cpu.store.lengths() == dev.store.lengths()).all()

@@ -3,14 +3,16 @@
 Every test that takes ``device`` runs on the CPU and, when available, on CUDA (see the
 ``device`` fixture in conftest.py). The reference always runs on CPU copies of the same inputs.
 """
+
 from __future__ import annotations
 
 import math
 
-import a2ats_core
 import numpy as np
 import pytest
 import torch
+
+import a2ats_core
 from a2ats import reference
 
 from kernel_helpers import DTYPE_IDS, DTYPES, LAYOUTS, bits, sync, x_layouts
@@ -127,13 +129,13 @@ def test_rotary_strided_and_out(device, dtype, layout, mode):
         result = x
     else:
         out_base = torch.full((B, H, T, D + 5), 3.25, dtype=dtype, device=device)
-        out_view = out_base[..., 2:2 + D]
+        out_view = out_base[..., 2 : 2 + D]
         out = a2ats_core.rotary(x, pos.to(device), inv.to(device), out=out_view)
         assert out is out_view
         result = out_view
         sync(device)
         margin = torch.ones(out_base.shape, dtype=torch.bool)
-        margin[..., 2:2 + D] = False
+        margin[..., 2 : 2 + D] = False
         assert (out_base.cpu()[margin] == 3.25).all(), "rotary wrote outside out"
     sync(device)
     torch.testing.assert_close(result.cpu().float(), ref.float(), **TOL[dtype])

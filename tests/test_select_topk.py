@@ -6,12 +6,14 @@ the reference chain.
 Every test that takes ``device`` runs on the CPU and, when available, on CUDA (see the
 ``device`` fixture in conftest.py). The reference always runs on CPU copies of the same inputs.
 """
+
 from __future__ import annotations
 
-import a2ats_core
 import numpy as np
 import pytest
 import torch
+
+import a2ats_core
 from a2ats import reference
 
 from kernel_helpers import check_codes, check_scores, lut_inputs, sync
@@ -95,7 +97,9 @@ def check_selection(scores, k, lengths, group_size, sink, window, indices, count
                     options.setdefault(u, []).append(h)
             uncovered = chosen - must
             assert all(u in options for u in uncovered), f"selected a candidate no head ranks in its top k {where}"
-            assert _cover(uncovered, options, capacity), f"more tied candidates selected than the heads' k allow {where}"
+            assert _cover(uncovered, options, capacity), (
+                f"more tied candidates selected than the heads' k allow {where}"
+            )
 
 
 def distinct_scores(B, Hq, Tcap, lengths, *, close=False, garbage=None):
@@ -142,24 +146,28 @@ def test_select_topk_without_resident_rows(device, G, k, sink_window):
     sink, window = sink_window
     Hkv, Tcap = 2, 120
     sw = sink + window
-    lengths = torch.tensor(sorted({0, 1, max(sw - 1, 0), sw, sw + 1, min(sw + k + 1, Tcap), 77, Tcap}), dtype=torch.int32)
+    lengths = torch.tensor(
+        sorted({0, 1, max(sw - 1, 0), sw, sw + 1, min(sw + k + 1, Tcap), 77, Tcap}), dtype=torch.int32
+    )
     B = len(lengths)
     scores = distinct_scores(B, Hkv * G, Tcap, lengths, garbage=1e30)
-    idx, cnt = a2ats_core.select_topk(scores.to(device), k, lengths.to(device), group_size=G, sink=sink, window=window,
-                                      add_resident=False)
+    idx, cnt = a2ats_core.select_topk(
+        scores.to(device), k, lengths.to(device), group_size=G, sink=sink, window=window, add_resident=False
+    )
     sync(device)
     assert idx.shape == (B, Hkv, G * k)
-    ref_idx, ref_cnt = reference.select_topk(scores, k, lengths, group_size=G, sink=sink, window=window,
-                                             add_resident=False)
+    ref_idx, ref_cnt = reference.select_topk(
+        scores, k, lengths, group_size=G, sink=sink, window=window, add_resident=False
+    )
     assert torch.equal(cnt.cpu(), ref_cnt) and torch.equal(idx.cpu(), ref_idx)
     full_idx, full_cnt = reference.select_topk(scores, k, lengths, group_size=G, sink=sink, window=window)
     for b, length in enumerate(lengths.tolist()):
         middle_lo, middle_hi = sink, length - window
         for g in range(Hkv):
-            full = full_idx[b, g, :full_cnt[b, g]]
+            full = full_idx[b, g, : full_cnt[b, g]]
             middle = full[(full >= middle_lo) & (full < middle_hi)]
-            assert torch.equal(idx.cpu()[b, g, :cnt[b, g]], middle)
-            assert (idx.cpu()[b, g, cnt[b, g]:] == -1).all()
+            assert torch.equal(idx.cpu()[b, g, : cnt[b, g]], middle)
+            assert (idx.cpu()[b, g, cnt[b, g] :] == -1).all()
 
 
 @pytest.mark.parametrize("sink_window", [(0, 0), (8, 64), (3, 5)], ids=["s0w0", "s8w64", "s3w5"])
@@ -220,7 +228,7 @@ def test_check_selection_rejects_wrong_answers():
 
     def sel(rows, kmax=4):
         idx = torch.full((1, 1, kmax), -1, dtype=torch.int32)
-        idx[0, 0, :len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        idx[0, 0, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
         return idx, torch.tensor([[len(rows)]], dtype=torch.int32)
 
     # G = 2, k = 2: each head has one clear maximum and a three-way tie for its second pick.
@@ -251,20 +259,21 @@ def test_select_topk_strided_and_out(device, close):
     lengths = torch.tensor([Tcap, 150, 30], dtype=torch.int32)
     dense = distinct_scores(B, Hq, Tcap, lengths, close=close)
     base = torch.randn(B, 2 * Hq, Tcap + 9)
-    base[:, ::2, 5:5 + Tcap] = dense
-    scores = base.to(device)[:, ::2, 5:5 + Tcap]
+    base[:, ::2, 5 : 5 + Tcap] = dense
+    scores = base.to(device)[:, ::2, 5 : 5 + Tcap]
     idx_base = torch.full((B, Hkv, kmax + 3), 777, dtype=torch.int32, device=device)
     cnt_base = torch.full((B, Hkv + 2), 555, dtype=torch.int32, device=device)
-    out_idx, out_cnt = idx_base[..., 1:1 + kmax], cnt_base[:, 1:1 + Hkv]
-    res_idx, res_cnt = a2ats_core.select_topk(scores, k, lengths.to(device), group_size=G, sink=sink, window=window,
-                                              out_indices=out_idx, out_counts=out_cnt)
+    out_idx, out_cnt = idx_base[..., 1 : 1 + kmax], cnt_base[:, 1 : 1 + Hkv]
+    res_idx, res_cnt = a2ats_core.select_topk(
+        scores, k, lengths.to(device), group_size=G, sink=sink, window=window, out_indices=out_idx, out_counts=out_cnt
+    )
     sync(device)
     assert res_idx is out_idx and res_cnt is out_cnt
     ref_idx, ref_cnt = reference.select_topk(dense, k, lengths, group_size=G, sink=sink, window=window)
     check_selection(dense, k, lengths, G, sink, window, out_idx, out_cnt)
     assert torch.equal(out_idx.cpu(), ref_idx) and torch.equal(out_cnt.cpu(), ref_cnt)
-    assert (idx_base[..., 0] == 777).all() and (idx_base[..., 1 + kmax:] == 777).all()
-    assert (cnt_base[:, 0] == 555).all() and (cnt_base[:, 1 + Hkv:] == 555).all()
+    assert (idx_base[..., 0] == 777).all() and (idx_base[..., 1 + kmax :] == 777).all()
+    assert (cnt_base[:, 0] == 555).all() and (cnt_base[:, 1 + Hkv :] == 555).all()
 
 
 def test_strided_lengths(device):
@@ -344,8 +353,7 @@ def test_select_topk_long_rows(device, G, k, kind):
             scores[b, :, probes] = 1.0 + torch.rand(Hq, probes.numel())
     for b, length in enumerate(lengths.tolist()):
         scores[b, :, length:] = float("-inf")
-    idx, cnt = a2ats_core.select_topk(scores.to(device), k, lengths.to(device), group_size=G, sink=sink,
-                                      window=window)
+    idx, cnt = a2ats_core.select_topk(scores.to(device), k, lengths.to(device), group_size=G, sink=sink, window=window)
     sync(device)
     check_selection(scores, k, lengths, G, sink, window, idx, cnt)
     if kind in ("normal", "low_bits", "sample_fooled"):  # no ties at the threshold: one answer
@@ -360,12 +368,14 @@ def test_select_topk_numpy():
     idx, cnt = a2ats_core.select_topk(scores, 3, lengths, group_size=2, sink=2, window=4)
     assert isinstance(idx, np.ndarray) and isinstance(cnt, np.ndarray)
     assert idx.dtype == np.int32 and idx.shape == (2, 2, 2 * 3 + 2 + 4)
-    ref_idx, ref_cnt = reference.select_topk(torch.from_numpy(scores), 3, torch.from_numpy(lengths), group_size=2,
-                                             sink=2, window=4)
+    ref_idx, ref_cnt = reference.select_topk(
+        torch.from_numpy(scores), 3, torch.from_numpy(lengths), group_size=2, sink=2, window=4
+    )
     assert np.array_equal(idx, ref_idx.numpy()) and np.array_equal(cnt, ref_cnt.numpy())
 
 
 # ---------------------------------------------------------------------- pipeline consistency
+
 
 def test_pipeline_scores_then_select(device):
     """vq_encode -> lut_scores -> select_topk chained on device arrays, against the reference chain."""

@@ -1,14 +1,22 @@
 """The conftest check that keeps tests from changing the session's model, codebook and torch settings."""
+
 import torch
 
 
 def test_shared_state_check_sees_what_a_test_leaves_behind():
+    from conftest import leaked_state, shared_state
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import leaked_state, shared_state
-
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     before = shared_state(model)
     assert leaked_state(before, shared_state(model)) == []
     with torch.no_grad():
@@ -17,7 +25,10 @@ def test_shared_state_check_sees_what_a_test_leaves_behind():
     model.eval()
     model.config.rope_theta_extra = 1
     assert [leak.split(":")[0] for leak in leaked_state(before, shared_state(model))] == [
-        "model_tensors", "model_training", "model_config"]
+        "model_tensors",
+        "model_training",
+        "model_config",
+    ]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)

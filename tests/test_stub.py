@@ -8,6 +8,7 @@ line of each __doc__ (inspect.signature cannot read pybind11 functions). Read-on
 @property in the stub; where pybind11 knows a concrete type (bool, str, int, a list or an array), the
 stub's annotation must agree.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,16 +16,19 @@ import copy
 import pathlib
 import re
 
-import a2ats_core
 import pytest
+
+import a2ats_core
 
 SOURCE_STUB = pathlib.Path(__file__).resolve().parents[1] / "bindings" / "a2ats_core.pyi"
 INSTALLED_STUB = pathlib.Path(a2ats_core.__file__).with_name("a2ats_core.pyi")
 
+
 def _installed_text() -> str:
     assert INSTALLED_STUB.is_file(), (
         f"a2ats_core is installed at {a2ats_core.__file__} without its stub {INSTALLED_STUB.name} "
-        "beside it (CMakeLists.txt: install(FILES bindings/a2ats_core.pyi DESTINATION .))")
+        "beside it (CMakeLists.txt: install(FILES bindings/a2ats_core.pyi DESTINATION .))"
+    )
     return INSTALLED_STUB.read_text(encoding="utf-8")
 
 
@@ -38,8 +42,12 @@ def aliases(stub: ast.Module) -> dict[str, str]:
     """The stub's module-level `_Name: TypeAlias = ...` definitions, as source text."""
     out = {}
     for node in stub.body:
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None
-                and ast.unparse(node.annotation) in ("TypeAlias", "typing.TypeAlias")):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and node.value is not None
+            and ast.unparse(node.annotation) in ("TypeAlias", "typing.TypeAlias")
+        ):
             out[node.target.id] = ast.unparse(node.value)
     return out
 
@@ -120,13 +128,17 @@ def _text(annotation: ast.expr | None, aliases: dict[str, str]) -> str:
 _ACCEPTED = {
     "SupportsInt | SupportsIndex": {"int", "SupportsIndex", "SupportsInt | SupportsIndex"},
     "SupportsFloat | SupportsIndex": {"float", "SupportsFloat | SupportsIndex"},
-    "Sequence[SupportsInt | SupportsIndex]": {"Sequence[int]", "Sequence[SupportsIndex]",
-                                              "Sequence[SupportsInt | SupportsIndex]"},
+    "Sequence[SupportsInt | SupportsIndex]": {
+        "Sequence[int]",
+        "Sequence[SupportsIndex]",
+        "Sequence[SupportsInt | SupportsIndex]",
+    },
 }
 
 
-def _check_types(where: str, runtime: ast.FunctionDef, stub: ast.FunctionDef, aliases: dict[str, str],
-                 method: bool) -> None:
+def _check_types(
+    where: str, runtime: ast.FunctionDef, stub: ast.FunctionDef, aliases: dict[str, str], method: bool
+) -> None:
     rt_args = runtime.args.posonlyargs + runtime.args.args + runtime.args.kwonlyargs
     st_args = stub.args.posonlyargs + stub.args.args + stub.args.kwonlyargs
     if method:
@@ -147,20 +159,23 @@ def _check_types(where: str, runtime: ast.FunctionDef, stub: ast.FunctionDef, al
             assert st.split("[")[0] == rt, f"{where}: {name} is {rt} at runtime but {st} in the stub"
 
 
-def _compare(where: str, runtime_obj: object, name: str, stub_node: ast.stmt, aliases: dict[str, str],
-             method: bool) -> None:
+def _compare(
+    where: str, runtime_obj: object, name: str, stub_node: ast.stmt, aliases: dict[str, str], method: bool
+) -> None:
     assert isinstance(stub_node, ast.FunctionDef), f"{where} is a function at runtime but not in the stub"
     runtime = _runtime_def(runtime_obj, name)
     assert _params(stub_node, method=method) == _params(runtime, method=method), (
         f"{where}: stub signature ({ast.unparse(stub_node.args)}) differs from the binding's "
-        f"({ast.unparse(runtime.args)})")
+        f"({ast.unparse(runtime.args)})"
+    )
     _check_types(where, runtime, stub_node, aliases, method)
     assert ast.get_docstring(stub_node), f"{where} has no docstring in the stub"
 
 
 def _is_property(node: ast.stmt) -> bool:
     return isinstance(node, ast.FunctionDef) and any(
-        isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list)
+        isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list
+    )
 
 
 def test_stub_is_installed_beside_the_module():
@@ -170,14 +185,16 @@ def test_stub_is_installed_beside_the_module():
 @pytest.mark.skipif(not SOURCE_STUB.is_file(), reason="not a source checkout (no bindings/a2ats_core.pyi)")
 def test_installed_stub_is_the_source_one():
     assert _installed_text() == SOURCE_STUB.read_text(encoding="utf-8"), (
-        f"{INSTALLED_STUB} differs from {SOURCE_STUB}: reinstall the package")
+        f"{INSTALLED_STUB} differs from {SOURCE_STUB}: reinstall the package"
+    )
 
 
 def test_stub_names_are_the_module_names(stub):
     runtime = {n for n in dir(a2ats_core) if _is_public(n)}
     stubbed = {n for n in _defs(stub.body) if _is_public(n)}
-    assert stubbed == runtime, (f"only in the module: {sorted(runtime - stubbed)}; "
-                                f"only in the stub: {sorted(stubbed - runtime)}")
+    assert stubbed == runtime, (
+        f"only in the module: {sorted(runtime - stubbed)}; only in the stub: {sorted(stubbed - runtime)}"
+    )
 
 
 def test_version_and_module_attributes(stub):
@@ -187,8 +204,11 @@ def test_version_and_module_attributes(stub):
 
 
 def _module_functions() -> list[str]:
-    return sorted(n for n in dir(a2ats_core)
-                  if _is_public(n) and callable(getattr(a2ats_core, n)) and not isinstance(getattr(a2ats_core, n), type))
+    return sorted(
+        n
+        for n in dir(a2ats_core)
+        if _is_public(n) and callable(getattr(a2ats_core, n)) and not isinstance(getattr(a2ats_core, n), type)
+    )
 
 
 def _classes() -> list[str]:
@@ -213,16 +233,24 @@ def test_class_members(stub, aliases, cls_name):
     members = _defs(node.body)
 
     rt_props = {n for n, v in vars(cls).items() if isinstance(v, property)}
-    rt_methods = {n for n, v in vars(cls).items()
-                  if (_is_public(n) or n == "__init__") and callable(v) and not isinstance(v, property)}
+    rt_methods = {
+        n
+        for n, v in vars(cls).items()
+        if (_is_public(n) or n == "__init__") and callable(v) and not isinstance(v, property)
+    }
     st_props = {n for n, v in members.items() if _is_property(v)}
     st_methods = {n for n, v in members.items() if isinstance(v, ast.FunctionDef) and not _is_property(v)}
-    assert st_props == rt_props, (f"{cls_name} properties only at runtime: {sorted(rt_props - st_props)}; "
-                                  f"only in the stub: {sorted(st_props - rt_props)}")
-    assert st_methods == rt_methods, (f"{cls_name} methods only at runtime: {sorted(rt_methods - st_methods)}; "
-                                      f"only in the stub: {sorted(st_methods - rt_methods)}")
-    assert not {n for n in members if not isinstance(members[n], ast.FunctionDef)}, \
+    assert st_props == rt_props, (
+        f"{cls_name} properties only at runtime: {sorted(rt_props - st_props)}; "
+        f"only in the stub: {sorted(st_props - rt_props)}"
+    )
+    assert st_methods == rt_methods, (
+        f"{cls_name} methods only at runtime: {sorted(rt_methods - st_methods)}; "
+        f"only in the stub: {sorted(st_methods - rt_methods)}"
+    )
+    assert not {n for n in members if not isinstance(members[n], ast.FunctionDef)}, (
         f"{cls_name}: the stub has class attributes the runtime class lacks"
+    )
 
     for name in sorted(rt_methods):
         _compare(f"{cls_name}.{name}", getattr(cls, name), name, members[name], aliases, method=True)

@@ -4,12 +4,14 @@ exact float64 nearest-centroid search.
 Every test that takes ``device`` runs on the CPU and, when available, on CUDA (see the
 ``device`` fixture in conftest.py). The reference always runs on CPU copies of the same inputs.
 """
+
 from __future__ import annotations
 
-import a2ats_core
 import numpy as np
 import pytest
 import torch
+
+import a2ats_core
 
 from kernel_helpers import DTYPE_IDS, DTYPES, LAYOUTS, bits, check_codes, sync, x_layouts
 
@@ -24,7 +26,9 @@ def planted_keys(B, Hkv, T, D, centroids, dtype):
     near = torch.stack([centroids[g, m][planted[:, g, :, m]] for g in range(Hkv) for m in range(M)], dim=2)
     near = near.reshape(B, T, Hkv, M, dsub).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T, D)
     # Check the stacking order against a direct loop on one element.
-    assert torch.equal(near[0, Hkv - 1, T - 1, (M - 1) * dsub:], centroids[Hkv - 1, M - 1, planted[0, Hkv - 1, T - 1, M - 1]])
+    assert torch.equal(
+        near[0, Hkv - 1, T - 1, (M - 1) * dsub :], centroids[Hkv - 1, M - 1, planted[0, Hkv - 1, T - 1, M - 1]]
+    )
     x = torch.randn(B, Hkv, T, D)
     even = torch.arange(T) % 2 == 0
     x[:, :, even] = near[:, :, even] + 0.02 * torch.randn_like(near[:, :, even])

@@ -40,23 +40,42 @@ std::vector<int16_t> random_codes(size_t n, uint32_t seed) {
 
 a2ats::LutScoresParams lut_params(int64_t tokens) {
   a2ats::LutScoresParams p;
-  p.batch = 1; p.num_q_heads = kQHeads; p.num_kv_heads = kKVHeads; p.head_dim = kHeadDim;
-  p.num_subspaces = 1; p.num_centroids = kCentroids; p.capacity = tokens; p.num_bins = 1;
-  p.q_stride[0] = kQHeads * kHeadDim; p.q_stride[1] = kHeadDim; p.q_stride[2] = 0;
-  p.codes_stride[0] = kKVHeads * tokens; p.codes_stride[1] = tokens; p.codes_stride[2] = 1;
-  p.scores_stride[0] = kQHeads * tokens; p.scores_stride[1] = tokens;
+  p.batch = 1;
+  p.num_q_heads = kQHeads;
+  p.num_kv_heads = kKVHeads;
+  p.head_dim = kHeadDim;
+  p.num_subspaces = 1;
+  p.num_centroids = kCentroids;
+  p.capacity = tokens;
+  p.num_bins = 1;
+  p.q_stride[0] = kQHeads * kHeadDim;
+  p.q_stride[1] = kHeadDim;
+  p.q_stride[2] = 0;
+  p.codes_stride[0] = kKVHeads * tokens;
+  p.codes_stride[1] = tokens;
+  p.codes_stride[2] = 1;
+  p.scores_stride[0] = kQHeads * tokens;
+  p.scores_stride[1] = tokens;
   return p;
 }
 
 a2ats::SelectTopkParams topk_params(int64_t tokens) {
   a2ats::SelectTopkParams p;
   const int64_t group = kQHeads / kKVHeads;
-  p.batch = 1; p.num_q_heads = kQHeads; p.group_size = group; p.capacity = tokens;
-  p.k = tokens * 3 / 100; p.sink = kSink; p.window = kWindow;
+  p.batch = 1;
+  p.num_q_heads = kQHeads;
+  p.group_size = group;
+  p.capacity = tokens;
+  p.k = tokens * 3 / 100;
+  p.sink = kSink;
+  p.window = kWindow;
   p.max_selected = group * p.k + kSink + kWindow;
-  p.scores_stride[0] = kQHeads * tokens; p.scores_stride[1] = tokens;
-  p.indices_stride[0] = kKVHeads * p.max_selected; p.indices_stride[1] = p.max_selected;
-  p.counts_stride[0] = kKVHeads; p.counts_stride[1] = 1;
+  p.scores_stride[0] = kQHeads * tokens;
+  p.scores_stride[1] = tokens;
+  p.indices_stride[0] = kKVHeads * p.max_selected;
+  p.indices_stride[1] = p.max_selected;
+  p.counts_stride[0] = kKVHeads;
+  p.counts_stride[1] = 1;
   return p;
 }
 
@@ -105,11 +124,19 @@ BENCHMARK(BM_SelectTopk)->Arg(8192)->Arg(32768)->Arg(131072)->Unit(benchmark::kM
 void BM_Rotary(benchmark::State& state) {
   const int64_t tokens = state.range(0);
   a2ats::RotaryParams p;
-  p.batch = 1; p.num_heads = kKVHeads; p.num_tokens = tokens; p.head_dim = kHeadDim; p.rotary_dim = kHeadDim;
-  p.dtype = a2ats::DType::kFloat32; p.pos_dtype = a2ats::DType::kInt64;
-  p.x_stride[0] = kKVHeads * tokens * kHeadDim; p.x_stride[1] = tokens * kHeadDim; p.x_stride[2] = kHeadDim;
+  p.batch = 1;
+  p.num_heads = kKVHeads;
+  p.num_tokens = tokens;
+  p.head_dim = kHeadDim;
+  p.rotary_dim = kHeadDim;
+  p.dtype = a2ats::DType::kFloat32;
+  p.pos_dtype = a2ats::DType::kInt64;
+  p.x_stride[0] = kKVHeads * tokens * kHeadDim;
+  p.x_stride[1] = tokens * kHeadDim;
+  p.x_stride[2] = kHeadDim;
   std::copy(p.x_stride, p.x_stride + 3, p.out_stride);
-  p.pos_stride[0] = tokens; p.pos_stride[1] = 1;
+  p.pos_stride[0] = tokens;
+  p.pos_stride[1] = 1;
   auto x = random_floats(size_t(kKVHeads * tokens * kHeadDim), 5);
   std::vector<float> out(x.size()), inv_freq(kHeadDim / 2);
   std::vector<int64_t> positions(static_cast<size_t>(tokens));
@@ -126,10 +153,18 @@ BENCHMARK(BM_Rotary)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
 void BM_VqEncode(benchmark::State& state) {
   const int64_t tokens = state.range(0);
   a2ats::VQEncodeParams p;
-  p.batch = 1; p.num_kv_heads = kKVHeads; p.num_tokens = tokens; p.head_dim = kHeadDim;
-  p.num_subspaces = 1; p.num_centroids = kCentroids;
-  p.x_stride[0] = kKVHeads * tokens * kHeadDim; p.x_stride[1] = tokens * kHeadDim; p.x_stride[2] = kHeadDim;
-  p.codes_stride[0] = kKVHeads * tokens; p.codes_stride[1] = tokens; p.codes_stride[2] = 1;
+  p.batch = 1;
+  p.num_kv_heads = kKVHeads;
+  p.num_tokens = tokens;
+  p.head_dim = kHeadDim;
+  p.num_subspaces = 1;
+  p.num_centroids = kCentroids;
+  p.x_stride[0] = kKVHeads * tokens * kHeadDim;
+  p.x_stride[1] = tokens * kHeadDim;
+  p.x_stride[2] = kHeadDim;
+  p.codes_stride[0] = kKVHeads * tokens;
+  p.codes_stride[1] = tokens;
+  p.codes_stride[2] = 1;
   auto x = random_floats(size_t(kKVHeads * tokens * kHeadDim), 6);
   auto centroids = random_floats(size_t(kKVHeads * kCentroids * kHeadDim), 7);
   std::vector<int16_t> codes(size_t(kKVHeads * tokens));
@@ -137,9 +172,9 @@ void BM_VqEncode(benchmark::State& state) {
     a2ats::vq_encode_cpu(x.data(), centroids.data(), codes.data(), p);
     benchmark::DoNotOptimize(codes.data());
   }
-  state.counters["GFLOP/s"] = benchmark::Counter(double(2 * kKVHeads * tokens * kCentroids * kHeadDim),
-                                                 benchmark::Counter::kIsIterationInvariantRate,
-                                                 benchmark::Counter::kIs1000);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(double(2 * kKVHeads * tokens * kCentroids * kHeadDim),
+                         benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 BENCHMARK(BM_VqEncode)->Arg(1)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 

@@ -123,8 +123,8 @@ A2ATS_INLINE void logits_heads(const float* const* q, int64_t h, const float* co
   logits_block<HB>(q + h, k_rows, n, head_dim, scale, logits + h * kAttendChunkRows);
 }
 template <int HB>
-A2ATS_INLINE void values_heads(const float* probs, int64_t h, const float* const* v_rows, int64_t n,
-                               int64_t head_dim, float* state) {
+A2ATS_INLINE void values_heads(const float* probs, int64_t h, const float* const* v_rows, int64_t n, int64_t head_dim,
+                               float* state) {
   float* out[HB];
   for (int j = 0; j < HB; ++j) out[j] = state + (h + j) * (head_dim + 2) + 2;
   values_block<HB>(probs + h * kAttendChunkRows, v_rows, n, head_dim, out);
@@ -133,8 +133,9 @@ A2ATS_INLINE void values_heads(const float* probs, int64_t h, const float* const
 // One chunk of one (b, g): logits (G, kAttendChunkRows) of its n rows for each head, then the
 // chunk's softmax state per head into state (G, D + 2) = [m, s, o_0 .. o_{D-1}].
 // k_rows/v_rows: n row pointers (f32, D contiguous). Heads go four at a time.
-A2ATS_INLINE void attend_chunk_body(const float* const* q, int64_t group_size, int64_t head_dim, float scale, const float* const* k_rows,
-                  const float* const* v_rows, int64_t n, float* logits, float* state) {
+A2ATS_INLINE void attend_chunk_body(const float* const* q, int64_t group_size, int64_t head_dim, float scale,
+                                    const float* const* k_rows, const float* const* v_rows, int64_t n, float* logits,
+                                    float* state) {
   int64_t h = 0;
   for (; h + 4 <= group_size; h += 4) logits_heads<4>(q, h, k_rows, n, head_dim, scale, logits);
   for (; h < group_size; ++h) logits_heads<1>(q, h, k_rows, n, head_dim, scale, logits);
@@ -155,7 +156,9 @@ A2ATS_INLINE void attend_chunk_body(const float* const* q, int64_t group_size, i
   for (h = 0; h + 4 <= group_size; h += 4) values_heads<4>(logits, h, v_rows, n, head_dim, state);
   for (; h < group_size; ++h) values_heads<1>(logits, h, v_rows, n, head_dim, state);
 }
-A2ATS_MULTIVERSIONED(void, attend_chunk, attend_chunk_body, (const float* const* q, int64_t group_size, int64_t head_dim, float scale, const float* const* k_rows, const float* const* v_rows, int64_t n, float* logits, float* state),
+A2ATS_MULTIVERSIONED(void, attend_chunk, attend_chunk_body,
+                     (const float* const* q, int64_t group_size, int64_t head_dim, float scale,
+                      const float* const* k_rows, const float* const* v_rows, int64_t n, float* logits, float* state),
                      (q, group_size, head_dim, scale, k_rows, v_rows, n, logits, state))
 
 // Rows of a 16-bit store widened to f32, so that attend_chunk has one element type. GCC does
@@ -187,8 +190,8 @@ A2ATS_INLINE void widen_rows_body(const bfloat16_t* const* rows, int64_t n, int6
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < head_dim; ++d) out[i * head_dim + d] = to_float(rows[i][d]);
 }
-A2ATS_MULTIVERSIONED(void, widen_rows, widen_rows_body, (const bfloat16_t* const* rows, int64_t n, int64_t head_dim, float* out),
-                     (rows, n, head_dim, out))
+A2ATS_MULTIVERSIONED(void, widen_rows, widen_rows_body,
+                     (const bfloat16_t* const* rows, int64_t n, int64_t head_dim, float* out), (rows, n, head_dim, out))
 
 // The n K and V rows of one chunk as f32 in `scratch` (2, kAttendChunkRows, D), with their
 // pointers in `k_rows` and `v_rows`. They are copied out of the store first, a memcpy per row,
@@ -238,42 +241,52 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
   };
   const auto run = [&](auto element) {
     using T = decltype(element);
-    pool_->parallel_for(num_items, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<float> logits, scratch;
-      thread_local std::vector<char> staging;
-      staging.resize(std::max(size_t(2 * kAttendChunkRows * head_dim) * sizeof(T), staging.size()));
-      thread_local std::vector<const float*> q_heads;
-      q_heads.resize(size_t(group_size));
-      logits.resize(size_t(std::max<int64_t>(group_size * kAttendChunkRows, int64_t(logits.size()))));
-      scratch.resize(size_t(std::max<int64_t>(2 * kAttendChunkRows * head_dim, int64_t(scratch.size()))));
-      const float* k_chunk[kAttendChunkRows];
-      const float* v_chunk[kAttendChunkRows];
-      for (int64_t item = begin; item < end; ++item) {
-        // Work item -> (b, g, rows [lo, hi) of its selection).
-        const int64_t chunk = item % chunks, bg = item / chunks;
-        const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
-        const int64_t lo = chunk * kAttendChunkRows, hi = std::min(count_of(b, g), lo + kAttendChunkRows);
-        float* state = partials + item * state_floats;
-        if (lo >= hi) {
-          for (int64_t h = 0; h < group_size; ++h) {
-            state[h * (head_dim + 2)] = -std::numeric_limits<float>::infinity();
-            state[h * (head_dim + 2) + 1] = 0.f;
+    pool_->parallel_for(
+        num_items,
+        [&](int64_t begin, int64_t end) {
+          thread_local std::vector<float> logits, scratch;
+          thread_local std::vector<char> staging;
+          staging.resize(std::max(size_t(2 * kAttendChunkRows * head_dim) * sizeof(T), staging.size()));
+          thread_local std::vector<const float*> q_heads;
+          q_heads.resize(size_t(group_size));
+          logits.resize(size_t(std::max<int64_t>(group_size * kAttendChunkRows, int64_t(logits.size()))));
+          scratch.resize(size_t(std::max<int64_t>(2 * kAttendChunkRows * head_dim, int64_t(scratch.size()))));
+          const float* k_chunk[kAttendChunkRows];
+          const float* v_chunk[kAttendChunkRows];
+          for (int64_t item = begin; item < end; ++item) {
+            // Work item -> (b, g, rows [lo, hi) of its selection).
+            const int64_t chunk = item % chunks, bg = item / chunks;
+            const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
+            const int64_t lo = chunk * kAttendChunkRows, hi = std::min(count_of(b, g), lo + kAttendChunkRows);
+            float* state = partials + item * state_floats;
+            if (lo >= hi) {
+              for (int64_t h = 0; h < group_size; ++h) {
+                state[h * (head_dim + 2)] = -std::numeric_limits<float>::infinity();
+                state[h * (head_dim + 2) + 1] = 0.f;
+              }
+              continue;
+            }
+            for (int64_t h = 0; h < group_size; ++h)
+              q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h) * p.q_stride[1];
+            const int32_t* idx = indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
+            chunk_rows<T>(k_rows(layer, b, g), v_rows(layer, b, g), idx, hi - lo, head_dim, scratch.data(),
+                          staging.data(), k_chunk, v_chunk);
+            attend_chunk(q_heads.data(), group_size, head_dim, p.scale, k_chunk, v_chunk, hi - lo, logits.data(),
+                         state);
           }
-          continue;
-        }
-        for (int64_t h = 0; h < group_size; ++h)
-          q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h) * p.q_stride[1];
-        const int32_t* idx = indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
-        chunk_rows<T>(k_rows(layer, b, g), v_rows(layer, b, g), idx, hi - lo, head_dim, scratch.data(),
-                      staging.data(), k_chunk, v_chunk);
-        attend_chunk(q_heads.data(), group_size, head_dim, p.scale, k_chunk, v_chunk, hi - lo, logits.data(), state);
-      }
-    }, ThreadPool::min_chunk_for(4 * kAttendChunkRows * head_dim * group_size));
+        },
+        ThreadPool::min_chunk_for(4 * kAttendChunkRows * head_dim * group_size));
   };
   switch (dtype_) {
-    case DType::kFloat16: run(half_t{}); break;
-    case DType::kBFloat16: run(bfloat16_t{}); break;
-    default: run(float{}); break;
+    case DType::kFloat16:
+      run(half_t{});
+      break;
+    case DType::kBFloat16:
+      run(bfloat16_t{});
+      break;
+    default:
+      run(float{});
+      break;
   }
   // Merge each (b, h)'s chunk states: M = max m_c, S = sum s_c e^(m_c - M), out = sum o_c e^(m_c - M) / S.
   for (int64_t bg = 0; bg < batch_ * num_kv_heads_; ++bg) {
@@ -282,7 +295,9 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
       const int64_t head = g * group_size + h;
       float* o = out + b * p.out_stride[0] + head * p.out_stride[1];
       float* l = lse + b * p.lse_stride[0] + head * p.lse_stride[1];
-      const auto chunk_state = [&](int64_t c) { return partials + (bg * chunks + c) * state_floats + h * (head_dim + 2); };
+      const auto chunk_state = [&](int64_t c) {
+        return partials + (bg * chunks + c) * state_floats + h * (head_dim + 2);
+      };
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < chunks; ++c) m = std::max(m, chunk_state(c)[0]);
       std::fill(o, o + head_dim, 0.f);

@@ -22,9 +22,12 @@ std::string supported_list() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kBaseline: return "baseline";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
+    case Isa::kBaseline:
+      return "baseline";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
   }
   return "?";
 }
@@ -67,8 +70,8 @@ Isa active_isa() {
   }
   const Isa wanted = parse_isa(env, "A2ATS_ISA");
   if (int(wanted) > int(best_isa()))
-    throw std::invalid_argument(std::string("A2ATS_ISA=") + env + " is not supported by this CPU or build (supported: " +
-                                supported_list() + ")");
+    throw std::invalid_argument(std::string("A2ATS_ISA=") + env +
+                                " is not supported by this CPU or build (supported: " + supported_list() + ")");
   g_active.store(int(wanted), std::memory_order_relaxed);
   return wanted;
 }

@@ -33,8 +33,13 @@ bool pinned_free(void*) { return false; }
 
 KVStore::KVStore(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t capacity,
                  DType dtype, bool pinned, int threads)
-    : num_layers_(num_layers), batch_(batch), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
-      capacity_(capacity), dtype_(dtype), lengths_(size_t(num_layers * batch), 0),
+    : num_layers_(num_layers),
+      batch_(batch),
+      num_kv_heads_(num_kv_heads),
+      head_dim_(head_dim),
+      capacity_(capacity),
+      dtype_(dtype),
+      lengths_(size_t(num_layers * batch), 0),
       pool_(new ThreadPool(threads)) {
   int64_t slab = row_bytes();  // checked: a wrapped product would make a tiny store that appends overrun
   for (const int64_t dim : {num_layers, batch, num_kv_heads, capacity})
@@ -96,26 +101,28 @@ void KVStore::commit_append(int64_t layer, int64_t num_new, const int32_t* num_t
   for (int64_t b = 0; b < batch_; ++b) lengths_[size_t(layer * batch_ + b)] += num_tokens ? num_tokens[b] : num_new;
 }
 
-void KVStore::append(int64_t layer, const RowsView& k, const RowsView& v, int64_t num_new,
-                     const int32_t* num_tokens) {
+void KVStore::append(int64_t layer, const RowsView& k, const RowsView& v, int64_t num_new, const int32_t* num_tokens) {
   check_append(layer, num_new, num_tokens);
   const int64_t elem = dtype_size(dtype_);
   const size_t row = size_t(row_bytes());
-  pool_->parallel_for(batch_ * num_kv_heads_, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / num_kv_heads_, g = item % num_kv_heads_;
-      const int64_t n = num_tokens ? num_tokens[b] : num_new;
-      const int64_t start = length(layer, b);
-      char* dst_k = k_rows(layer, b, g) + start * int64_t(row);
-      char* dst_v = v_rows(layer, b, g) + start * int64_t(row);
-      const char* src_k = static_cast<const char*>(k.data) + (b * k.stride[0] + g * k.stride[1]) * elem;
-      const char* src_v = static_cast<const char*>(v.data) + (b * v.stride[0] + g * v.stride[1]) * elem;
-      for (int64_t t = 0; t < n; ++t) {
-        std::memcpy(dst_k + t * int64_t(row), src_k + t * k.stride[2] * elem, row);
-        std::memcpy(dst_v + t * int64_t(row), src_v + t * v.stride[2] * elem, row);
-      }
-    }
-  }, ThreadPool::min_chunk_for(2 * num_new * int64_t(row)));
+  pool_->parallel_for(
+      batch_ * num_kv_heads_,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / num_kv_heads_, g = item % num_kv_heads_;
+          const int64_t n = num_tokens ? num_tokens[b] : num_new;
+          const int64_t start = length(layer, b);
+          char* dst_k = k_rows(layer, b, g) + start * int64_t(row);
+          char* dst_v = v_rows(layer, b, g) + start * int64_t(row);
+          const char* src_k = static_cast<const char*>(k.data) + (b * k.stride[0] + g * k.stride[1]) * elem;
+          const char* src_v = static_cast<const char*>(v.data) + (b * v.stride[0] + g * v.stride[1]) * elem;
+          for (int64_t t = 0; t < n; ++t) {
+            std::memcpy(dst_k + t * int64_t(row), src_k + t * k.stride[2] * elem, row);
+            std::memcpy(dst_v + t * int64_t(row), src_v + t * v.stride[2] * elem, row);
+          }
+        }
+      },
+      ThreadPool::min_chunk_for(2 * num_new * int64_t(row)));
   commit_append(layer, num_new, num_tokens);
 }
 
@@ -150,23 +157,26 @@ void KVStore::gather(int64_t layer, const int32_t* indices, const int64_t indice
   const int64_t elem = dtype_size(dtype_);
   const size_t row = size_t(row_bytes());
   const int64_t chunks = (max_count(counts, counts_stride) + kGatherChunkRows - 1) / kGatherChunkRows;
-  pool_->parallel_for(batch_ * num_kv_heads_ * chunks, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t chunk = item % chunks, bg = item / chunks;
-      const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
-      const int64_t count = counts[b * counts_stride[0] + g * counts_stride[1]];
-      const int64_t lo = chunk * kGatherChunkRows, hi = std::min(count, lo + kGatherChunkRows);
-      const int32_t* idx = indices + b * indices_stride[0] + g * indices_stride[1];
-      const char* src_k = k_rows(layer, b, g);
-      const char* src_v = v_rows(layer, b, g);
-      char* dst_k = static_cast<char*>(out_k.data) + (b * out_k.stride[0] + g * out_k.stride[1]) * elem;
-      char* dst_v = static_cast<char*>(out_v.data) + (b * out_v.stride[0] + g * out_v.stride[1]) * elem;
-      for_each_row_prefetched(src_k, src_v, idx, lo, hi, row, [&](int64_t i, const char* k, const char* v) {
-        std::memcpy(dst_k + i * out_k.stride[2] * elem, k, row);
-        std::memcpy(dst_v + i * out_v.stride[2] * elem, v, row);
-      });
-    }
-  }, ThreadPool::min_chunk_for(2 * kGatherChunkRows * int64_t(row)));
+  pool_->parallel_for(
+      batch_ * num_kv_heads_ * chunks,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t chunk = item % chunks, bg = item / chunks;
+          const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
+          const int64_t count = counts[b * counts_stride[0] + g * counts_stride[1]];
+          const int64_t lo = chunk * kGatherChunkRows, hi = std::min(count, lo + kGatherChunkRows);
+          const int32_t* idx = indices + b * indices_stride[0] + g * indices_stride[1];
+          const char* src_k = k_rows(layer, b, g);
+          const char* src_v = v_rows(layer, b, g);
+          char* dst_k = static_cast<char*>(out_k.data) + (b * out_k.stride[0] + g * out_k.stride[1]) * elem;
+          char* dst_v = static_cast<char*>(out_v.data) + (b * out_v.stride[0] + g * out_v.stride[1]) * elem;
+          for_each_row_prefetched(src_k, src_v, idx, lo, hi, row, [&](int64_t i, const char* k, const char* v) {
+            std::memcpy(dst_k + i * out_k.stride[2] * elem, k, row);
+            std::memcpy(dst_v + i * out_v.stride[2] * elem, v, row);
+          });
+        }
+      },
+      ThreadPool::min_chunk_for(2 * kGatherChunkRows * int64_t(row)));
 }
 
 }  // namespace a2ats

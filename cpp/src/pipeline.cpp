@@ -33,12 +33,17 @@ void rows_to_f32(const T* src, const int64_t stride[3], int64_t n0, int64_t n1, 
 // dst (n0, n1, n2, d) f32 contiguous from strided rows of `dtype`.
 void to_f32(const ConstRows& src, DType dtype, int64_t n0, int64_t n1, int64_t n2, int64_t d, float* dst) {
   switch (dtype) {
-    case DType::kFloat32: rows_to_f32(static_cast<const float*>(src.data), src.stride, n0, n1, n2, d, dst); break;
-    case DType::kFloat16: rows_to_f32(static_cast<const half_t*>(src.data), src.stride, n0, n1, n2, d, dst); break;
+    case DType::kFloat32:
+      rows_to_f32(static_cast<const float*>(src.data), src.stride, n0, n1, n2, d, dst);
+      break;
+    case DType::kFloat16:
+      rows_to_f32(static_cast<const half_t*>(src.data), src.stride, n0, n1, n2, d, dst);
+      break;
     case DType::kBFloat16:
       rows_to_f32(static_cast<const bfloat16_t*>(src.data), src.stride, n0, n1, n2, d, dst);
       break;
-    default: throw std::invalid_argument("rows must be float32, float16 or bfloat16");
+    default:
+      throw std::invalid_argument("rows must be float32, float16 or bfloat16");
   }
 }
 
@@ -57,33 +62,36 @@ void f32_to_rows(const float* src, int64_t n0, int64_t n1, int64_t d, T* dst, co
 // consecutive rows share one (D, D) matrix, matrices cycle every num_matrices groups.
 void rows_times_matrix(const float* x, const float* matrices, int64_t num_rows, int64_t rows_per_matrix,
                        int64_t num_matrices, int64_t d, bool transposed, float* y) {
-  ThreadPool::global().parallel_for(num_rows, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* m = matrices + ((r / rows_per_matrix) % num_matrices) * d * d;
-      const float* in = x + r * d;
-      float* out = y + r * d;
-      if (transposed) {
-        // Eight lanes per dot product: a single accumulator is a serial chain the compiler may
-        // not reorder (no -ffast-math), 4x slower on SmolLM2's dual queries.
-        for (int64_t e = 0; e < d; ++e) {
-          const float* row = m + e * d;
-          f32x8 lanes = {};
-          int64_t k = 0;
-          for (; k + 8 <= d; k += 8) lanes += load8(row + k) * load8(in + k);
-          float acc = sum8(lanes);
-          for (; k < d; ++k) acc += row[k] * in[k];
-          out[e] = acc;
+  ThreadPool::global().parallel_for(
+      num_rows,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* m = matrices + ((r / rows_per_matrix) % num_matrices) * d * d;
+          const float* in = x + r * d;
+          float* out = y + r * d;
+          if (transposed) {
+            // Eight lanes per dot product: a single accumulator is a serial chain the compiler may
+            // not reorder (no -ffast-math), 4x slower on SmolLM2's dual queries.
+            for (int64_t e = 0; e < d; ++e) {
+              const float* row = m + e * d;
+              f32x8 lanes = {};
+              int64_t k = 0;
+              for (; k + 8 <= d; k += 8) lanes += load8(row + k) * load8(in + k);
+              float acc = sum8(lanes);
+              for (; k < d; ++k) acc += row[k] * in[k];
+              out[e] = acc;
+            }
+          } else {
+            std::fill(out, out + d, 0.f);
+            for (int64_t k = 0; k < d; ++k) {
+              const float xk = in[k];
+              const float* mk = m + k * d;
+              for (int64_t e = 0; e < d; ++e) out[e] += xk * mk[e];
+            }
+          }
         }
-      } else {
-        std::fill(out, out + d, 0.f);
-        for (int64_t k = 0; k < d; ++k) {
-          const float xk = in[k];
-          const float* mk = m + k * d;
-          for (int64_t e = 0; e < d; ++e) out[e] += xk * mk[e];
-        }
-      }
-    }
-  }, ThreadPool::min_chunk_for(2 * d * d));
+      },
+      ThreadPool::min_chunk_for(2 * d * d));
 }
 
 template <typename T>
@@ -124,7 +132,8 @@ PipelineBase::PipelineBase(KVStore& store, const PipelineShape& shape, PipelineC
   for (size_t j = 1; j < codebook_.bin_edges.size(); ++j)
     if (codebook_.bin_edges[j] < codebook_.bin_edges[j - 1]) fail("bin_edges must be ascending");
   if (int64_t(codebook_.chol.size()) != L * Hkv * D * D || codebook_.chol_inv.size() != codebook_.chol.size() ||
-      int64_t(codebook_.centroids.size()) != L * Hkv * C * D || int64_t(codebook_.inv_freq.size()) * 2 != shape.rotary_dim)
+      int64_t(codebook_.centroids.size()) != L * Hkv * C * D ||
+      int64_t(codebook_.inv_freq.size()) * 2 != shape.rotary_dim)
     fail("codebook arrays do not match the store's layers, heads and head_dim");
   // Codes exist for exactly the store's rows: rows stored before the pipeline have none.
   for (int64_t layer = 0; layer < L; ++layer)
@@ -147,11 +156,11 @@ void PipelineBase::plan(int64_t k) {
   for (int64_t layer = 0; layer < L; ++layer)
     for (int64_t b = 0; b < B; ++b)
       if (store_.length(layer, b) != store_.length(0, b))
-        throw std::invalid_argument(
-            "the layers hold different rows (layer 0 holds " + std::to_string(store_.length(0, b)) + " of batch row " +
-            std::to_string(b) + ", layer " + std::to_string(layer) + " holds " +
-            std::to_string(store_.length(layer, b)) +
-            "): an earlier step stopped inside the model; reset() and prefill again");
+        throw std::invalid_argument("the layers hold different rows (layer 0 holds " +
+                                    std::to_string(store_.length(0, b)) + " of batch row " + std::to_string(b) +
+                                    ", layer " + std::to_string(layer) + " holds " +
+                                    std::to_string(store_.length(layer, b)) +
+                                    "): an earlier step stopped inside the model; reset() and prefill again");
   for (int64_t b = 0; b < B; ++b)
     if (store_.length(0, b) + 1 > store_.capacity())
       throw std::invalid_argument("capacity exceeded: batch row " + std::to_string(b) + " holds " +
@@ -176,12 +185,14 @@ void PipelineBase::check_decode(int64_t layer) const {
     throw std::invalid_argument("layer must be in [0, " + std::to_string(L) + "), got " + std::to_string(layer));
   if (!planned_) throw std::invalid_argument("decode before plan(): plan each step once, then decode its layers");
   if (decoded_[size_t(layer)])
-    throw std::invalid_argument("layer " + std::to_string(layer) + " was already decoded in this step; plan() the next");
+    throw std::invalid_argument("layer " + std::to_string(layer) +
+                                " was already decoded in this step; plan() the next");
   for (int64_t b = 0; b < B; ++b)
     if (store_.length(layer, b) + 1 != step_lengths_[size_t(b)])
-      throw std::invalid_argument("layer " + std::to_string(layer) + " holds " + std::to_string(store_.length(layer, b)) +
-                                  " rows of batch row " + std::to_string(b) + " but this step planned " +
-                                  std::to_string(step_lengths_[size_t(b)] - 1) + "; reset() and prefill again");
+      throw std::invalid_argument("layer " + std::to_string(layer) + " holds " +
+                                  std::to_string(store_.length(layer, b)) + " rows of batch row " + std::to_string(b) +
+                                  " but this step planned " + std::to_string(step_lengths_[size_t(b)] - 1) +
+                                  "; reset() and prefill again");
 }
 
 void PipelineBase::finish_decode(int64_t layer) {
@@ -208,33 +219,60 @@ void PipelineBase::count_step(const int32_t* selected, bool include_resident) {
 RotaryParams PipelineBase::key_rotation(int64_t num_new) const {
   const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
   RotaryParams rp;
-  rp.batch = B; rp.num_heads = Hkv; rp.num_tokens = num_new; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
+  rp.batch = B;
+  rp.num_heads = Hkv;
+  rp.num_tokens = num_new;
+  rp.head_dim = D;
+  rp.rotary_dim = shape_.rotary_dim;
+  rp.interleaved = shape_.interleaved;
+  rp.dtype = DType::kFloat32;
+  rp.pos_dtype = DType::kInt64;
   rp.x_stride[0] = rp.out_stride[0] = Hkv * num_new * D;
   rp.x_stride[1] = rp.out_stride[1] = num_new * D;
   rp.x_stride[2] = rp.out_stride[2] = D;
-  rp.pos_stride[0] = num_new; rp.pos_stride[1] = 1;
+  rp.pos_stride[0] = num_new;
+  rp.pos_stride[1] = 1;
   return rp;
 }
 
 RotaryParams PipelineBase::query_rotation() const {
   const int64_t B = store_.batch(), Hq = shape_.num_q_heads, D = store_.head_dim(), NB = num_bins();
   RotaryParams rp;
-  rp.batch = B; rp.num_heads = Hq; rp.num_tokens = NB; rp.head_dim = D; rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved; rp.dtype = DType::kFloat32; rp.pos_dtype = DType::kInt64;
-  rp.x_stride[0] = Hq * D; rp.x_stride[1] = D; rp.x_stride[2] = 0;  // one query, NB rotations
-  rp.out_stride[0] = Hq * NB * D; rp.out_stride[1] = NB * D; rp.out_stride[2] = D;
-  rp.pos_stride[0] = NB; rp.pos_stride[1] = 1;
+  rp.batch = B;
+  rp.num_heads = Hq;
+  rp.num_tokens = NB;
+  rp.head_dim = D;
+  rp.rotary_dim = shape_.rotary_dim;
+  rp.interleaved = shape_.interleaved;
+  rp.dtype = DType::kFloat32;
+  rp.pos_dtype = DType::kInt64;
+  rp.x_stride[0] = Hq * D;
+  rp.x_stride[1] = D;
+  rp.x_stride[2] = 0;  // one query, NB rotations
+  rp.out_stride[0] = Hq * NB * D;
+  rp.out_stride[1] = NB * D;
+  rp.out_stride[2] = D;
+  rp.pos_stride[0] = NB;
+  rp.pos_stride[1] = 1;
   return rp;
 }
 
 VQEncodeParams PipelineBase::key_encoding(int64_t num_new) const {
   const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces;
   VQEncodeParams ep;
-  ep.batch = B; ep.num_kv_heads = Hkv; ep.num_tokens = num_new; ep.head_dim = D; ep.num_subspaces = M;
-  ep.num_centroids = shape_.num_centroids; ep.dtype = DType::kFloat32;
-  ep.x_stride[0] = Hkv * num_new * D; ep.x_stride[1] = num_new * D; ep.x_stride[2] = D;
-  ep.codes_stride[0] = Hkv * num_new * M; ep.codes_stride[1] = num_new * M; ep.codes_stride[2] = M;
+  ep.batch = B;
+  ep.num_kv_heads = Hkv;
+  ep.num_tokens = num_new;
+  ep.head_dim = D;
+  ep.num_subspaces = M;
+  ep.num_centroids = shape_.num_centroids;
+  ep.dtype = DType::kFloat32;
+  ep.x_stride[0] = Hkv * num_new * D;
+  ep.x_stride[1] = num_new * D;
+  ep.x_stride[2] = D;
+  ep.codes_stride[0] = Hkv * num_new * M;
+  ep.codes_stride[1] = num_new * M;
+  ep.codes_stride[2] = M;
   return ep;
 }
 
@@ -242,23 +280,43 @@ LutScoresParams PipelineBase::scoring() const {
   const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces;
   const int64_t Hq = shape_.num_q_heads, NB = num_bins(), capacity = store_.capacity();
   LutScoresParams lp;
-  lp.batch = B; lp.num_q_heads = Hq; lp.num_kv_heads = Hkv; lp.head_dim = D; lp.num_subspaces = M;
-  lp.num_centroids = shape_.num_centroids; lp.capacity = capacity; lp.num_bins = NB;
-  lp.q_stride[0] = Hq * NB * D; lp.q_stride[1] = NB * D; lp.q_stride[2] = D;
-  lp.codes_stride[0] = Hkv * capacity * M; lp.codes_stride[1] = capacity * M; lp.codes_stride[2] = M;
-  lp.scores_stride[0] = Hq * capacity; lp.scores_stride[1] = capacity;
+  lp.batch = B;
+  lp.num_q_heads = Hq;
+  lp.num_kv_heads = Hkv;
+  lp.head_dim = D;
+  lp.num_subspaces = M;
+  lp.num_centroids = shape_.num_centroids;
+  lp.capacity = capacity;
+  lp.num_bins = NB;
+  lp.q_stride[0] = Hq * NB * D;
+  lp.q_stride[1] = NB * D;
+  lp.q_stride[2] = D;
+  lp.codes_stride[0] = Hkv * capacity * M;
+  lp.codes_stride[1] = capacity * M;
+  lp.codes_stride[2] = M;
+  lp.scores_stride[0] = Hq * capacity;
+  lp.scores_stride[1] = capacity;
   return lp;
 }
 
 SelectTopkParams PipelineBase::selection(int64_t max_selected, bool add_resident) const {
   const int64_t Hkv = store_.num_kv_heads(), Hq = shape_.num_q_heads, capacity = store_.capacity();
   SelectTopkParams sp;
-  sp.batch = store_.batch(); sp.num_q_heads = Hq; sp.group_size = group_size(); sp.capacity = capacity;
-  sp.k = k_; sp.sink = shape_.sink; sp.window = shape_.window; sp.max_selected = max_selected;
+  sp.batch = store_.batch();
+  sp.num_q_heads = Hq;
+  sp.group_size = group_size();
+  sp.capacity = capacity;
+  sp.k = k_;
+  sp.sink = shape_.sink;
+  sp.window = shape_.window;
+  sp.max_selected = max_selected;
   sp.add_resident = add_resident;
-  sp.scores_stride[0] = Hq * capacity; sp.scores_stride[1] = capacity;
-  sp.indices_stride[0] = Hkv * max_selected; sp.indices_stride[1] = max_selected;
-  sp.counts_stride[0] = Hkv; sp.counts_stride[1] = 1;
+  sp.scores_stride[0] = Hq * capacity;
+  sp.scores_stride[1] = capacity;
+  sp.indices_stride[0] = Hkv * max_selected;
+  sp.indices_stride[1] = max_selected;
+  sp.counts_stride[0] = Hkv;
+  sp.counts_stride[1] = 1;
   return sp;
 }
 
@@ -285,7 +343,8 @@ void Pipeline::encode_and_append(int64_t layer, const ConstRows& k, const ConstR
   // Pre-RoPE keys: rotated back by their positions, in float32.
   to_f32(k, store_.dtype(), B, Hkv, num_new, D, keys_.data());
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < num_new; ++t) rotate_by_[size_t(b * num_new + t)] = -positions[b * pos_stride[0] + t * pos_stride[1]];
+    for (int64_t t = 0; t < num_new; ++t)
+      rotate_by_[size_t(b * num_new + t)] = -positions[b * pos_stride[0] + t * pos_stride[1]];
   rotary_cpu(keys_.data(), keys_.data(), rotate_by_.data(), codebook_.inv_freq.data(), key_rotation(num_new));
   // Whitened by the layer's L (one per KV head), then the nearest centroid.
   const float* chol = codebook_.chol.data() + layer * Hkv * D * D;
@@ -358,17 +417,29 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   // Exact attention with the model's own query over the selected rows (sink and window
   // included), read straight from the store.
   KVStore::AttendParams ap;
-  ap.group_size = group; ap.scale = scale;
-  ap.q_stride[0] = Hq * D; ap.q_stride[1] = D;
-  ap.indices_stride[0] = sp.indices_stride[0]; ap.indices_stride[1] = sp.indices_stride[1];
-  ap.counts_stride[0] = Hkv; ap.counts_stride[1] = 1;
-  ap.out_stride[0] = Hq * D; ap.out_stride[1] = D;
-  ap.lse_stride[0] = Hq; ap.lse_stride[1] = 1;
+  ap.group_size = group;
+  ap.scale = scale;
+  ap.q_stride[0] = Hq * D;
+  ap.q_stride[1] = D;
+  ap.indices_stride[0] = sp.indices_stride[0];
+  ap.indices_stride[1] = sp.indices_stride[1];
+  ap.counts_stride[0] = Hkv;
+  ap.counts_stride[1] = 1;
+  ap.out_stride[0] = Hq * D;
+  ap.out_stride[1] = D;
+  ap.lse_stride[0] = Hq;
+  ap.lse_stride[1] = 1;
   store_.attend(layer, q_.data(), indices_.data(), counts_.data(), out_.data(), lse_.data(), ap);
   switch (store_.dtype()) {
-    case DType::kFloat32: f32_to_rows(out_.data(), B, Hq, D, static_cast<float*>(out), out_stride); break;
-    case DType::kFloat16: f32_to_rows(out_.data(), B, Hq, D, static_cast<half_t*>(out), out_stride); break;
-    default: f32_to_rows(out_.data(), B, Hq, D, static_cast<bfloat16_t*>(out), out_stride); break;
+    case DType::kFloat32:
+      f32_to_rows(out_.data(), B, Hq, D, static_cast<float*>(out), out_stride);
+      break;
+    case DType::kFloat16:
+      f32_to_rows(out_.data(), B, Hq, D, static_cast<half_t*>(out), out_stride);
+      break;
+    default:
+      f32_to_rows(out_.data(), B, Hq, D, static_cast<bfloat16_t*>(out), out_stride);
+      break;
   }
 
   count_step(counts_.data(), true);

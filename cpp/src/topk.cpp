@@ -21,7 +21,8 @@ namespace {
 // the top-digit histogram; the second marks every candidate whose digit beats the bucket
 // holding the k-th best and compacts the bucket's members (key and position) so the finer
 // digits only look at those. keys/positions: (2 * n,) scratch.
-A2ATS_INLINE void mark_top_k_body(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions, uint8_t* mark) {
+A2ATS_INLINE void mark_top_k_body(const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions,
+                                  uint8_t* mark) {
   static constexpr int kShift[3] = {21, 10, 0};
   static constexpr uint32_t kDigits[3] = {2048, 2048, 1024};
   uint32_t hist[2048];
@@ -78,7 +79,8 @@ A2ATS_INLINE void mark_top_k_body(const float* row, int64_t n, int64_t k, uint32
     cur_n = kept;
   }
 }
-A2ATS_MULTIVERSIONED(void, mark_top_k, mark_top_k_body, (const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions, uint8_t* mark),
+A2ATS_MULTIVERSIONED(void, mark_top_k, mark_top_k_body,
+                     (const float* row, int64_t n, int64_t k, uint32_t* keys, int32_t* positions, uint8_t* mark),
                      (row, n, k, keys, positions, mark))
 
 // Rows at least this long, with k at most this share of them, take the sampled path below.
@@ -88,9 +90,7 @@ constexpr int64_t kSampleSize = 2048;     // the most samples a row takes
 constexpr int64_t kMinSampleSize = 512;   // the fewest: n / 16 of a 4k row would judge too coarsely
 
 // The float whose score_key is `key` (key != 0, so not a NaN's).
-A2ATS_INLINE float key_score(uint32_t key) {
-  return bits_to_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
+A2ATS_INLINE float key_score(uint32_t key) { return bits_to_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); }
 
 // Appends (key << 32 | ~position) of every score of row (n,) whose key is >= threshold to
 // candidates, in position order; returns how many. A few percent of the scores hit, too many
@@ -99,7 +99,9 @@ A2ATS_INLINE float key_score(uint32_t key) {
 // test; each hit's key is then checked exactly (the float comparison also lets -0 pass +0).
 A2ATS_INLINE int64_t collect_at_or_above(const float* row, int64_t n, uint32_t threshold, uint64_t* candidates) {
   // Key descending, then position ascending: one integer comparison orders both.
-  const auto entry = [](uint32_t key, int64_t i) { return (uint64_t(key) << 32) | uint64_t(0xffffffffu - uint32_t(i)); };
+  const auto entry = [](uint32_t key, int64_t i) {
+    return (uint64_t(key) << 32) | uint64_t(0xffffffffu - uint32_t(i));
+  };
   int64_t found = 0, i = 0;
   const auto take = [&](int64_t at) {
     const uint32_t key = score_key(row[at]);
@@ -196,7 +198,8 @@ A2ATS_INLINE bool mark_top_k_sampled_body(const float* row, int64_t n, int64_t k
   mark_best_candidates(candidates, found, k, threshold, mark);
   return true;
 }
-A2ATS_MULTIVERSIONED(bool, mark_top_k_sampled, mark_top_k_sampled_body, (const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark),
+A2ATS_MULTIVERSIONED(bool, mark_top_k_sampled, mark_top_k_sampled_body,
+                     (const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark),
                      (row, n, k, candidates, mark))
 
 }  // namespace
@@ -204,61 +207,64 @@ A2ATS_MULTIVERSIONED(bool, mark_top_k_sampled, mark_top_k_sampled_body, (const f
 void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indices, int32_t* counts,
                      const SelectTopkParams& p) {
   const int64_t num_kv_heads = p.num_q_heads / p.group_size;
-  ThreadPool::global().parallel_for(p.batch * num_kv_heads, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch, grown once to the largest capacity seen.
-    thread_local std::vector<uint8_t> keep;
-    thread_local std::vector<uint32_t> keys;
-    thread_local std::vector<int32_t> positions;
-    thread_local std::vector<uint64_t> candidates;
-    if (int64_t(keep.size()) < p.capacity) {
-      keep.resize(size_t(p.capacity));
-      keys.resize(size_t(2 * p.capacity));
-      positions.resize(size_t(2 * p.capacity));
-      candidates.resize(size_t(p.capacity));
-    }
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / num_kv_heads, g = item % num_kv_heads;
-      const int64_t length = lengths[b];
-      uint8_t* mark = keep.data();
-      std::memset(mark, 0, size_t(length));
-      if (p.add_resident) {
-        std::memset(mark, 1, size_t(std::min(p.sink, length)));
-        const int64_t window_begin = std::max<int64_t>(0, length - p.window);
-        std::memset(mark + window_begin, 1, size_t(length - window_begin));
-      }
-      const int64_t lo = p.sink, hi = length - p.window, num_candidates = hi - lo;
-      if (num_candidates > 0 && p.k > 0) {
-        if (num_candidates <= p.k) {
-          std::memset(mark + lo, 1, size_t(num_candidates));
-        } else {
-          for (int64_t h = g * p.group_size; h < (g + 1) * p.group_size; ++h) {
-            const float* row = scores + b * p.scores_stride[0] + h * p.scores_stride[1] + lo;
-            const bool sampled = num_candidates >= kSampledMinRow && p.k * kSampledMaxShare <= num_candidates &&
-                                 mark_top_k_sampled(row, num_candidates, p.k, candidates.data(), mark + lo);
-            if (!sampled) mark_top_k(row, num_candidates, p.k, keys.data(), positions.data(), mark + lo);
-          }
+  ThreadPool::global().parallel_for(
+      p.batch * num_kv_heads,
+      [&](int64_t begin, int64_t end) {
+        // Per-thread scratch, grown once to the largest capacity seen.
+        thread_local std::vector<uint8_t> keep;
+        thread_local std::vector<uint32_t> keys;
+        thread_local std::vector<int32_t> positions;
+        thread_local std::vector<uint64_t> candidates;
+        if (int64_t(keep.size()) < p.capacity) {
+          keep.resize(size_t(p.capacity));
+          keys.resize(size_t(2 * p.capacity));
+          positions.resize(size_t(2 * p.capacity));
+          candidates.resize(size_t(p.capacity));
         }
-      }
-      int32_t* out = indices + b * p.indices_stride[0] + g * p.indices_stride[1];
-      int64_t count = 0, t = 0;
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / num_kv_heads, g = item % num_kv_heads;
+          const int64_t length = lengths[b];
+          uint8_t* mark = keep.data();
+          std::memset(mark, 0, size_t(length));
+          if (p.add_resident) {
+            std::memset(mark, 1, size_t(std::min(p.sink, length)));
+            const int64_t window_begin = std::max<int64_t>(0, length - p.window);
+            std::memset(mark + window_begin, 1, size_t(length - window_begin));
+          }
+          const int64_t lo = p.sink, hi = length - p.window, num_candidates = hi - lo;
+          if (num_candidates > 0 && p.k > 0) {
+            if (num_candidates <= p.k) {
+              std::memset(mark + lo, 1, size_t(num_candidates));
+            } else {
+              for (int64_t h = g * p.group_size; h < (g + 1) * p.group_size; ++h) {
+                const float* row = scores + b * p.scores_stride[0] + h * p.scores_stride[1] + lo;
+                const bool sampled = num_candidates >= kSampledMinRow && p.k * kSampledMaxShare <= num_candidates &&
+                                     mark_top_k_sampled(row, num_candidates, p.k, candidates.data(), mark + lo);
+                if (!sampled) mark_top_k(row, num_candidates, p.k, keys.data(), positions.data(), mark + lo);
+              }
+            }
+          }
+          int32_t* out = indices + b * p.indices_stride[0] + g * p.indices_stride[1];
+          int64_t count = 0, t = 0;
       // At most max_selected rows are marked, so stopping there loses nothing and never writes
       // past the row. Sixteen marks per test where SSE2 has it, then branch-free.
 #if defined(__SSE2__)
-      for (; t + 16 <= length && count + 16 <= p.max_selected; t += 16) {
-        const __m128i marks = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mark + t));
-        for (unsigned bits = unsigned(_mm_movemask_epi8(_mm_cmpgt_epi8(marks, _mm_setzero_si128()))); bits;
-             bits &= bits - 1)
-          out[count++] = int32_t(t + __builtin_ctz(bits));
-      }
+          for (; t + 16 <= length && count + 16 <= p.max_selected; t += 16) {
+            const __m128i marks = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mark + t));
+            for (unsigned bits = unsigned(_mm_movemask_epi8(_mm_cmpgt_epi8(marks, _mm_setzero_si128()))); bits;
+                 bits &= bits - 1)
+              out[count++] = int32_t(t + __builtin_ctz(bits));
+          }
 #endif
-      for (; t < length && count < p.max_selected; ++t) {
-        out[count] = int32_t(t);
-        count += mark[t];
-      }
-      std::fill(out + count, out + p.max_selected, -1);
-      counts[b * p.counts_stride[0] + g * p.counts_stride[1]] = int32_t(count);
-    }
-  }, ThreadPool::min_chunk_for(p.group_size * p.capacity * 2));
+          for (; t < length && count < p.max_selected; ++t) {
+            out[count] = int32_t(t);
+            count += mark[t];
+          }
+          std::fill(out + count, out + p.max_selected, -1);
+          counts[b * p.counts_stride[0] + g * p.counts_stride[1]] = int32_t(count);
+        }
+      },
+      ThreadPool::min_chunk_for(p.group_size * p.capacity * 2));
 }
 
 }  // namespace a2ats

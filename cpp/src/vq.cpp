@@ -43,23 +43,32 @@ A2ATS_INLINE float squared_distance(const float* a, const float* b, int64_t n) {
 constexpr int kEncodeRows = 4;  // rows encoded together so each centroid is loaded once per block
 
 // Encodes rows [t0, t0 + num_rows) of one (b, g); x_rows are already float32.
-A2ATS_INLINE void encode_block_body(const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g, int64_t num_subspaces,
-                  int64_t num_centroids, int64_t dsub, int16_t* const* code_rows) {
+A2ATS_INLINE void encode_block_body(const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g,
+                                    int64_t num_subspaces, int64_t num_centroids, int64_t dsub,
+                                    int16_t* const* code_rows) {
   for (int64_t m = 0; m < num_subspaces; ++m) {
     const float* cent = centroids_g + m * num_centroids * dsub;  // (C, D/M)
     float best[kEncodeRows];
     int32_t best_c[kEncodeRows];
-    for (int r = 0; r < kEncodeRows; ++r) { best[r] = std::numeric_limits<float>::infinity(); best_c[r] = 0; }
+    for (int r = 0; r < kEncodeRows; ++r) {
+      best[r] = std::numeric_limits<float>::infinity();
+      best_c[r] = 0;
+    }
     for (int64_t c = 0; c < num_centroids; ++c) {
       for (int r = 0; r < num_rows; ++r) {
         const float d = squared_distance(x_rows[r] + m * dsub, cent + c * dsub, dsub);
-        if (d < best[r]) { best[r] = d; best_c[r] = int32_t(c); }
+        if (d < best[r]) {
+          best[r] = d;
+          best_c[r] = int32_t(c);
+        }
       }
     }
     for (int r = 0; r < num_rows; ++r) code_rows[r][m] = int16_t(best_c[r]);
   }
 }
-A2ATS_MULTIVERSIONED(void, encode_block, encode_block_body, (const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g, int64_t num_subspaces, int64_t num_centroids, int64_t dsub, int16_t* const* code_rows),
+A2ATS_MULTIVERSIONED(void, encode_block, encode_block_body,
+                     (const float (*x_rows)[kMaxHeadDim], int num_rows, const float* centroids_g, int64_t num_subspaces,
+                      int64_t num_centroids, int64_t dsub, int16_t* const* code_rows),
                      (x_rows, num_rows, centroids_g, num_subspaces, num_centroids, dsub, code_rows))
 
 // Prefill-sized inputs: distances as ||c||^2 - 2 x.c with a register-blocked product. The
@@ -96,14 +105,18 @@ Panels pack_panels(const float* centroids, int64_t num_heads_subspaces, int64_t 
 }
 
 // Codes of num_rows (<= kChunkRows) float rows x_rows (num_rows, D) against one head's panels.
-A2ATS_INLINE void encode_chunk_panels_body(const float* x_rows, int64_t num_rows, const float* panels, const float* norms,
-                         int64_t num_subspaces, int64_t num_panels, int64_t dsub, int16_t* const* code_rows) {
+A2ATS_INLINE void encode_chunk_panels_body(const float* x_rows, int64_t num_rows, const float* panels,
+                                           const float* norms, int64_t num_subspaces, int64_t num_panels, int64_t dsub,
+                                           int16_t* const* code_rows) {
   const int64_t head_dim = num_subspaces * dsub;
   const int64_t padded = num_panels * kPanel;
   for (int64_t m = 0; m < num_subspaces; ++m) {
     float best[kChunkRows];
     int32_t best_c[kChunkRows];
-    for (int64_t r = 0; r < num_rows; ++r) { best[r] = std::numeric_limits<float>::infinity(); best_c[r] = 0; }
+    for (int64_t r = 0; r < num_rows; ++r) {
+      best[r] = std::numeric_limits<float>::infinity();
+      best_c[r] = 0;
+    }
     for (int64_t pnl = 0; pnl < num_panels; ++pnl) {
       const float* panel = panels + (m * padded + pnl * kPanel) * dsub;  // (D/M, kPanel)
       const float* nm = norms + m * padded + pnl * kPanel;
@@ -123,14 +136,19 @@ A2ATS_INLINE void encode_chunk_panels_body(const float* x_rows, int64_t num_rows
         for (int r = 0; r < rows; ++r)
           for (int l = 0; l < kPanel; ++l) {
             const float dist = nm[l] - 2.0f * acc[r][l / 8][l % 8];
-            if (dist < best[r0 + r]) { best[r0 + r] = dist; best_c[r0 + r] = int32_t(pnl * kPanel + l); }
+            if (dist < best[r0 + r]) {
+              best[r0 + r] = dist;
+              best_c[r0 + r] = int32_t(pnl * kPanel + l);
+            }
           }
       }
     }
     for (int64_t r = 0; r < num_rows; ++r) code_rows[r][m] = int16_t(best_c[r]);
   }
 }
-A2ATS_MULTIVERSIONED(void, encode_chunk_panels, encode_chunk_panels_body, (const float* x_rows, int64_t num_rows, const float* panels, const float* norms, int64_t num_subspaces, int64_t num_panels, int64_t dsub, int16_t* const* code_rows),
+A2ATS_MULTIVERSIONED(void, encode_chunk_panels, encode_chunk_panels_body,
+                     (const float* x_rows, int64_t num_rows, const float* panels, const float* norms,
+                      int64_t num_subspaces, int64_t num_panels, int64_t dsub, int16_t* const* code_rows),
                      (x_rows, num_rows, panels, norms, num_subspaces, num_panels, dsub, code_rows))
 
 // Rows per call above which repacking the codebook pays for itself.
@@ -143,46 +161,52 @@ void vq_encode_typed(const T* x, const float* centroids, int16_t* codes, const V
   if (p.batch * p.num_tokens < kPanelMinRows) {
     // Decode-sized: compare against the codebook as stored, no repacking.
     const int64_t blocks_per_head = (p.num_tokens + kEncodeRows - 1) / kEncodeRows;
-    ThreadPool::global().parallel_for(p.batch * p.num_kv_heads * blocks_per_head, [&](int64_t begin, int64_t end) {
-      float x_rows[kEncodeRows][kMaxHeadDim];
-      int16_t* code_rows[kEncodeRows];
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t block = item % blocks_per_head, bg = item / blocks_per_head;
-        const int64_t b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
-        const int64_t t0 = block * kEncodeRows;
-        const int num_rows = int(std::min<int64_t>(kEncodeRows, p.num_tokens - t0));
-        for (int r = 0; r < num_rows; ++r) {
-          const T* row = x + b * p.x_stride[0] + g * p.x_stride[1] + (t0 + r) * p.x_stride[2];
-          for (int64_t d = 0; d < p.head_dim; ++d) x_rows[r][d] = to_float(row[d]);
-          code_rows[r] = codes + b * p.codes_stride[0] + g * p.codes_stride[1] + (t0 + r) * p.codes_stride[2];
-        }
-        encode_block(x_rows, num_rows, centroids + g * per_head, p.num_subspaces, p.num_centroids, dsub, code_rows);
-      }
-    }, ThreadPool::min_chunk_for(std::min<int64_t>(kEncodeRows, p.num_tokens) * p.num_centroids * p.head_dim));
+    ThreadPool::global().parallel_for(
+        p.batch * p.num_kv_heads * blocks_per_head,
+        [&](int64_t begin, int64_t end) {
+          float x_rows[kEncodeRows][kMaxHeadDim];
+          int16_t* code_rows[kEncodeRows];
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t block = item % blocks_per_head, bg = item / blocks_per_head;
+            const int64_t b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+            const int64_t t0 = block * kEncodeRows;
+            const int num_rows = int(std::min<int64_t>(kEncodeRows, p.num_tokens - t0));
+            for (int r = 0; r < num_rows; ++r) {
+              const T* row = x + b * p.x_stride[0] + g * p.x_stride[1] + (t0 + r) * p.x_stride[2];
+              for (int64_t d = 0; d < p.head_dim; ++d) x_rows[r][d] = to_float(row[d]);
+              code_rows[r] = codes + b * p.codes_stride[0] + g * p.codes_stride[1] + (t0 + r) * p.codes_stride[2];
+            }
+            encode_block(x_rows, num_rows, centroids + g * per_head, p.num_subspaces, p.num_centroids, dsub, code_rows);
+          }
+        },
+        ThreadPool::min_chunk_for(std::min<int64_t>(kEncodeRows, p.num_tokens) * p.num_centroids * p.head_dim));
     return;
   }
   const Panels panels = pack_panels(centroids, p.num_kv_heads * p.num_subspaces, p.num_centroids, dsub);
   const int64_t padded = panels.num_panels * kPanel;
   const int64_t chunks_per_head = (p.num_tokens + kChunkRows - 1) / kChunkRows;
-  ThreadPool::global().parallel_for(p.batch * p.num_kv_heads * chunks_per_head, [&](int64_t begin, int64_t end) {
-    // (kChunkRows + kEncodeRows, D): the extra zero rows feed the last partial 4-row block.
-    std::vector<float> x_rows(size_t((kChunkRows + kEncodeRows) * p.head_dim), 0.f);
-    int16_t* code_rows[kChunkRows];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t chunk = item % chunks_per_head, bg = item / chunks_per_head;
-      const int64_t b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
-      const int64_t t0 = chunk * kChunkRows;
-      const int64_t num_rows = std::min<int64_t>(kChunkRows, p.num_tokens - t0);
-      for (int64_t r = 0; r < num_rows; ++r) {
-        const T* row = x + b * p.x_stride[0] + g * p.x_stride[1] + (t0 + r) * p.x_stride[2];
-        for (int64_t d = 0; d < p.head_dim; ++d) x_rows[size_t(r * p.head_dim + d)] = to_float(row[d]);
-        code_rows[r] = codes + b * p.codes_stride[0] + g * p.codes_stride[1] + (t0 + r) * p.codes_stride[2];
-      }
-      encode_chunk_panels(x_rows.data(), num_rows, panels.data.data() + g * p.num_subspaces * padded * dsub,
-                          panels.norms.data() + g * p.num_subspaces * padded, p.num_subspaces, panels.num_panels,
-                          dsub, code_rows);
-    }
-  }, ThreadPool::min_chunk_for(kChunkRows * p.num_centroids * p.head_dim));
+  ThreadPool::global().parallel_for(
+      p.batch * p.num_kv_heads * chunks_per_head,
+      [&](int64_t begin, int64_t end) {
+        // (kChunkRows + kEncodeRows, D): the extra zero rows feed the last partial 4-row block.
+        std::vector<float> x_rows(size_t((kChunkRows + kEncodeRows) * p.head_dim), 0.f);
+        int16_t* code_rows[kChunkRows];
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t chunk = item % chunks_per_head, bg = item / chunks_per_head;
+          const int64_t b = bg / p.num_kv_heads, g = bg % p.num_kv_heads;
+          const int64_t t0 = chunk * kChunkRows;
+          const int64_t num_rows = std::min<int64_t>(kChunkRows, p.num_tokens - t0);
+          for (int64_t r = 0; r < num_rows; ++r) {
+            const T* row = x + b * p.x_stride[0] + g * p.x_stride[1] + (t0 + r) * p.x_stride[2];
+            for (int64_t d = 0; d < p.head_dim; ++d) x_rows[size_t(r * p.head_dim + d)] = to_float(row[d]);
+            code_rows[r] = codes + b * p.codes_stride[0] + g * p.codes_stride[1] + (t0 + r) * p.codes_stride[2];
+          }
+          encode_chunk_panels(x_rows.data(), num_rows, panels.data.data() + g * p.num_subspaces * padded * dsub,
+                              panels.norms.data() + g * p.num_subspaces * padded, p.num_subspaces, panels.num_panels,
+                              dsub, code_rows);
+        }
+      },
+      ThreadPool::min_chunk_for(kChunkRows * p.num_centroids * p.head_dim));
 }
 
 // LUT rows of HB heads against centroids (C, dsub): out[h][c] = q[h] . cent[c] * scale.
@@ -241,8 +265,8 @@ A2ATS_INLINE void lut_block(const float* const* q_heads, int64_t h, int64_t m, i
 }
 
 // Builds the LUT of the group's query heads at one bin, laid out as LutLayout says.
-A2ATS_INLINE void build_lut_body(const float* const* q_heads, int64_t group_size, const float* centroids_g, const LutLayout& layout,
-               int64_t dsub, float scale, float* lut) {
+A2ATS_INLINE void build_lut_body(const float* const* q_heads, int64_t group_size, const float* centroids_g,
+                                 const LutLayout& layout, int64_t dsub, float scale, float* lut) {
   for (int64_t m = 0; m < layout.num_subspaces; ++m) {
     const float* cent = centroids_g + m * layout.num_centroids * dsub;  // (C, D/M)
     int64_t h = 0;
@@ -254,7 +278,9 @@ A2ATS_INLINE void build_lut_body(const float* const* q_heads, int64_t group_size
     if (h < group_size) lut_block<1>(q_heads, h, m, dsub, cent, layout, scale, lut);
   }
 }
-A2ATS_MULTIVERSIONED(void, build_lut, build_lut_body, (const float* const* q_heads, int64_t group_size, const float* centroids_g, const LutLayout& layout, int64_t dsub, float scale, float* lut),
+A2ATS_MULTIVERSIONED(void, build_lut, build_lut_body,
+                     (const float* const* q_heads, int64_t group_size, const float* centroids_g,
+                      const LutLayout& layout, int64_t dsub, float scale, float* lut),
                      (q_heads, group_size, centroids_g, layout, dsub, scale, lut))
 
 typedef float f32x4 __attribute__((vector_size(16)));
@@ -263,8 +289,9 @@ typedef float f32x4 __attribute__((vector_size(16)));
 // rows[0, lanes), for tokens [t_begin, t_end). Four tokens at a time: their 4-lane entries are
 // loaded whole and transposed into one 4-token store per lane. The codes were checked before;
 // the clamp only keeps a caller that rewrites them meanwhile from reading outside the table.
-A2ATS_INLINE void score_tokens_quad_body(const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
-                       int64_t t_begin, int64_t t_end, float* const* rows, int lane_begin, int lanes) {
+A2ATS_INLINE void score_tokens_quad_body(const float* quad, const int16_t* codes, int64_t codes_t_stride,
+                                         int64_t num_centroids, int64_t t_begin, int64_t t_end, float* const* rows,
+                                         int lane_begin, int lanes) {
   const uint32_t limit = uint32_t(num_centroids);
   const auto entry = [&](int64_t t) {
     const uint32_t c = uint16_t(codes[t * codes_t_stride]);
@@ -278,10 +305,9 @@ A2ATS_INLINE void score_tokens_quad_body(const float* quad, const int16_t* codes
     const f32x4 hi01 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
     const f32x4 lo23 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5);
     const f32x4 hi23 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
-    const f32x4 column[4] = {__builtin_shufflevector(lo01, lo23, 0, 1, 4, 5),
-                             __builtin_shufflevector(lo01, lo23, 2, 3, 6, 7),
-                             __builtin_shufflevector(hi01, hi23, 0, 1, 4, 5),
-                             __builtin_shufflevector(hi01, hi23, 2, 3, 6, 7)};
+    const f32x4 column[4] = {
+        __builtin_shufflevector(lo01, lo23, 0, 1, 4, 5), __builtin_shufflevector(lo01, lo23, 2, 3, 6, 7),
+        __builtin_shufflevector(hi01, hi23, 0, 1, 4, 5), __builtin_shufflevector(hi01, hi23, 2, 3, 6, 7)};
     for (int h = 0; h < lanes; ++h) std::memcpy(rows[h] + t, &column[lane_begin + h], sizeof(f32x4));
   }
   for (; t < t_end; ++t) {
@@ -289,13 +315,16 @@ A2ATS_INLINE void score_tokens_quad_body(const float* quad, const int16_t* codes
     for (int h = 0; h < lanes; ++h) rows[h][t] = e[lane_begin + h];
   }
 }
-A2ATS_MULTIVERSIONED(void, score_tokens_quad, score_tokens_quad_body, (const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids, int64_t t_begin, int64_t t_end, float* const* rows, int lane_begin, int lanes),
+A2ATS_MULTIVERSIONED(void, score_tokens_quad, score_tokens_quad_body,
+                     (const float* quad, const int16_t* codes, int64_t codes_t_stride, int64_t num_centroids,
+                      int64_t t_begin, int64_t t_end, float* const* rows, int lane_begin, int lanes),
                      (quad, codes, codes_t_stride, num_centroids, t_begin, t_end, rows, lane_begin, lanes))
 
 // M > 1: scores[t] = sum_m lut[m][codes[t][m]] for t in [t_begin, t_end) from one head's
 // (M, C) table; codes clamped as in score_tokens_quad.
-A2ATS_INLINE void score_tokens_body(const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
-                  int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores) {
+A2ATS_INLINE void score_tokens_body(const float* lut, const int16_t* codes, int64_t codes_t_stride,
+                                    int64_t num_subspaces, int64_t num_centroids, int64_t t_begin, int64_t t_end,
+                                    float* scores) {
   const uint32_t limit = uint32_t(num_centroids);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int16_t* code = codes + t * codes_t_stride;
@@ -307,7 +336,9 @@ A2ATS_INLINE void score_tokens_body(const float* lut, const int16_t* codes, int6
     scores[t] = s;
   }
 }
-A2ATS_MULTIVERSIONED(void, score_tokens, score_tokens_body, (const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces, int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores),
+A2ATS_MULTIVERSIONED(void, score_tokens, score_tokens_body,
+                     (const float* lut, const int16_t* codes, int64_t codes_t_stride, int64_t num_subspaces,
+                      int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores),
                      (lut, codes, codes_t_stride, num_subspaces, num_centroids, t_begin, t_end, scores))
 
 }  // namespace
@@ -320,11 +351,18 @@ void vq_encode_cpu(const void* x, const float* centroids, int16_t* codes, const 
                                 ", got head_dim " + std::to_string(p.head_dim) + ", M " +
                                 std::to_string(p.num_subspaces) + ", C " + std::to_string(p.num_centroids));
   switch (p.dtype) {
-    case DType::kFloat32: vq_encode_typed(static_cast<const float*>(x), centroids, codes, p); break;
-    case DType::kFloat16: vq_encode_typed(static_cast<const half_t*>(x), centroids, codes, p); break;
-    case DType::kBFloat16: vq_encode_typed(static_cast<const bfloat16_t*>(x), centroids, codes, p); break;
-    default: throw std::invalid_argument(std::string("vq_encode: x must be float32, float16 or bfloat16, got ") +
-                                         dtype_name(p.dtype));
+    case DType::kFloat32:
+      vq_encode_typed(static_cast<const float*>(x), centroids, codes, p);
+      break;
+    case DType::kFloat16:
+      vq_encode_typed(static_cast<const half_t*>(x), centroids, codes, p);
+      break;
+    case DType::kBFloat16:
+      vq_encode_typed(static_cast<const bfloat16_t*>(x), centroids, codes, p);
+      break;
+    default:
+      throw std::invalid_argument(std::string("vq_encode: x must be float32, float16 or bfloat16, got ") +
+                                  dtype_name(p.dtype));
   }
 }
 
@@ -334,16 +372,20 @@ void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
   // it was. The codes are 1/(2 G D) of the bytes a step reads, so the extra pass is cheap.
   std::atomic<bool> in_range{true};
   const uint32_t limit = uint32_t(p.num_centroids);
-  ThreadPool::global().parallel_for(p.batch * p.num_kv_heads, [&](int64_t begin, int64_t end) {
-    uint32_t bad = 0;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / p.num_kv_heads, g = item % p.num_kv_heads;
-      const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
-      for (int64_t t = 0; t < lengths[b]; ++t)
-        for (int64_t m = 0; m < p.num_subspaces; ++m) bad |= uint32_t(uint16_t(codes_bg[t * p.codes_stride[2] + m]) >= limit);
-    }
-    if (bad) in_range.store(false, std::memory_order_relaxed);
-  }, ThreadPool::min_chunk_for(p.capacity * p.num_subspaces));
+  ThreadPool::global().parallel_for(
+      p.batch * p.num_kv_heads,
+      [&](int64_t begin, int64_t end) {
+        uint32_t bad = 0;
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / p.num_kv_heads, g = item % p.num_kv_heads;
+          const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
+          for (int64_t t = 0; t < lengths[b]; ++t)
+            for (int64_t m = 0; m < p.num_subspaces; ++m)
+              bad |= uint32_t(uint16_t(codes_bg[t * p.codes_stride[2] + m]) >= limit);
+        }
+        if (bad) in_range.store(false, std::memory_order_relaxed);
+      },
+      ThreadPool::min_chunk_for(p.capacity * p.num_subspaces));
   if (!in_range.load())
     throw std::invalid_argument("codes contains values outside [0, " + std::to_string(p.num_centroids) +
                                 ") (the number of centroids) among the first lengths[b] tokens");
@@ -361,68 +403,71 @@ void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
   const int64_t head_blocks = (group_size + block_heads - 1) / block_heads;
   const int64_t rows_per_build = head_blocks == 1 ? kLutHeads / block_heads : 1;
   const int64_t row_blocks = (p.batch + rows_per_build - 1) / rows_per_build;
-  ThreadPool::global().parallel_for(p.num_kv_heads * row_blocks, [&](int64_t begin, int64_t end) {
-    // Grows once per thread; no allocation in steady state.
-    thread_local std::vector<float> lut;
-    if (int64_t(lut.size()) < layout.floats(kLutHeads)) lut.resize(size_t(layout.floats(kLutHeads)));
-    const float* q_heads[kLutHeads];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item / row_blocks;
-      const int64_t b0 = (item % row_blocks) * rows_per_build, b1 = std::min(p.batch, b0 + rows_per_build);
-      const float* centroids_g = centroids + g * table * dsub;
-      // Bin j of row b holds distances [edge[j-1], edge[j]): tokens [length - edge[j], length - edge[j-1]).
-      const auto bin_tokens = [&](int64_t b, int64_t j, int64_t& t_begin, int64_t& t_end) {
-        const int64_t length = lengths[b];
-        t_begin = j == p.num_bins - 1 ? 0 : std::max<int64_t>(0, length - bin_edges[j]);
-        t_end = j == 0 ? length : std::min<int64_t>(length, length - bin_edges[j - 1]);
-        return t_begin < t_end;
-      };
-      for (int64_t j = 0; j < p.num_bins; ++j) {
-        for (int64_t h0 = 0; h0 < group_size; h0 += block_heads) {
-          const int64_t heads = std::min(block_heads, group_size - h0);
-          int64_t t_begin, t_end;
-          bool any = false;
-          for (int64_t b = b0; b < b1; ++b) {
-            any |= bin_tokens(b, j, t_begin, t_end);
-            for (int64_t h = 0; h < heads; ++h)
-              q_heads[(b - b0) * heads + h] =
-                  q + b * p.q_stride[0] + (g * group_size + h0 + h) * p.q_stride[1] + j * p.q_stride[2];
-          }
-          if (!any) continue;
-          build_lut(q_heads, (b1 - b0) * heads, centroids_g, layout, dsub, scale, lut.data());
-          for (int64_t b = b0; b < b1; ++b) {
-            if (!bin_tokens(b, j, t_begin, t_end)) continue;
-            const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
-            const auto row = [&](int64_t h) {
-              return scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
-            };
-            const int64_t first = (b - b0) * heads;  // this row's first slot
-            if (layout.quads()) {
-              // Its slots [first, first + heads) may start and end inside quads.
-              for (int64_t slot = first; slot < first + heads;) {
-                const int64_t quad_end = std::min(first + heads, (slot / 4 + 1) * 4);
-                float* rows[4];
-                for (int64_t s = slot; s < quad_end; ++s) rows[s - slot] = row(s - first);
-                score_tokens_quad(layout.row(lut.data(), slot / 4 * 4, 0), codes_bg, p.codes_stride[2],
-                                  p.num_centroids, t_begin, t_end, rows, int(slot % 4), int(quad_end - slot));
-                slot = quad_end;
+  ThreadPool::global().parallel_for(
+      p.num_kv_heads * row_blocks,
+      [&](int64_t begin, int64_t end) {
+        // Grows once per thread; no allocation in steady state.
+        thread_local std::vector<float> lut;
+        if (int64_t(lut.size()) < layout.floats(kLutHeads)) lut.resize(size_t(layout.floats(kLutHeads)));
+        const float* q_heads[kLutHeads];
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t g = item / row_blocks;
+          const int64_t b0 = (item % row_blocks) * rows_per_build, b1 = std::min(p.batch, b0 + rows_per_build);
+          const float* centroids_g = centroids + g * table * dsub;
+          // Bin j of row b holds distances [edge[j-1], edge[j]): tokens [length - edge[j], length - edge[j-1]).
+          const auto bin_tokens = [&](int64_t b, int64_t j, int64_t& t_begin, int64_t& t_end) {
+            const int64_t length = lengths[b];
+            t_begin = j == p.num_bins - 1 ? 0 : std::max<int64_t>(0, length - bin_edges[j]);
+            t_end = j == 0 ? length : std::min<int64_t>(length, length - bin_edges[j - 1]);
+            return t_begin < t_end;
+          };
+          for (int64_t j = 0; j < p.num_bins; ++j) {
+            for (int64_t h0 = 0; h0 < group_size; h0 += block_heads) {
+              const int64_t heads = std::min(block_heads, group_size - h0);
+              int64_t t_begin, t_end;
+              bool any = false;
+              for (int64_t b = b0; b < b1; ++b) {
+                any |= bin_tokens(b, j, t_begin, t_end);
+                for (int64_t h = 0; h < heads; ++h)
+                  q_heads[(b - b0) * heads + h] =
+                      q + b * p.q_stride[0] + (g * group_size + h0 + h) * p.q_stride[1] + j * p.q_stride[2];
               }
-            } else {
-              for (int64_t h = 0; h < heads; ++h)
-                score_tokens(layout.row(lut.data(), first + h, 0), codes_bg, p.codes_stride[2],
-                             p.num_subspaces, p.num_centroids, t_begin, t_end, row(h));
+              if (!any) continue;
+              build_lut(q_heads, (b1 - b0) * heads, centroids_g, layout, dsub, scale, lut.data());
+              for (int64_t b = b0; b < b1; ++b) {
+                if (!bin_tokens(b, j, t_begin, t_end)) continue;
+                const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
+                const auto row = [&](int64_t h) {
+                  return scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
+                };
+                const int64_t first = (b - b0) * heads;  // this row's first slot
+                if (layout.quads()) {
+                  // Its slots [first, first + heads) may start and end inside quads.
+                  for (int64_t slot = first; slot < first + heads;) {
+                    const int64_t quad_end = std::min(first + heads, (slot / 4 + 1) * 4);
+                    float* rows[4];
+                    for (int64_t s = slot; s < quad_end; ++s) rows[s - slot] = row(s - first);
+                    score_tokens_quad(layout.row(lut.data(), slot / 4 * 4, 0), codes_bg, p.codes_stride[2],
+                                      p.num_centroids, t_begin, t_end, rows, int(slot % 4), int(quad_end - slot));
+                    slot = quad_end;
+                  }
+                } else {
+                  for (int64_t h = 0; h < heads; ++h)
+                    score_tokens(layout.row(lut.data(), first + h, 0), codes_bg, p.codes_stride[2], p.num_subspaces,
+                                 p.num_centroids, t_begin, t_end, row(h));
+                }
+              }
             }
           }
+          for (int64_t b = b0; b < b1; ++b)
+            for (int64_t h = 0; h < group_size; ++h) {
+              float* row = scores + b * p.scores_stride[0] + (g * group_size + h) * p.scores_stride[1];
+              std::fill(row + lengths[b], row + p.capacity, -std::numeric_limits<float>::infinity());
+            }
         }
-      }
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t h = 0; h < group_size; ++h) {
-          float* row = scores + b * p.scores_stride[0] + (g * group_size + h) * p.scores_stride[1];
-          std::fill(row + lengths[b], row + p.capacity, -std::numeric_limits<float>::infinity());
-        }
-    }
-  }, ThreadPool::min_chunk_for(std::min(rows_per_build, p.batch) * group_size *
-                               (table * dsub + p.capacity * p.num_subspaces)));
+      },
+      ThreadPool::min_chunk_for(std::min(rows_per_build, p.batch) * group_size *
+                                (table * dsub + p.capacity * p.num_subspaces)));
 }
 
 }  // namespace a2ats

@@ -35,14 +35,14 @@ using namespace a2ats;
 static int g_failures = 0;
 static std::mt19937 rng(1234);
 
-#define CHECK(cond, ...)                                         \
-  do {                                                           \
-    if (!(cond)) {                                               \
-      ++g_failures;                                              \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);           \
-      std::printf(__VA_ARGS__);                                  \
-      std::printf("\n");                                         \
-    }                                                            \
+#define CHECK(cond, ...)                               \
+  do {                                                 \
+    if (!(cond)) {                                     \
+      ++g_failures;                                    \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                        \
+      std::printf("\n");                               \
+    }                                                  \
   } while (0)
 
 #define CUDA_OK(expr) CHECK((expr) == cudaSuccess, "%s", #expr)
@@ -60,8 +60,14 @@ static void section(const char* name) {
 static float randn() { return std::normal_distribution<float>(0.f, 1.f)(rng); }
 static int randint(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
 
-template <typename T> static T to_t(float f) { return from_float<T>(f); }
-template <typename T> static float as_f(T v) { return to_float(v); }
+template <typename T>
+static T to_t(float f) {
+  return from_float<T>(f);
+}
+template <typename T>
+static float as_f(T v) {
+  return to_float(v);
+}
 
 // ---- rotary --------------------------------------------------------------------------------
 template <typename T>
@@ -79,12 +85,24 @@ static void test_rotary(bool interleaved, bool in_place, int64_t R, bool pos32) 
   std::vector<float> inv_freq(size_t(R / 2));
   for (int64_t i = 0; i < R / 2; ++i) inv_freq[size_t(i)] = float(1.0 / std::pow(10000.0, 2.0 * double(i) / double(R)));
   RotaryParams p;
-  p.batch = B; p.num_heads = H; p.num_tokens = T_; p.head_dim = D; p.rotary_dim = R; p.interleaved = interleaved;
-  p.dtype = std::is_same<T, float>::value ? DType::kFloat32 : std::is_same<T, half_t>::value ? DType::kFloat16 : DType::kBFloat16;
+  p.batch = B;
+  p.num_heads = H;
+  p.num_tokens = T_;
+  p.head_dim = D;
+  p.rotary_dim = R;
+  p.interleaved = interleaved;
+  p.dtype = std::is_same<T, float>::value    ? DType::kFloat32
+            : std::is_same<T, half_t>::value ? DType::kFloat16
+                                             : DType::kBFloat16;
   p.pos_dtype = pos32 ? DType::kInt32 : DType::kInt64;
-  p.x_stride[0] = bs; p.x_stride[1] = hs; p.x_stride[2] = ts;
-  p.out_stride[0] = bs; p.out_stride[1] = hs; p.out_stride[2] = ts;
-  p.pos_stride[0] = T_; p.pos_stride[1] = 1;
+  p.x_stride[0] = bs;
+  p.x_stride[1] = hs;
+  p.x_stride[2] = ts;
+  p.out_stride[0] = bs;
+  p.out_stride[1] = hs;
+  p.out_stride[2] = ts;
+  p.pos_stride[0] = T_;
+  p.pos_stride[1] = 1;
   const void* pos = pos32 ? static_cast<const void*>(pos32v.data()) : pos64.data();
   out_cpu = x;
   out_emu = x;
@@ -106,8 +124,8 @@ static void test_rotary(bool interleaved, bool in_place, int64_t R, bool pos32) 
     worst = std::max(worst, std::fabs(a - b));
     bad += !(std::fabs(a - b) <= tol);
   }
-  CHECK(bad == 0, "rotary dtype=%s interleaved=%d in_place=%d R=%lld: %zu mismatches, max diff %g",
-        dtype_name(p.dtype), interleaved, in_place, (long long)R, bad, worst);
+  CHECK(bad == 0, "rotary dtype=%s interleaved=%d in_place=%d R=%lld: %zu mismatches, max diff %g", dtype_name(p.dtype),
+        interleaved, in_place, (long long)R, bad, worst);
 }
 
 // ---- vq_encode -----------------------------------------------------------------------------
@@ -128,12 +146,23 @@ static void test_vq_encode(int64_t D, int64_t M, int64_t C, int64_t T_, bool dup
       for (int64_t d = 0; d < dsub; ++d)
         x[size_t(r * D + m * dsub + d)] = to_t<T>(cent[size_t((m * C + (r * 7) % C) * dsub + d)]);
   VQEncodeParams p;
-  p.batch = B; p.num_kv_heads = Hkv; p.num_tokens = T_; p.head_dim = D; p.num_subspaces = M; p.num_centroids = C;
-  p.dtype = std::is_same<T, float>::value ? DType::kFloat32 : std::is_same<T, half_t>::value ? DType::kFloat16 : DType::kBFloat16;
-  p.x_stride[0] = Hkv * T_ * D; p.x_stride[1] = T_ * D; p.x_stride[2] = D;
+  p.batch = B;
+  p.num_kv_heads = Hkv;
+  p.num_tokens = T_;
+  p.head_dim = D;
+  p.num_subspaces = M;
+  p.num_centroids = C;
+  p.dtype = std::is_same<T, float>::value    ? DType::kFloat32
+            : std::is_same<T, half_t>::value ? DType::kFloat16
+                                             : DType::kBFloat16;
+  p.x_stride[0] = Hkv * T_ * D;
+  p.x_stride[1] = T_ * D;
+  p.x_stride[2] = D;
   // Codes with a padded token stride.
   const int64_t cts = M + 1;
-  p.codes_stride[0] = Hkv * T_ * cts; p.codes_stride[1] = T_ * cts; p.codes_stride[2] = cts;
+  p.codes_stride[0] = Hkv * T_ * cts;
+  p.codes_stride[1] = T_ * cts;
+  p.codes_stride[2] = cts;
   std::vector<int16_t> c_cpu(size_t(B * Hkv * T_ * cts), -9), c_emu(c_cpu.size(), -9);
   vq_encode_cpu(x.data(), cent.data(), c_cpu.data(), p);
   CUDA_OK(vq_encode_cuda(x.data(), cent.data(), c_emu.data(), p, nullptr));
@@ -143,15 +172,19 @@ static void test_vq_encode(int64_t D, int64_t M, int64_t C, int64_t T_, bool dup
       for (int64_t t = 0; t < T_; ++t) {
         for (int64_t m = 0; m < cts; ++m) {
           const size_t i = size_t(b * p.codes_stride[0] + g * p.codes_stride[1] + t * cts + m);
-          if (m == M) { bad += c_emu[i] != -9; continue; }  // padding untouched
+          if (m == M) {
+            bad += c_emu[i] != -9;
+            continue;
+          }  // padding untouched
           if (c_cpu[i] == c_emu[i]) continue;
           ++differ;
           // A different code is fine only for a near-tie (distances computed in double).
           auto dist = [&](int c) {
             double s = 0;
             for (int64_t d = 0; d < dsub; ++d) {
-              const double diff = double(as_f(x[size_t(b * p.x_stride[0] + g * p.x_stride[1] + t * D + m * dsub + d)])) -
-                                  cent[size_t(((g * M + m) * C + c) * dsub + d)];
+              const double diff =
+                  double(as_f(x[size_t(b * p.x_stride[0] + g * p.x_stride[1] + t * D + m * dsub + d)])) -
+                  cent[size_t(((g * M + m) * C + c) * dsub + d)];
               s += diff * diff;
             }
             return s;
@@ -162,7 +195,9 @@ static void test_vq_encode(int64_t D, int64_t M, int64_t C, int64_t T_, bool dup
       }
   CHECK(bad == 0, "vq_encode D=%lld M=%lld C=%lld T=%lld dup=%d: %zu bad codes (%zu differ)", (long long)D,
         (long long)M, (long long)C, (long long)T_, duplicate_centroids, bad, differ);
-  if (differ) std::printf("  note: vq_encode D=%lld M=%lld C=%lld: %zu near-tie codes differ\n", (long long)D, (long long)M, (long long)C, differ);
+  if (differ)
+    std::printf("  note: vq_encode D=%lld M=%lld C=%lld: %zu near-tie codes differ\n", (long long)D, (long long)M,
+                (long long)C, differ);
 }
 
 // ---- lut_scores ----------------------------------------------------------------------------
@@ -180,16 +215,27 @@ static void test_lut_scores(int64_t B, int64_t D, int64_t M, int64_t C, int64_t 
   std::vector<int32_t> edges;
   for (int64_t j = 1; j < NB; ++j) edges.push_back(int32_t(j * j * 37));
   if (bad_codes) {
-    codes[size_t(5 * cts)] = int16_t(C);           // b = 0, g = 0, t = 5
+    codes[size_t(5 * cts)] = int16_t(C);            // b = 0, g = 0, t = 5
     codes[size_t((Tcap + 9) * cts)] = int16_t(-3);  // b = 0, g = 1, t = 9
   }
   LutScoresParams p;
-  p.batch = B; p.num_q_heads = Hq; p.num_kv_heads = Hkv; p.head_dim = D; p.num_subspaces = M; p.num_centroids = C;
-  p.capacity = Tcap; p.num_bins = NB;
-  p.q_stride[0] = Hq * NB * D; p.q_stride[1] = NB * D; p.q_stride[2] = NB > 1 ? D : 0;
-  p.codes_stride[0] = Hkv * Tcap * cts; p.codes_stride[1] = Tcap * cts; p.codes_stride[2] = cts;
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.num_kv_heads = Hkv;
+  p.head_dim = D;
+  p.num_subspaces = M;
+  p.num_centroids = C;
+  p.capacity = Tcap;
+  p.num_bins = NB;
+  p.q_stride[0] = Hq * NB * D;
+  p.q_stride[1] = NB * D;
+  p.q_stride[2] = NB > 1 ? D : 0;
+  p.codes_stride[0] = Hkv * Tcap * cts;
+  p.codes_stride[1] = Tcap * cts;
+  p.codes_stride[2] = cts;
   const int64_t ss = Tcap + 5;  // padded rows
-  p.scores_stride[0] = Hq * ss; p.scores_stride[1] = ss;
+  p.scores_stride[0] = Hq * ss;
+  p.scores_stride[1] = ss;
   std::vector<float> s_cpu(size_t(B * Hq * ss), 42.f), s_emu(s_cpu.size(), 42.f);
   const auto cpu_scores = [&](const std::vector<int16_t>& c) {
     try {
@@ -221,16 +267,28 @@ static void test_lut_scores(int64_t B, int64_t D, int64_t M, int64_t C, int64_t 
         const size_t i = size_t(b * p.scores_stride[0] + h * ss + t);
         const float a = s_cpu[i], e = s_emu[i];
         const bool bad_token = bad_codes && b == 0 && ((h / G == 0 && t == 5) || (h / G == 1 && t == 9));
-        if (bad_token) { if (std::isnan(e)) ++nan_ok; else ++bad; continue; }
-        if (std::memcmp(&a, &e, 4) == 0) ++exact;
-        else if (std::fabs(a - e) <= 1e-5f * (1 + std::fabs(a))) ++close;
-        else ++bad;
+        if (bad_token) {
+          if (std::isnan(e))
+            ++nan_ok;
+          else
+            ++bad;
+          continue;
+        }
+        if (std::memcmp(&a, &e, 4) == 0)
+          ++exact;
+        else if (std::fabs(a - e) <= 1e-5f * (1 + std::fabs(a)))
+          ++close;
+        else
+          ++bad;
       }
   CHECK(bad == 0, "lut_scores D=%lld M=%lld C=%lld NB=%lld Tcap=%lld: %zu bad, %zu exact, %zu close", (long long)D,
         (long long)M, (long long)C, (long long)NB, (long long)Tcap, bad, exact, close);
-  if (bad_codes) CHECK(nan_ok == size_t(2 * G), "lut_scores: %zu NaN scores for bad codes, expected %lld", nan_ok, (long long)(2 * G));
-  if (close) std::printf("  note: lut_scores D=%lld M=%lld C=%lld NB=%lld: %zu scores differ in the last bits (%zu bit-equal)\n",
-                         (long long)D, (long long)M, (long long)C, (long long)NB, close, exact);
+  if (bad_codes)
+    CHECK(nan_ok == size_t(2 * G), "lut_scores: %zu NaN scores for bad codes, expected %lld", nan_ok,
+          (long long)(2 * G));
+  if (close)
+    std::printf("  note: lut_scores D=%lld M=%lld C=%lld NB=%lld: %zu scores differ in the last bits (%zu bit-equal)\n",
+                (long long)D, (long long)M, (long long)C, (long long)NB, close, exact);
 }
 
 // ---- select_topk ---------------------------------------------------------------------------
@@ -243,9 +301,15 @@ static void test_select_topk(int64_t B, int64_t Hkv, int64_t G, int64_t Tcap, in
   std::vector<float> scores(size_t(B * Hq * ss));
   for (auto& v : scores) {
     switch (kind) {
-      case ScoreKind::kRandom: v = randn(); break;
-      case ScoreKind::kFewValues: v = float(randint(0, 6)) * 0.5f - 1.f; break;
-      case ScoreKind::kAllEqual: v = 0.25f; break;
+      case ScoreKind::kRandom:
+        v = randn();
+        break;
+      case ScoreKind::kFewValues:
+        v = float(randint(0, 6)) * 0.5f - 1.f;
+        break;
+      case ScoreKind::kAllEqual:
+        v = 0.25f;
+        break;
       case ScoreKind::kSpecials: {
         const int r = randint(0, 9);
         v = r == 0 ? NAN : r == 1 ? -INFINITY : r == 2 ? INFINITY : r == 3 ? -0.f : r == 4 ? 0.f : randn();
@@ -254,12 +318,21 @@ static void test_select_topk(int64_t B, int64_t Hkv, int64_t G, int64_t Tcap, in
     }
   }
   SelectTopkParams p;
-  p.batch = B; p.num_q_heads = Hq; p.group_size = G; p.capacity = Tcap; p.k = k; p.sink = sink; p.window = window;
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.group_size = G;
+  p.capacity = Tcap;
+  p.k = k;
+  p.sink = sink;
+  p.window = window;
   p.max_selected = G * k + sink + window;
-  p.scores_stride[0] = Hq * ss; p.scores_stride[1] = ss;
+  p.scores_stride[0] = Hq * ss;
+  p.scores_stride[1] = ss;
   const int64_t is = p.max_selected + 2;  // padded index rows
-  p.indices_stride[0] = Hkv * is; p.indices_stride[1] = is;
-  p.counts_stride[0] = Hkv * 2; p.counts_stride[1] = 2;
+  p.indices_stride[0] = Hkv * is;
+  p.indices_stride[1] = is;
+  p.counts_stride[0] = Hkv * 2;
+  p.counts_stride[1] = 2;
   std::vector<int32_t> i_cpu(size_t(B * Hkv * is), -5), i_emu(i_cpu.size(), -5), c_cpu(size_t(B * Hkv * 2), -5),
       c_emu(c_cpu.size(), -5);
   select_topk_cpu(scores.data(), lengths.data(), i_cpu.data(), c_cpu.data(), p);
@@ -272,7 +345,10 @@ static void test_select_topk(int64_t B, int64_t Hkv, int64_t G, int64_t Tcap, in
       if (c_cpu[i] != c_emu[i]) std::printf("  counts[%zu]: cpu %d emu %d\n", i, c_cpu[i], c_emu[i]);
     int shown = 0;
     for (size_t i = 0; i < i_cpu.size() && shown < 10; ++i)
-      if (i_cpu[i] != i_emu[i]) { std::printf("  indices[%zu]: cpu %d emu %d\n", i, i_cpu[i], i_emu[i]); ++shown; }
+      if (i_cpu[i] != i_emu[i]) {
+        std::printf("  indices[%zu]: cpu %d emu %d\n", i, i_cpu[i], i_emu[i]);
+        ++shown;
+      }
   }
 }
 
@@ -302,8 +378,10 @@ static void test_kv_store(DType dtype, int64_t D) {
     for (int64_t b = 0; b < B; ++b) {
       CHECK(cpu.length(layer, b) == emu.length(layer, b), "append lengths");
       for (int64_t g = 0; g < Hkv; ++g)
-        CHECK(std::memcmp(cpu.k_rows(layer, b, g), emu.k_rows(layer, b, g), size_t(cpu.length(layer, b) * cpu.row_bytes())) == 0 &&
-              std::memcmp(cpu.v_rows(layer, b, g), emu.v_rows(layer, b, g), size_t(cpu.length(layer, b) * cpu.row_bytes())) == 0,
+        CHECK(std::memcmp(cpu.k_rows(layer, b, g), emu.k_rows(layer, b, g),
+                          size_t(cpu.length(layer, b) * cpu.row_bytes())) == 0 &&
+                  std::memcmp(cpu.v_rows(layer, b, g), emu.v_rows(layer, b, g),
+                              size_t(cpu.length(layer, b) * cpu.row_bytes())) == 0,
               "append rows differ at layer %lld b %lld g %lld", (long long)layer, (long long)b, (long long)g);
     }
   // Gathers: ragged counts (one empty row), strided indices and outputs, several calls in a row.
@@ -325,7 +403,8 @@ static void test_kv_store(DType dtype, int64_t D) {
     cpu.check_gather(1, idx.data(), istride, cnt.data(), cstride, kmax);
     cpu.gather(1, idx.data(), istride, cnt.data(), cstride, okc, ovc);
     CUDA_OK(kv_gather_cuda(emu, 1, idx.data(), istride, rep != 1, cnt.data(), cstride, oke, ove, kmax, nullptr));
-    CHECK(ok_cpu == ok_emu && ov_cpu == ov_emu, "gather dtype=%s D=%lld rep=%d differs", dtype_name(dtype), (long long)D, rep);
+    CHECK(ok_cpu == ok_emu && ov_cpu == ov_emu, "gather dtype=%s D=%lld rep=%d differs", dtype_name(dtype),
+          (long long)D, rep);
   }
   // Out-of-range index: std::invalid_argument, outputs untouched.
   {
@@ -355,15 +434,27 @@ static void test_attend_merge(int64_t B, int64_t Hkv, int64_t G, int64_t D, int6
   std::vector<float> q(size_t(B * Hq * D));
   for (auto& x : q) x = randn();
   std::vector<int32_t> counts(size_t(B * Hkv));
-  for (int64_t i = 0; i < B * Hkv; ++i) counts[size_t(i)] = i == 1 || max_rows == 0 ? 0 : randint(1, int(max_rows));  // one empty
+  for (int64_t i = 0; i < B * Hkv; ++i)
+    counts[size_t(i)] = i == 1 || max_rows == 0 ? 0 : randint(1, int(max_rows));  // one empty
   AttendRowsParams p;
-  p.batch = B; p.num_q_heads = Hq; p.group_size = G; p.head_dim = D; p.max_rows = max_rows; p.scale = 0.3f;
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.group_size = G;
+  p.head_dim = D;
+  p.max_rows = max_rows;
+  p.scale = 0.3f;
   p.dtype = std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, half_t> ? DType::kFloat16 : DType::kBFloat16;
-  p.q_stride[0] = Hq * D; p.q_stride[1] = D;
-  p.rows_stride[0] = Hkv * max_rows * rs; p.rows_stride[1] = max_rows * rs; p.rows_stride[2] = rs;
-  p.counts_stride[0] = Hkv; p.counts_stride[1] = 1;
-  p.out_stride[0] = Hq * D; p.out_stride[1] = D;
-  p.lse_stride[0] = Hq; p.lse_stride[1] = 1;
+  p.q_stride[0] = Hq * D;
+  p.q_stride[1] = D;
+  p.rows_stride[0] = Hkv * max_rows * rs;
+  p.rows_stride[1] = max_rows * rs;
+  p.rows_stride[2] = rs;
+  p.counts_stride[0] = Hkv;
+  p.counts_stride[1] = 1;
+  p.out_stride[0] = Hq * D;
+  p.out_stride[1] = D;
+  p.lse_stride[0] = Hq;
+  p.lse_stride[1] = 1;
   std::vector<float> out(size_t(B * Hq * D), 7.f), lse(size_t(B * Hq), 7.f);
   CUDA_OK(attend_rows_cuda(q.data(), keys.data(), values.data(), counts.data(), out.data(), lse.data(), p, nullptr));
   double worst = 0;
@@ -384,8 +475,10 @@ static void test_attend_merge(int64_t B, int64_t Hkv, int64_t G, int64_t D, int6
       for (auto& l : logit) sum += std::exp(l - m);
       const double ref_lse = n ? m + std::log(sum) : -INFINITY;
       const float got_lse = lse[size_t(b * Hq + h)];
-      if (n == 0) CHECK(got_lse == -INFINITY, "attend: empty rows must give lse -inf, got %g", got_lse);
-      else worst = std::max(worst, std::fabs(got_lse - ref_lse));
+      if (n == 0)
+        CHECK(got_lse == -INFINITY, "attend: empty rows must give lse -inf, got %g", got_lse);
+      else
+        worst = std::max(worst, std::fabs(got_lse - ref_lse));
       for (int64_t d = 0; d < D; ++d) {
         double acc = 0;
         for (int64_t i = 0; i < n; ++i) acc += std::exp(logit[size_t(i)] - m) / sum * as_f(vr[i * rs + d]);
@@ -400,10 +493,16 @@ static void test_attend_merge(int64_t B, int64_t Hkv, int64_t G, int64_t D, int6
   for (auto& x : out_b) x = randn();
   for (size_t i = 0; i < lse_b.size(); ++i) lse_b[i] = i % 5 == 0 ? -INFINITY : randn() * 3.f;
   MergeAttentionParams mp;
-  mp.batch = B; mp.num_heads = Hq; mp.head_dim = D; mp.dtype = p.dtype;
-  mp.out_a_stride[0] = mp.out_b_stride[0] = Hq * D; mp.out_a_stride[1] = mp.out_b_stride[1] = D;
-  mp.lse_a_stride[0] = mp.lse_b_stride[0] = Hq; mp.lse_a_stride[1] = mp.lse_b_stride[1] = 1;
-  mp.out_stride[0] = Hq * (D + 1); mp.out_stride[1] = D + 1;
+  mp.batch = B;
+  mp.num_heads = Hq;
+  mp.head_dim = D;
+  mp.dtype = p.dtype;
+  mp.out_a_stride[0] = mp.out_b_stride[0] = Hq * D;
+  mp.out_a_stride[1] = mp.out_b_stride[1] = D;
+  mp.lse_a_stride[0] = mp.lse_b_stride[0] = Hq;
+  mp.lse_a_stride[1] = mp.lse_b_stride[1] = 1;
+  mp.out_stride[0] = Hq * (D + 1);
+  mp.out_stride[1] = D + 1;
   std::vector<T> merged(size_t(B * Hq * (D + 1)), to_t<T>(9.f));
   CUDA_OK(merge_attention_cuda(out.data(), lse.data(), out_b.data(), lse_b.data(), merged.data(), mp, nullptr));
   double worst_merge = 0;
@@ -438,11 +537,16 @@ template <typename T>
 static void test_pipeline(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t NB, int64_t sink, int64_t window,
                           int64_t k, std::vector<int32_t> prompt, int steps) {
   const int64_t L = 2, Hq = Hkv * G, M = 2, C = 64, cap = 400, R = D;
-  const DType dtype =
-      std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, half_t> ? DType::kFloat16 : DType::kBFloat16;
+  const DType dtype = std::is_same_v<T, float>    ? DType::kFloat32
+                      : std::is_same_v<T, half_t> ? DType::kFloat16
+                                                  : DType::kBFloat16;
   PipelineShape shape;
-  shape.num_q_heads = Hq; shape.rotary_dim = R; shape.num_subspaces = M; shape.num_centroids = C;
-  shape.sink = sink; shape.window = window;
+  shape.num_q_heads = Hq;
+  shape.rotary_dim = R;
+  shape.num_subspaces = M;
+  shape.num_centroids = C;
+  shape.sink = sink;
+  shape.window = window;
   PipelineCodebook book;
   book.chol.resize(size_t(L * Hkv * D * D));
   book.chol_inv.resize(book.chol.size());
@@ -546,40 +650,40 @@ int main() {
   section("vq_encode...");
   test_vq_encode<float>(64, 1, 16, 70, false);
   test_vq_encode<float>(64, 2, 100, 9, true);
-  test_vq_encode<half_t>(48, 2, 130, 3, false);   // dsub 24: partial dim tile
+  test_vq_encode<half_t>(48, 2, 130, 3, false);  // dsub 24: partial dim tile
   test_vq_encode<bfloat16_t>(128, 1, 256, 65, false);
   test_vq_encode<float>(40, 1, 7, 1, true);
   section("lut_scores...");
   test_lut_scores(3, 64, 1, 16, 1, 100, false);
-  test_lut_scores(2, 64, 2, 300, 1, 5000, true);      // 2 tiles, M = 2, bad codes
-  test_lut_scores(2, 128, 1, 1024, 3, 4500, false);   // binned
-  test_lut_scores(1, 24, 1, 25000, 1, 300, true);     // table past shared memory: global path; dsub % 8 == 0
-  test_lut_scores(3, 20, 2, 50, 4, 2000, false);      // dsub 10: 16-lane tail path
+  test_lut_scores(2, 64, 2, 300, 1, 5000, true);     // 2 tiles, M = 2, bad codes
+  test_lut_scores(2, 128, 1, 1024, 3, 4500, false);  // binned
+  test_lut_scores(1, 24, 1, 25000, 1, 300, true);    // table past shared memory: global path; dsub % 8 == 0
+  test_lut_scores(3, 20, 2, 50, 4, 2000, false);     // dsub 10: 16-lane tail path
   section("select_topk...");
   test_select_topk(2, 2, 3, 10000, 100, 8, 64, ScoreKind::kRandom, {10000, 7000});
   test_select_topk(2, 2, 3, 10000, 3000, 8, 64, ScoreKind::kFewValues, {9999, 4100});
   test_select_topk(1, 1, 2, 9000, 37, 4, 16, ScoreKind::kAllEqual, {9000});
   test_select_topk(2, 3, 1, 5000, 5, 0, 0, ScoreKind::kSpecials, {5000, 17});
-  test_select_topk(3, 1, 2, 300, 20, 8, 64, ScoreKind::kRandom, {0, 50, 300});      // lengths < sink + window
-  test_select_topk(2, 2, 2, 300, 1000, 8, 64, ScoreKind::kRandom, {300, 100});      // k >= candidates
-  test_select_topk(1, 2, 2, 200, 0, 8, 64, ScoreKind::kRandom, {200});              // k = 0
+  test_select_topk(3, 1, 2, 300, 20, 8, 64, ScoreKind::kRandom, {0, 50, 300});  // lengths < sink + window
+  test_select_topk(2, 2, 2, 300, 1000, 8, 64, ScoreKind::kRandom, {300, 100});  // k >= candidates
+  test_select_topk(1, 2, 2, 200, 0, 8, 64, ScoreKind::kRandom, {200});          // k = 0
   test_select_topk(1, 1, 3, 5000, 1, 0, 0, ScoreKind::kFewValues, {5000});
   test_select_topk(1, 1, 1, 12000, 4095, 1, 1, ScoreKind::kFewValues, {12000});
-  test_select_topk(1, 1, 1, 0, 3, 2, 2, ScoreKind::kRandom, {0});                   // empty capacity
+  test_select_topk(1, 1, 1, 0, 3, 2, 2, ScoreKind::kRandom, {0});  // empty capacity
   section("kv store...");
   test_kv_store(DType::kFloat16, 64);
-  test_kv_store(DType::kFloat32, 6);    // 24-byte rows: 4-byte copies in the scatter kernel
-  test_kv_store(DType::kBFloat16, 3);   // 6-byte rows: 2-byte copies
+  test_kv_store(DType::kFloat32, 6);   // 24-byte rows: 4-byte copies in the scatter kernel
+  test_kv_store(DType::kBFloat16, 3);  // 6-byte rows: 2-byte copies
   section("attend and merge...");
-  test_attend_merge<float>(2, 2, 3, 64, 600);     // 3 tiles, ragged, one empty (b, g)
+  test_attend_merge<float>(2, 2, 3, 64, 600);  // 3 tiles, ragged, one empty (b, g)
   test_attend_merge<half_t>(3, 1, 7, 40, 100);
   test_attend_merge<bfloat16_t>(1, 3, 1, 128, 257);
-  test_attend_merge<float>(2, 1, 2, 16, 0);       // no rows at all
+  test_attend_merge<float>(2, 1, 2, 16, 0);  // no rows at all
   section("pipeline...");
-  test_pipeline<float>(3, 2, 3, 32, 1, 4, 16, 6, {120, 7, 60}, 3);     // row 1 shorter than sink + window
-  test_pipeline<half_t>(2, 1, 7, 32, 3, 2, 8, 4, {90, 150}, 2);        // binned
-  test_pipeline<bfloat16_t>(1, 2, 1, 64, 2, 0, 4, 3, {100}, 2);        // no sink
-  test_pipeline<float>(2, 1, 2, 32, 1, 4, 16, 0, {50, 3}, 2);          // k = 0: no gather, no sync
+  test_pipeline<float>(3, 2, 3, 32, 1, 4, 16, 6, {120, 7, 60}, 3);         // row 1 shorter than sink + window
+  test_pipeline<half_t>(2, 1, 7, 32, 3, 2, 8, 4, {90, 150}, 2);            // binned
+  test_pipeline<bfloat16_t>(1, 2, 1, 64, 2, 0, 4, 3, {100}, 2);            // no sink
+  test_pipeline<float>(2, 1, 2, 32, 1, 4, 16, 0, {50, 3}, 2);              // k = 0: no gather, no sync
   test_pipeline<float>(5, 1, 3, 16, 1, 2, 4, 500, {30, 1, 0, 17, 64}, 2);  // every row; an empty prompt
   std::printf("%lld kernel launches, %lld memcpys, %lld event syncs, %lld stream syncs\n", emu::launches,
               emu::memcpy_calls, emu::event_syncs, emu::stream_syncs);

@@ -4,6 +4,7 @@ The native kernels live in the ``a2ats_core`` extension module; this package hol
 pure-PyTorch reference (:mod:`a2ats.reference`) and the orchestration built on the kernels.
 The names below are imported on first use, so ``import a2ats`` does not import transformers.
 """
+
 import os as _os
 import sys as _sys
 

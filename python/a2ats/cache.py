@@ -26,6 +26,7 @@ prompt lengths (left or right padding): only valid rows are stored, each row at 
 length. A step that fails leaves the cache as it was; one cut short inside the model is
 refused at the next step until ``reset()``.
 """
+
 from __future__ import annotations
 
 import math
@@ -121,16 +122,32 @@ class _PipelineSteps:
         book, layers, config = cache.codebook, list(cache.retrieval), cache.config
         self.device = device
         on_gpu = device.type == "cuda"
-        self.store = a2ats_core.KVStore(len(layers), batch, book.num_kv_heads, book.head_dim, cache.capacity, dtype,
-                                        pinned=config.pinned and on_gpu, threads=config.threads)
+        self.store = a2ats_core.KVStore(
+            len(layers),
+            batch,
+            book.num_kv_heads,
+            book.head_dim,
+            cache.capacity,
+            dtype,
+            pinned=config.pinned and on_gpu,
+            threads=config.threads,
+        )
 
         def stacked(per_layer):
             return torch.stack([per_layer[layer].float().cpu() for layer in layers]).contiguous()
+
         self.pipeline = a2ats_core.Pipeline(
-            self.store, num_q_heads=book.num_q_heads, inv_freq=book.inv_freq.float().cpu().contiguous(),
-            chol=stacked(book.chol), chol_inv=stacked(book.chol_inv), centroids=stacked(book.centroids),
-            sink=config.sink, window=config.window, wrope_distances=[cache.wrope_distance],
-            device=str(device) if on_gpu else None)
+            self.store,
+            num_q_heads=book.num_q_heads,
+            inv_freq=book.inv_freq.float().cpu().contiguous(),
+            chol=stacked(book.chol),
+            chol_inv=stacked(book.chol_inv),
+            centroids=stacked(book.centroids),
+            sink=config.sink,
+            window=config.window,
+            wrope_distances=[cache.wrope_distance],
+            device=str(device) if on_gpu else None,
+        )
         self._stats_base = self.pipeline.stats()
 
     def lengths(self) -> np.ndarray:
@@ -138,8 +155,13 @@ class _PipelineSteps:
         return self.store.lengths()
 
     def prefill(self, layer: int, keys, values, positions, counts: list[int]) -> None:
-        self.pipeline.prefill(layer, keys, values, positions.to(torch.int64).contiguous(),
-                              num_tokens=torch.tensor(counts, dtype=torch.int32))
+        self.pipeline.prefill(
+            layer,
+            keys,
+            values,
+            positions.to(torch.int64).contiguous(),
+            num_tokens=torch.tensor(counts, dtype=torch.int32),
+        )
 
     def plan(self, k: int) -> None:
         self.pipeline.plan(k)
@@ -205,8 +227,10 @@ class A2ATSLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.cache.batch:
-            raise ValueError(f"batch of {key_states.shape[0]} rows but this A2ATSCache holds "
-                             f"{self.cache.batch}; use a new cache per batch")
+            raise ValueError(
+                f"batch of {key_states.shape[0]} rows but this A2ATSCache holds "
+                f"{self.cache.batch}; use a new cache per batch"
+            )
         if self.store_layer == 0:
             self.cache._check_whole_steps()
         self._pending = (key_states, value_states)
@@ -216,8 +240,10 @@ class A2ATSLayer(CacheLayerMixin):
             held = self.cache.steps.lengths()[self.store_layer]
             if self.cache.padded or len(set(held.tolist())) > 1:
                 self._pending = None
-                raise NotImplementedError("a multi-token step after a padded or ragged prompt is not "
-                                          "supported; prefill the whole prompt at once")
+                raise NotImplementedError(
+                    "a multi-token step after a padded or ragged prompt is not "
+                    "supported; prefill the whole prompt at once"
+                )
             past_k, past_v = self.cache.steps.materialize(self.store_layer)
             keys, values = torch.cat([past_k, key_states], 2), torch.cat([past_v, value_states], 2)
         tagged = keys.detach().view_as(keys)  # a fresh tensor object to carry the tag
@@ -326,18 +352,22 @@ class A2ATSCache(Cache):
         layout = describe_model(model)  # raises for models without RoPE
         codebook.check_compatible(model)
         if codebook.ablation is not None:
-            raise ValueError(f"this codebook is the {codebook.ablation!r} ablation, made for a2ats eval; "
-                             "A2ATSCache needs a codebook from plain a2ats.calibrate")
+            raise ValueError(
+                f"this codebook is the {codebook.ablation!r} ablation, made for a2ats eval; "
+                "A2ATSCache needs a codebook from plain a2ats.calibrate"
+            )
         parameter = next(model.parameters())
         if parameter.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"model dtype {parameter.dtype} is not supported: the KV store holds "
-                            "float32, float16 or bfloat16 rows; convert the model with .to(dtype)")
+            raise TypeError(
+                f"model dtype {parameter.dtype} is not supported: the KV store holds "
+                "float32, float16 or bfloat16 rows; convert the model with .to(dtype)"
+            )
         if parameter.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"model device {parameter.device} is not supported: A²ATS runs on "
-                             "cpu or cuda")
+            raise ValueError(f"model device {parameter.device} is not supported: A²ATS runs on cpu or cuda")
         if parameter.device.type == "cuda" and not a2ats_core.built_with_cuda():
-            raise RuntimeError("the model is on CUDA but a2ats_core was built without CUDA; "
-                               "reinstall with nvcc available (see README)")
+            raise RuntimeError(
+                "the model is on CUDA but a2ats_core was built without CUDA; reinstall with nvcc available (see README)"
+            )
         text_config = getattr(model.config, "get_text_config", lambda: model.config)()
         self.capacity = int(self.config.capacity or getattr(text_config, "max_position_embeddings", 0) or 0)
         if self.capacity < 1:
@@ -385,8 +415,10 @@ class A2ATSCache(Cache):
         cache = cls(model, codebook, config)
         lengths = {dense.layers[index].get_seq_length() for index in cache.retrieval}
         if len(lengths) != 1 or 0 in lengths:
-            raise ValueError(f"dense must hold the same non-zero number of rows in every retrieval "
-                             f"layer, got lengths {sorted(lengths)}")
+            raise ValueError(
+                f"dense must hold the same non-zero number of rows in every retrieval "
+                f"layer, got lengths {sorted(lengths)}"
+            )
         for index, layer in enumerate(cache.layers):
             source = dense.layers[index]
             keys, values = source.keys, source.values  # (B, Hkv, T, D)
@@ -430,9 +462,11 @@ class A2ATSCache(Cache):
     def _check_room(self, held, counts) -> None:
         for b, (have, new) in enumerate(zip(held.tolist(), counts)):
             if have + new > self.capacity:
-                raise ValueError(f"A2ATSCache capacity exceeded: batch row {b} holds {have} tokens, "
-                                 f"{new} more would exceed capacity {self.capacity}; "
-                                 "pass A2ATSConfig(capacity=...) large enough for prompt + new tokens")
+                raise ValueError(
+                    f"A2ATSCache capacity exceeded: batch row {b} holds {have} tokens, "
+                    f"{new} more would exceed capacity {self.capacity}; "
+                    "pass A2ATSConfig(capacity=...) large enough for prompt + new tokens"
+                )
 
     def _check_whole_steps(self) -> None:
         """Raises when an earlier step stopped inside the model (an exception or KeyboardInterrupt
@@ -445,7 +479,8 @@ class A2ATSCache(Cache):
             raise RuntimeError(
                 "this A2ATSCache holds a half-applied step: an earlier forward stopped inside the model, "
                 f"so its layers hold different rows (rows per layer and batch row: {per_layer}). "
-                "Call cache.reset() and prefill again, or use a new cache")
+                "Call cache.reset() and prefill again, or use a new cache"
+            )
 
     def _plan_step(self) -> None:
         """Plans a decode step for every layer: one new row each, k rows per query head."""
@@ -455,16 +490,20 @@ class A2ATSCache(Cache):
 
     def summary(self) -> dict[str, Any]:
         """Measured figures: share of KV rows read per decode step, attention time per step."""
-        s = self.steps.stats() if self.steps is not None else dict(decode_calls=0, rows_read=0, rows_fetched=0,
-                                                                   rows_cached=0)
+        s = (
+            self.steps.stats()
+            if self.steps is not None
+            else dict(decode_calls=0, rows_read=0, rows_fetched=0, rows_cached=0)
+        )
         steps = s["decode_calls"] / max(1, len(self.retrieval))
         cached = s["rows_cached"]
         return {
             "decode_steps": steps,
             "rows_read_share": s["rows_read"] / cached if cached else float("nan"),
             "rows_fetched_share": s["rows_fetched"] / cached if cached else float("nan"),
-            "attention_seconds_per_step": (self.attention_seconds / (self.timed_calls / len(self.retrieval))
-                                           if self.timed_calls else float("nan")),
+            "attention_seconds_per_step": (
+                self.attention_seconds / (self.timed_calls / len(self.retrieval)) if self.timed_calls else float("nan")
+            ),
             "kv_location": ("pinned host memory" if self.store is not None and self.store.pinned else "host memory"),
             "compute_device": str(self.device),
             "decode_path": f"a2ats_core.Pipeline ({self.device})" if self.steps is not None else None,
@@ -499,8 +538,9 @@ def a2ats_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise NotImplementedError("A²ATS attention does not support attention logit soft-capping")
     position_ids = kwargs.get("position_ids")
     if query.shape[2] > 1 or layer.seq_length == 0:
-        return layer.prefill(module, query, key, value, attention_mask, scaling, dropout, position_ids, fallback,
-                             kwargs)
+        return layer.prefill(
+            module, query, key, value, attention_mask, scaling, dropout, position_ids, fallback, kwargs
+        )
     return layer.decode(query, scaling, position_ids), None
 
 

@@ -14,6 +14,7 @@ that ``from a2ats.calibration import ...`` reaches the whole calibration API. Th
 also ``a2ats.calibrate``; the module has another name because importing a submodule binds its
 name on the package, which would then hide the function.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,15 +32,32 @@ from .models import describe_model, key_projection_fingerprint
 from .presets import PRESETS, CalibrationSettings, resolve_settings
 from .quality import format_quality_report, relative_score_error
 
-__all__ = ["CalibrationSettings", "PRESETS", "resolve_settings", "calibrate", "kmeans",
-           "KMeansResult", "StatisticsCollector", "whitening", "relative_score_error",
-           "format_quality_report"]
+__all__ = [
+    "CalibrationSettings",
+    "PRESETS",
+    "resolve_settings",
+    "calibrate",
+    "kmeans",
+    "KMeansResult",
+    "StatisticsCollector",
+    "whitening",
+    "relative_score_error",
+    "format_quality_report",
+]
 
 
-def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
-              texts: Sequence[str] | None = None, text_description: str | None = None,
-              device: str | torch.device | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = None, **settings: Any) -> Codebook:
+def calibrate(
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    preset: str = "default",
+    texts: Sequence[str] | None = None,
+    text_description: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> Codebook:
     """Build a query-aware codebook for ``model``.
 
     ``preset``: "default" (C = 4096, M = 1, 64k tokens) or "small" (see :data:`PRESETS`);
@@ -64,27 +82,37 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
     chunk_len = config.chunk_len
     if layout.max_position_embeddings:
         chunk_len = min(chunk_len, int(layout.max_position_embeddings))
-    corpus = build_corpus(tokenizer, texts, num_tokens=config.num_tokens,
-                          holdout_tokens=config.holdout_tokens, chunk_len=chunk_len,
-                          seed=config.seed, description=text_description)
+    corpus = build_corpus(
+        tokenizer,
+        texts,
+        num_tokens=config.num_tokens,
+        holdout_tokens=config.holdout_tokens,
+        chunk_len=chunk_len,
+        seed=config.seed,
+        description=text_description,
+    )
     for note in corpus.notes:
         say(f"note: {note}")
     if corpus.num_calibration_tokens < config.num_centroids:
-        raise ValueError(f"the corpus gives only {corpus.num_calibration_tokens} calibration "
-                         f"tokens, fewer than num_centroids = {config.num_centroids}")
-    say(f"model {layout.model_name} ({layout.model_type}): {len(layout.layers)} retrieval layers, "
+        raise ValueError(
+            f"the corpus gives only {corpus.num_calibration_tokens} calibration "
+            f"tokens, fewer than num_centroids = {config.num_centroids}"
+        )
+    say(
+        f"model {layout.model_name} ({layout.model_type}): {len(layout.layers)} retrieval layers, "
         f"{layout.num_q_heads} query / {layout.num_kv_heads} KV heads, head dim {layout.head_dim}, "
-        f"rotary dim {layout.rope.rotary_dim}")
-    say(f"corpus: {corpus.description}; {corpus.num_calibration_tokens} calibration + "
-        f"{corpus.num_holdout_tokens} held-out tokens in chunks of <= {chunk_len}")
+        f"rotary dim {layout.rope.rotary_dim}"
+    )
+    say(
+        f"corpus: {corpus.description}; {corpus.num_calibration_tokens} calibration + "
+        f"{corpus.num_holdout_tokens} held-out tokens in chunks of <= {chunk_len}"
+    )
 
-    train = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance,
-                                wrope=config.wrope)
+    train = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance, wrope=config.wrope)
     train.run(corpus.calibration, progress=progress, description="calibration text")
     holdout = None
     if corpus.holdout:
-        holdout = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance,
-                                      wrope=config.wrope)
+        holdout = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance, wrope=config.wrope)
         holdout.run(corpus.holdout, progress=progress, description="held-out text")
     say(f"statistics collected in {time.perf_counter() - started:.1f} s")
 
@@ -109,13 +137,18 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
         with_baseline = config.baseline and config.query_aware  # without L the two coincide
         spaces = [whitened, keys] if with_baseline else [whitened]
         # One batch of problems: (space, KV head, subspace) -> (P, N, D/M).
-        problems = torch.cat([
-            space.view(num_kv_heads, -1, num_subspaces, sub_dim).transpose(1, 2)
-            .reshape(num_kv_heads * num_subspaces, -1, sub_dim) for space in spaces])
-        result = kmeans(problems, num_centroids, max_iter=config.max_iter, tol=config.tol,
-                        seed=config.seed + 1000 * layer)
-        fitted = result.centroids.view(len(spaces), num_kv_heads, num_subspaces, num_centroids,
-                                       sub_dim)
+        problems = torch.cat(
+            [
+                space.view(num_kv_heads, -1, num_subspaces, sub_dim)
+                .transpose(1, 2)
+                .reshape(num_kv_heads * num_subspaces, -1, sub_dim)
+                for space in spaces
+            ]
+        )
+        result = kmeans(
+            problems, num_centroids, max_iter=config.max_iter, tol=config.tol, seed=config.seed + 1000 * layer
+        )
+        fitted = result.centroids.view(len(spaces), num_kv_heads, num_subspaces, num_centroids, sub_dim)
         centroids[layer] = fitted[0].cpu().contiguous()
         chols[layer], chol_invs[layer] = chol.cpu(), chol_inv.cpu()
         iterations.append(int(result.iterations.max()))
@@ -125,8 +158,9 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
         if holdout is not None:
             held_keys = holdout.stacked_keys(layer).to(device)
             moment = holdout.query_moment[layer]
-            errors_qa.append(relative_score_error(held_keys, moment, fitted[0], chol.to(device),
-                                                  chol_inv.to(device)).tolist())
+            errors_qa.append(
+                relative_score_error(held_keys, moment, fitted[0], chol.to(device), chol_inv.to(device)).tolist()
+            )
             if with_baseline:
                 errors_plain.append(relative_score_error(held_keys, moment, fitted[1]).tolist())
         del keys, whitened, problems, result
@@ -136,29 +170,42 @@ def calibrate(model: torch.nn.Module, tokenizer, *, preset: str = "default",
         mean = lambda rows: float(sum(map(sum, rows)) / sum(map(len, rows)))  # noqa: E731
         quality = {
             "metric": "E[(q.k - q.c)^2] / E[(q.k)^2], WRoPE queries x pre-RoPE keys, all pairs",
-            "holdout_tokens": holdout.num_tokens, "num_layers": len(layout.layers),
-            "num_kv_heads": num_kv_heads, "query_aware": mean(errors_qa),
+            "holdout_tokens": holdout.num_tokens,
+            "num_layers": len(layout.layers),
+            "num_kv_heads": num_kv_heads,
+            "query_aware": mean(errors_qa),
             "plain_kmeans": mean(errors_plain) if errors_plain else None,
             "per_layer_query_aware": [sum(row) / len(row) for row in errors_qa],
             "per_layer_plain_kmeans": [sum(row) / len(row) for row in errors_plain] or None,
         }
     elapsed = time.perf_counter() - started
     metadata = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "a2ats_version": __version__,
-        "model": model_metadata(layout), "rope": layout.rope.to_metadata(),
-        "wrope_distance": config.wrope_distance, "num_centroids": num_centroids,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "a2ats_version": __version__,
+        "model": model_metadata(layout),
+        "rope": layout.rope.to_metadata(),
+        "wrope_distance": config.wrope_distance,
+        "num_centroids": num_centroids,
         "num_subspaces": num_subspaces,
         "calibration": {
-            "tokens": train.num_tokens, "corpus": corpus.description, "chunk_len": chunk_len,
-            "settings": asdict(config), "kmeans_iterations": iterations,
-            "kmeans_converged": converged, "unfilled_clusters": unfilled,
-            "seconds": round(elapsed, 1), "device": str(device), "torch_version": torch.__version__,
+            "tokens": train.num_tokens,
+            "corpus": corpus.description,
+            "chunk_len": chunk_len,
+            "settings": asdict(config),
+            "kmeans_iterations": iterations,
+            "kmeans_converged": converged,
+            "unfilled_clusters": unfilled,
+            "seconds": round(elapsed, 1),
+            "device": str(device),
+            "torch_version": torch.__version__,
         },
         "fingerprint": key_projection_fingerprint(model, layout.layers),
         "quality": quality,
     }
-    say(f"calibrated {len(layout.layers)} layers in {elapsed:.1f} s; Lloyd iterations per layer "
+    say(
+        f"calibrated {len(layout.layers)} layers in {elapsed:.1f} s; Lloyd iterations per layer "
         f"{min(iterations)}-{max(iterations)}, converged in {sum(converged)}/{len(converged)} "
-        f"layers" + (f", {sum(unfilled)} clusters left empty (too few distinct keys)"
-                     if sum(unfilled) else ""))
+        f"layers" + (f", {sum(unfilled)} clusters left empty (too few distinct keys)" if sum(unfilled) else "")
+    )
     return Codebook(centroids, chols, chol_invs, layout.rope.inv_freq, metadata)

@@ -9,13 +9,15 @@ into ``H = Σ q_wᵀ q_w``; keys are kept (:class:`StatisticsCollector`).
 ``H`` is normalised by the RMS of its entries and factorised, ``L = chol(H + 1e-6 I)``
 (:func:`whitening`); k-means then runs on the whitened keys ``k_pre L``.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-import a2ats_core
 import torch
+
+import a2ats_core
 
 from .models import ModelLayout, attention_modules
 
@@ -32,8 +34,15 @@ class StatisticsCollector:
     Hooks only read the projections' outputs; the model's classes are not patched.
     """
 
-    def __init__(self, model: torch.nn.Module, layout: ModelLayout, *, wrope_distance: int,
-                 keep_keys: bool = True, wrope: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layout: ModelLayout,
+        *,
+        wrope_distance: int,
+        keep_keys: bool = True,
+        wrope: bool = True,
+    ):
         self.model = model
         self.layout = layout
         self.wrope_distance = wrope_distance
@@ -45,8 +54,9 @@ class StatisticsCollector:
         self._attention = attention_modules(model)
 
     @staticmethod
-    def _heads(attn: torch.nn.Module, projected: torch.Tensor, norm_name: str, num_heads: int,
-               head_dim: int) -> torch.Tensor:
+    def _heads(
+        attn: torch.nn.Module, projected: torch.Tensor, norm_name: str, num_heads: int, head_dim: int
+    ) -> torch.Tensor:
         """(B, T, H·D) projection output -> (B, H, T, D) f32 as fed to RoPE.
 
         Qwen3/Gemma 3-style q_norm/k_norm normalise each head before RoPE; OLMo 2-style norms
@@ -76,6 +86,7 @@ class StatisticsCollector:
                 self.keys[layer].append(keys.transpose(0, 1).flatten(1, 2).cpu())
             if layer == layout.layers[0]:
                 self.num_tokens += keys.shape[0] * keys.shape[2]
+
         return hook
 
     def _query_hook(self, layer: int) -> Callable:
@@ -85,8 +96,11 @@ class StatisticsCollector:
             queries = self._heads(attn, output, "q_norm", layout.num_q_heads, layout.head_dim)
             batch, _, tokens, head_dim = queries.shape
             # WRoPE: every query is scored as if its keys sat b positions behind it.
-            positions = torch.full((batch, tokens), self.wrope_distance, dtype=torch.long,
-                                   device=queries.device) if self.wrope else self._own_positions(queries)
+            positions = (
+                torch.full((batch, tokens), self.wrope_distance, dtype=torch.long, device=queries.device)
+                if self.wrope
+                else self._own_positions(queries)
+            )
             q_w = a2ats_core.rotary(queries, positions, layout.rope.inv_freq.to(queries.device).float())
             q_w = q_w * layout.rope.attention_scaling
             grouped = q_w.view(batch, layout.num_kv_heads, layout.group_size, tokens, head_dim)
@@ -95,6 +109,7 @@ class StatisticsCollector:
                 self.query_moment[layer] += moment
             else:
                 self.query_moment[layer] = moment
+
         return hook
 
     @staticmethod
@@ -116,8 +131,9 @@ class StatisticsCollector:
             for handle in handles:
                 handle.remove()
 
-    def run(self, chunks: Sequence[torch.Tensor], *, progress: bool = False,
-            description: str = "forward") -> "StatisticsCollector":
+    def run(
+        self, chunks: Sequence[torch.Tensor], *, progress: bool = False, description: str = "forward"
+    ) -> "StatisticsCollector":
         """Feed each 1-D chunk of token ids to the model (no cache, no logits)."""
         from tqdm.auto import tqdm
 
@@ -152,8 +168,10 @@ def whitening(query_moment: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tens
         if int(info.max()) == 0:
             break
         if jitter > 1.0:
-            raise ValueError("the query second moment is not positive definite even with "
-                             "jitter 1.0; the calibration queries are degenerate")
+            raise ValueError(
+                "the query second moment is not positive definite even with "
+                "jitter 1.0; the calibration queries are degenerate"
+            )
         jitter *= 10.0
     chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
     return chol.float(), chol_inv.float()

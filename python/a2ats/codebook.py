@@ -17,6 +17,7 @@ File layout (safetensors, all tensors f32):
   counts, RoPE parameters, the WRoPE distance b, C, M, calibration facts, the key-projection
   fingerprint, the quality report, and a SHA-256 checksum over the tensors and the metadata.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,11 +31,17 @@ import torch
 
 import a2ats_core
 
-from .models import ModelLayout, RopeSpec, describe_model, fingerprints_match, \
-    key_projection_fingerprint
+from .models import ModelLayout, RopeSpec, describe_model, fingerprints_match, key_projection_fingerprint
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "METADATA_KEY", "CodebookError", "CodebookMismatchError",
-           "Codebook", "model_metadata"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "CodebookError",
+    "CodebookMismatchError",
+    "Codebook",
+    "model_metadata",
+]
 
 FORMAT = "a2ats-codebook"
 FORMAT_VERSION = 1
@@ -60,10 +67,15 @@ class CodebookMismatchError(CodebookError):
 
 def model_metadata(layout: ModelLayout) -> dict[str, Any]:
     """The ``model`` section of codebook metadata for ``layout``."""
-    return {"model_type": layout.model_type, "model_name": layout.model_name,
-            "num_layers": layout.num_layers, "num_q_heads": layout.num_q_heads,
-            "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
-            "layers": list(layout.layers)}
+    return {
+        "model_type": layout.model_type,
+        "model_name": layout.model_name,
+        "num_layers": layout.num_layers,
+        "num_q_heads": layout.num_q_heads,
+        "num_kv_heads": layout.num_kv_heads,
+        "head_dim": layout.head_dim,
+        "layers": list(layout.layers),
+    }
 
 
 def _tensor_names(layers) -> list[str]:
@@ -91,9 +103,14 @@ class Codebook:
     ``inv_freq`` (R/2,) f32; ``metadata`` a JSON-able dict (format described in the module).
     """
 
-    def __init__(self, centroids: Mapping[int, torch.Tensor], chol: Mapping[int, torch.Tensor],
-                 chol_inv: Mapping[int, torch.Tensor], inv_freq: torch.Tensor,
-                 metadata: Mapping[str, Any]):
+    def __init__(
+        self,
+        centroids: Mapping[int, torch.Tensor],
+        chol: Mapping[int, torch.Tensor],
+        chol_inv: Mapping[int, torch.Tensor],
+        inv_freq: torch.Tensor,
+        metadata: Mapping[str, Any],
+    ):
         self.centroids = {int(k): v for k, v in sorted(centroids.items())}
         self.chol = {int(k): v for k, v in sorted(chol.items())}
         self.chol_inv = {int(k): v for k, v in sorted(chol_inv.items())}
@@ -149,9 +166,12 @@ class Codebook:
     @property
     def rope(self) -> RopeSpec:
         rope = self.metadata["rope"]
-        return RopeSpec(inv_freq=self.inv_freq.detach().float().cpu(),
-                        attention_scaling=float(rope["attention_scaling"]),
-                        rope_type=str(rope["rope_type"]), interleaved=bool(rope["interleaved"]))
+        return RopeSpec(
+            inv_freq=self.inv_freq.detach().float().cpu(),
+            attention_scaling=float(rope["attention_scaling"]),
+            rope_type=str(rope["rope_type"]),
+            interleaved=bool(rope["interleaved"]),
+        )
 
     @property
     def quality(self) -> dict[str, Any] | None:
@@ -159,17 +179,21 @@ class Codebook:
 
     def __repr__(self) -> str:
         model = self.metadata.get("model", {})
-        return (f"Codebook({model.get('model_name')!r}, layers={len(self.layers)}, "
-                f"Hkv={self.num_kv_heads}, D={self.head_dim}, C={self.num_centroids}, "
-                f"M={self.num_subspaces}, b={self.wrope_distance})")
+        return (
+            f"Codebook({model.get('model_name')!r}, layers={len(self.layers)}, "
+            f"Hkv={self.num_kv_heads}, D={self.head_dim}, C={self.num_centroids}, "
+            f"M={self.num_subspaces}, b={self.wrope_distance})"
+        )
 
     def _check_consistent(self) -> None:
         meta = self.metadata
         if meta.get("format") != FORMAT:
             raise CodebookError(f"not an a2ats codebook (format {meta.get('format')!r})")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise CodebookError(f"codebook format version {meta.get('format_version')!r} is not "
-                                f"supported (this a2ats reads version {FORMAT_VERSION})")
+            raise CodebookError(
+                f"codebook format version {meta.get('format_version')!r} is not "
+                f"supported (this a2ats reads version {FORMAT_VERSION})"
+            )
         try:
             hkv, d = self.num_kv_heads, self.head_dim
             c, m = self.num_centroids, self.num_subspaces
@@ -178,10 +202,8 @@ class Codebook:
             wrope_distance = meta["wrope_distance"]
         except (KeyError, TypeError, ValueError) as error:
             raise CodebookError(f"codebook metadata is incomplete: {error!r}") from None
-        if list(self.layers) != layers or set(self.chol) != set(layers) or \
-                set(self.chol_inv) != set(layers):
-            raise CodebookError(f"codebook tensors cover layers {list(self.layers)} but the "
-                                f"metadata lists {layers}")
+        if list(self.layers) != layers or set(self.chol) != set(layers) or set(self.chol_inv) != set(layers):
+            raise CodebookError(f"codebook tensors cover layers {list(self.layers)} but the metadata lists {layers}")
         if m < 1 or d % m:
             raise CodebookError(f"{m} subspaces do not divide head dim {d}")
         expected = {"centroids": (hkv, m, c, d // m), "chol": (hkv, d, d), "chol_inv": (hkv, d, d)}
@@ -189,27 +211,34 @@ class Codebook:
             for kind, shape in expected.items():
                 tensor = getattr(self, kind)[layer]
                 if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
-                    raise CodebookError(f"layers.{layer}.{kind}: expected f32 {shape}, found "
-                                        f"{str(tensor.dtype).replace('torch.', '')} "
-                                        f"{tuple(tensor.shape)}")
+                    raise CodebookError(
+                        f"layers.{layer}.{kind}: expected f32 {shape}, found "
+                        f"{str(tensor.dtype).replace('torch.', '')} "
+                        f"{tuple(tensor.shape)}"
+                    )
                 if not bool(torch.isfinite(tensor).all()):
                     raise CodebookError(f"layers.{layer}.{kind} holds non-finite values")
             # L must be a Cholesky factor (lower-triangular, positive diagonal) and chol_inv its
             # inverse: the scores are q L^-T . c, so a forged pair would rank tokens silently wrong.
             chol, chol_inv = self.chol[layer], self.chol_inv[layer]
             if not torch.equal(chol, chol.tril()) or not bool((torch.diagonal(chol, 0, 1, 2) > 0).all()):
-                raise CodebookError(f"layers.{layer}.chol is not a Cholesky factor (lower-triangular with a "
-                                    "positive diagonal)")
+                raise CodebookError(
+                    f"layers.{layer}.chol is not a Cholesky factor (lower-triangular with a positive diagonal)"
+                )
             error = float((chol @ chol_inv - torch.eye(d)).abs().max())
             if not error <= 1e-3:
                 raise CodebookError(f"layers.{layer}.chol_inv is not the inverse of chol (|L L^-1 - I| = {error:.3g})")
-        if isinstance(wrope_distance, bool) or not isinstance(wrope_distance, int) or \
-                not 0 <= wrope_distance <= MAX_WROPE_DISTANCE:
-            raise CodebookError(f"wrope_distance (the WRoPE distance b) must be an int in [0, "
-                                f"{MAX_WROPE_DISTANCE}], found {wrope_distance!r}")
+        if (
+            isinstance(wrope_distance, bool)
+            or not isinstance(wrope_distance, int)
+            or not 0 <= wrope_distance <= MAX_WROPE_DISTANCE
+        ):
+            raise CodebookError(
+                f"wrope_distance (the WRoPE distance b) must be an int in [0, "
+                f"{MAX_WROPE_DISTANCE}], found {wrope_distance!r}"
+            )
         if tuple(self.inv_freq.shape) != (rotary_dim // 2,):
-            raise CodebookError(f"rope.inv_freq: expected ({rotary_dim // 2},), found "
-                                f"{tuple(self.inv_freq.shape)}")
+            raise CodebookError(f"rope.inv_freq: expected ({rotary_dim // 2},), found {tuple(self.inv_freq.shape)}")
 
     # -- the maths ---------------------------------------------------------------------------
     def whiten_keys(self, layer: int, k_pre: torch.Tensor) -> torch.Tensor:
@@ -230,8 +259,9 @@ class Codebook:
 
     def encode(self, layer: int, k_pre: torch.Tensor) -> torch.Tensor:
         """Codes (B, Hkv, T, M) int16 of pre-RoPE keys k_pre (B, Hkv, T, D)."""
-        return a2ats_core.vq_encode(self.whiten_keys(layer, k_pre).contiguous(),
-                                    self.centroids[layer].to(k_pre.device).contiguous())
+        return a2ats_core.vq_encode(
+            self.whiten_keys(layer, k_pre).contiguous(), self.centroids[layer].to(k_pre.device).contiguous()
+        )
 
     def encode_keys(self, layer: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Codes (B, Hkv, T, M) int16 of post-RoPE keys (B, Hkv, T, D) at positions (B, T): rotated
@@ -239,12 +269,16 @@ class Codebook:
         k_pre = a2ats_core.rotary(keys, (-positions).to(torch.int64), self.inv_freq.to(keys.device).float())
         return self.encode(layer, k_pre)
 
-    def wrope_dual_queries(self, layer: int, query: torch.Tensor, positions: torch.Tensor,
-                           wrope_distance: int) -> torch.Tensor:
+    def wrope_dual_queries(
+        self, layer: int, query: torch.Tensor, positions: torch.Tensor, wrope_distance: int
+    ) -> torch.Tensor:
         """Scoring queries (B, Hq, D) f32 for post-RoPE queries (B, Hq, D) at positions (B,): moved
         to the WRoPE distance b, R(b - m) q, then into the dual space of their KV head."""
-        q_w = a2ats_core.rotary(query[:, :, None], (wrope_distance - positions[:, None]).to(torch.int64),
-                                self.inv_freq.to(query.device).float())
+        q_w = a2ats_core.rotary(
+            query[:, :, None],
+            (wrope_distance - positions[:, None]).to(torch.int64),
+            self.inv_freq.to(query.device).float(),
+        )
         return self.dual_queries(layer, q_w[:, :, 0]).contiguous()
 
     def reconstruct_keys(self, layer: int, codes: torch.Tensor) -> torch.Tensor:
@@ -253,16 +287,18 @@ class Codebook:
         hkv, m, _, dsub = centroids.shape
         b, _, t, _ = codes.shape
         index = codes.long().permute(0, 1, 3, 2)  # (B, Hkv, M, T)
-        picked = centroids[None].expand(b, hkv, m, -1, dsub).gather(
-            3, index[..., None].expand(b, hkv, m, t, dsub))  # (B, Hkv, M, T, D/M)
+        picked = (
+            centroids[None].expand(b, hkv, m, -1, dsub).gather(3, index[..., None].expand(b, hkv, m, t, dsub))
+        )  # (B, Hkv, M, T, D/M)
         whitened = picked.permute(0, 1, 3, 2, 4).reshape(b, hkv, t, m * dsub)
         return torch.einsum("bgtd,gde->bgte", whitened, self.chol_inv[layer].to(codes.device))
 
     def to(self, device: str | torch.device) -> "Codebook":
         """A copy with every tensor on ``device``."""
         move = lambda tensors: {k: v.to(device) for k, v in tensors.items()}  # noqa: E731
-        return Codebook(move(self.centroids), move(self.chol), move(self.chol_inv),
-                        self.inv_freq.to(device), self.metadata)
+        return Codebook(
+            move(self.centroids), move(self.chol), move(self.chol_inv), self.inv_freq.to(device), self.metadata
+        )
 
     # -- files -------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -272,8 +308,7 @@ class Codebook:
             tensors[f"layers.{layer}.centroids"] = self.centroids[layer]
             tensors[f"layers.{layer}.chol"] = self.chol[layer]
             tensors[f"layers.{layer}.chol_inv"] = self.chol_inv[layer]
-        return {name: tensor.detach().to("cpu", torch.float32).contiguous()
-                for name, tensor in tensors.items()}
+        return {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the codebook as a safetensors file whose metadata carries a fresh checksum; the
@@ -283,14 +318,12 @@ class Codebook:
         tensors = self.tensors()
         # Canonical JSON first (int keys become strings, tuples lists) so the checksum computed
         # here equals the one recomputed from the parsed file.
-        metadata = json.loads(json.dumps({k: v for k, v in self.metadata.items()
-                                          if k != "checksum"}))
+        metadata = json.loads(json.dumps({k: v for k, v in self.metadata.items() if k != "checksum"}))
         metadata["checksum"] = _checksum(tensors, metadata)
         save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(metadata)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None, *,
-             device: str | torch.device = "cpu") -> "Codebook":
+    def load(cls, path: str | os.PathLike, model=None, *, device: str | torch.device = "cpu") -> "Codebook":
         """Read a codebook file, verify it, and, given ``model``, check it belongs to it.
 
         Raises :class:`CodebookError` for a truncated, corrupted or foreign file and
@@ -306,8 +339,7 @@ class Codebook:
                 raw = (handle.metadata() or {}).get(METADATA_KEY)
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as error:  # safetensors raises its own error types for bad files
-            raise CodebookError(f"{path}: not a readable safetensors file (truncated or "
-                                f"corrupted?): {error}") from None
+            raise CodebookError(f"{path}: not a readable safetensors file (truncated or corrupted?): {error}") from None
         if raw is None:
             raise CodebookError(f"{path}: a safetensors file without a2ats codebook metadata")
         try:
@@ -331,10 +363,13 @@ class Codebook:
             if isinstance(holder, dict) and "relative_position" in holder and "wrope_distance" not in holder:
                 holder["wrope_distance"] = holder.pop("relative_position")
         try:
-            codebook = cls({l: tensors[f"layers.{l}.centroids"] for l in layers},
-                           {l: tensors[f"layers.{l}.chol"] for l in layers},
-                           {l: tensors[f"layers.{l}.chol_inv"] for l in layers},
-                           tensors["rope.inv_freq"], metadata)
+            codebook = cls(
+                {l: tensors[f"layers.{l}.centroids"] for l in layers},
+                {l: tensors[f"layers.{l}.chol"] for l in layers},
+                {l: tensors[f"layers.{l}.chol_inv"] for l in layers},
+                tensors["rope.inv_freq"],
+                metadata,
+            )
         except CodebookError as error:
             raise CodebookError(f"{path}: {error}") from None
         if model is not None:
@@ -360,32 +395,34 @@ class Codebook:
         want = self.metadata["model"]
         have = model_metadata(layout)
         problems = []
-        for key in ("model_type", "num_layers", "num_q_heads", "num_kv_heads", "head_dim",
-                    "layers"):
+        for key in ("model_type", "num_layers", "num_q_heads", "num_kv_heads", "head_dim", "layers"):
             if want[key] != have[key]:
                 problems.append(f"{key}: codebook {want[key]!r}, model {have[key]!r}")
         rope_want, rope_have = self.metadata["rope"], layout.rope.to_metadata()
         for key in ("rope_type", "rotary_dim", "interleaved"):
             if rope_want[key] != rope_have[key]:
-                problems.append(f"rope {key}: codebook {rope_want[key]!r}, "
-                                f"model {rope_have[key]!r}")
-        if not math.isclose(rope_want["attention_scaling"], rope_have["attention_scaling"],
-                            rel_tol=1e-6):
-            problems.append(f"rope attention_scaling: codebook {rope_want['attention_scaling']}, "
-                            f"model {rope_have['attention_scaling']}")
+                problems.append(f"rope {key}: codebook {rope_want[key]!r}, model {rope_have[key]!r}")
+        if not math.isclose(rope_want["attention_scaling"], rope_have["attention_scaling"], rel_tol=1e-6):
+            problems.append(
+                f"rope attention_scaling: codebook {rope_want['attention_scaling']}, "
+                f"model {rope_have['attention_scaling']}"
+            )
         # 1e-2: a model cast with .to(bfloat16) rounds its inv_freq buffer (~4e-3); another
         # rope_theta or scaling factor moves most frequencies far more.
         if self.inv_freq.shape == layout.rope.inv_freq.shape:
             if not torch.allclose(self.inv_freq.cpu(), layout.rope.inv_freq, rtol=1e-2, atol=0):
                 problems.append("rope inv_freq differs (another rope_theta or scaling)")
         if not problems:
-            bad = fingerprints_match(self.metadata["fingerprint"],
-                                     key_projection_fingerprint(model, layout.layers))
+            bad = fingerprints_match(self.metadata["fingerprint"], key_projection_fingerprint(model, layout.layers))
             if bad:
-                problems.append("key-projection weights differ (fingerprint mismatch in layers "
-                                f"{[layout.layers[i] for i in bad if i < len(layout.layers)][:8]})")
+                problems.append(
+                    "key-projection weights differ (fingerprint mismatch in layers "
+                    f"{[layout.layers[i] for i in bad if i < len(layout.layers)][:8]})"
+                )
         if problems:
             raise CodebookMismatchError(
                 f"this codebook was built for {want.get('model_name')!r} ({want['model_type']}) "
                 f"and does not match the given model ({have['model_name']!r}): "
-                + "; ".join(problems) + ". Run `a2ats calibrate` for this model.")
+                + "; ".join(problems)
+                + ". Run `a2ats calibrate` for this model."
+            )

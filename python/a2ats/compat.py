@@ -5,6 +5,7 @@ transformers 5.24 renamed the cache argument of ``forward`` and ``generate`` fro
 before 5.24 only ``past_key_values`` exists, and ``cache=`` fails with "model_kwargs are not used
 by the model: ['cache']". The vLLM CPU build pins transformers below 5.20, so both must work.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -5,6 +5,7 @@ The default corpus needs no download: CPython ships hundreds of KB of English pr
 mix of natural text and random strings, so seeded random UUID and number passages are woven in
 (one after every few topics). Users can calibrate on their own text files instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,15 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["DEFAULT_CORPUS_NAME", "TokenCorpus", "pydoc_documents", "random_string_document",
-           "default_documents", "read_documents", "build_corpus"]
+__all__ = [
+    "DEFAULT_CORPUS_NAME",
+    "TokenCorpus",
+    "pydoc_documents",
+    "random_string_document",
+    "default_documents",
+    "read_documents",
+    "build_corpus",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +130,23 @@ def _chunks(ids: list[int], chunk_len: int, bos_token_id: int | None) -> list[to
     body = chunk_len - (bos_token_id is not None)
     chunks = []
     for start in range(0, len(ids), body):
-        piece = ids[start:start + body]
+        piece = ids[start : start + body]
         if bos_token_id is not None:
             piece = [bos_token_id] + piece
         chunks.append(torch.tensor(piece, dtype=torch.long))
     return chunks
 
 
-def build_corpus(tokenizer, documents: Sequence[str] | None = None, *, num_tokens: int,
-                 holdout_tokens: int, chunk_len: int, seed: int = 0,
-                 description: str | None = None) -> TokenCorpus:
+def build_corpus(
+    tokenizer,
+    documents: Sequence[str] | None = None,
+    *,
+    num_tokens: int,
+    holdout_tokens: int,
+    chunk_len: int,
+    seed: int = 0,
+    description: str | None = None,
+) -> TokenCorpus:
     """Tokenise ``documents`` (default: :func:`default_documents`) into calibration chunks
     holding about ``num_tokens`` tokens and held-out chunks holding about ``holdout_tokens``.
 
@@ -151,8 +166,7 @@ def build_corpus(tokenizer, documents: Sequence[str] | None = None, *, num_token
     bos_token_id = getattr(tokenizer, "bos_token_id", None)
     # Rough upper bound of the stream length needed; BOS tokens do not come from the text.
     wanted_cal = num_tokens - (num_tokens + chunk_len - 1) // chunk_len * (bos_token_id is not None)
-    wanted_hold = holdout_tokens - (holdout_tokens + chunk_len - 1) // chunk_len * (
-        bos_token_id is not None)
+    wanted_hold = holdout_tokens - (holdout_tokens + chunk_len - 1) // chunk_len * (bos_token_id is not None)
     wanted_cal, wanted_hold = max(wanted_cal, 1), max(wanted_hold, 0)
     ids = _token_stream(tokenizer, documents, wanted_cal + wanted_hold)
     if not ids:
@@ -160,12 +174,17 @@ def build_corpus(tokenizer, documents: Sequence[str] | None = None, *, num_token
     notes = []
     if len(ids) < wanted_cal + wanted_hold:
         hold = min(wanted_hold, len(ids) // 5)
-        notes.append(f"the corpus has only {len(ids)} tokens: using {len(ids) - hold} for "
-                     f"calibration and {hold} held out")
+        notes.append(
+            f"the corpus has only {len(ids)} tokens: using {len(ids) - hold} for calibration and {hold} held out"
+        )
         log.warning(notes[-1])
     else:
         hold = wanted_hold
-    cal_ids, hold_ids = ids[:len(ids) - hold], ids[len(ids) - hold:]
-    return TokenCorpus(calibration=_chunks(cal_ids, chunk_len, bos_token_id),
-                       holdout=_chunks(hold_ids, chunk_len, bos_token_id) if hold_ids else [],
-                       description=description or "user text", chunk_len=chunk_len, notes=notes)
+    cal_ids, hold_ids = ids[: len(ids) - hold], ids[len(ids) - hold :]
+    return TokenCorpus(
+        calibration=_chunks(cal_ids, chunk_len, bos_token_id),
+        holdout=_chunks(hold_ids, chunk_len, bos_token_id) if hold_ids else [],
+        description=description or "user text",
+        chunk_len=chunk_len,
+        notes=notes,
+    )

@@ -7,6 +7,7 @@ and the demo prints both answers, whether each is right, how many KV rows A²ATS
 the attention part's latency per generated token, decode tokens per second for both (prefill
 apart: it is dense attention either way), and where the KV cache lives.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,21 +21,37 @@ import torch
 from .compat import cache_kwargs
 from .evaluation.tasks import facts_sample, render_prompt
 
-__all__ = ["NeedlePrompt", "needle_prompt", "codebook_cache_path", "default_preset", "load_or_calibrate",
-           "format_quality", "run_demo"]
+__all__ = [
+    "NeedlePrompt",
+    "needle_prompt",
+    "codebook_cache_path",
+    "default_preset",
+    "load_or_calibrate",
+    "format_quality",
+    "run_demo",
+]
+
 
 @dataclass(frozen=True)
 class NeedlePrompt:
     """A chat prompt with hidden facts; ``answer`` is the number asked for."""
 
     input_ids: torch.Tensor  # (1, T) int64
-    facts: dict[str, int]    # colour -> secret number, in prompt order
-    colour: str              # the colour asked about
+    facts: dict[str, int]  # colour -> secret number, in prompt order
+    colour: str  # the colour asked about
     answer: str
 
 
-def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, asked: int | None = -1,
-                  first_depth: float = 0.1, last_depth: float = 0.75, seed: int = 0) -> NeedlePrompt:
+def needle_prompt(
+    tokenizer,
+    num_tokens: int = 4096,
+    *,
+    num_facts: int = 4,
+    asked: int | None = -1,
+    first_depth: float = 0.1,
+    last_depth: float = 0.75,
+    seed: int = 0,
+) -> NeedlePrompt:
     """The tokenized prompt of :func:`~a2ats.evaluation.tasks.facts_sample` (same arguments; the
     defaults are the demo's): about ``num_tokens`` tokens of Python documentation hiding
     ``num_facts`` facts "the secret number of the <colour> box is N", asking for fact ``asked``.
@@ -43,8 +60,15 @@ def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, aske
     the question asks for the last one, placed at 75% depth: about a thousand tokens back at 4k,
     far outside the window, behind three distractor facts. The ``niah_facts`` task of
     ``a2ats eval`` is this prompt."""
-    made = facts_sample(tokenizer, num_tokens, num_facts=num_facts, asked=asked, first_depth=first_depth,
-                        last_depth=last_depth, seed=seed)
+    made = facts_sample(
+        tokenizer,
+        num_tokens,
+        num_facts=num_facts,
+        asked=asked,
+        first_depth=first_depth,
+        last_depth=last_depth,
+        seed=seed,
+    )
     sample = made.sample
     text = render_prompt(tokenizer, sample.message, sample.answer_prefix)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
@@ -53,8 +77,9 @@ def needle_prompt(tokenizer, num_tokens: int = 4096, *, num_facts: int = 4, aske
 
 def codebook_cache_path(model_name: str, preset: str, ablation: str | None = None) -> Path:
     """Where ``a2ats demo``/``a2ats eval`` keep codebooks: $A2ATS_CACHE, else ~/.cache/a2ats."""
-    root = Path(os.environ.get("A2ATS_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "a2ats")
+    root = Path(
+        os.environ.get("A2ATS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "a2ats"
+    )
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name).strip("-")
     suffix = f"-{ablation}" if ablation else ""
     return root / f"{stem or 'model'}-{preset}{suffix}.a2ats.safetensors"
@@ -69,8 +94,15 @@ def default_preset(model) -> str:
     return "default" if next(model.parameters()).device.type == "cuda" else "small"
 
 
-def load_or_calibrate(model, tokenizer, preset: str | None = None, *, ablation: str | None = None,
-                      log: Callable[[str], None] = print, progress: bool = True):
+def load_or_calibrate(
+    model,
+    tokenizer,
+    preset: str | None = None,
+    *,
+    ablation: str | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+):
     """The codebook for ``model`` from the cache ``a2ats demo`` and ``a2ats eval`` use
     (:func:`codebook_cache_path`: ``$A2ATS_CACHE``, else ``~/.cache/a2ats``), calibrated and saved
     there first when it is missing, was built for another model, or was made with other preset
@@ -82,9 +114,9 @@ def load_or_calibrate(model, tokenizer, preset: str | None = None, *, ablation: 
     ``log`` gets one line saying which it did; ``progress`` shows calibration progress bars.
     """
     from .calibration import calibrate
-    from .presets import PRESETS, resolve_settings
     from .codebook import Codebook, CodebookError
     from .models import describe_model
+    from .presets import PRESETS, resolve_settings
 
     if preset is None:
         preset = default_preset(model)
@@ -135,8 +167,8 @@ class _PrefillClock:
 @dataclass
 class _Timing:
     prefill_seconds: float  # the prompt's forward
-    decode_seconds: float   # every later forward
-    decode_tokens: int      # tokens those forwards produced
+    decode_seconds: float  # every later forward
+    decode_tokens: int  # tokens those forwards produced
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -151,11 +183,16 @@ def _generate(model, prompt: NeedlePrompt, cache, max_new_tokens: int) -> tuple[
     clock = _PrefillClock()
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             logits_processor=LogitsProcessorList([clock]))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **cache_kwargs(model, cache),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )
     finished = time.perf_counter()
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     # The first token comes from the prefill; each later one from one decode forward.
     return new, _Timing(clock.prefill_done - started, finished - clock.prefill_done, int(new.numel()) - 1)
 
@@ -165,8 +202,10 @@ def format_quality(codebook) -> str:
     quality = codebook.quality
     if not quality:
         return "codebook quality: not measured (it was calibrated without held-out text)"
-    line = (f"codebook quality: held-out score error E[(q·k − q·ĉ)²]/E[(q·k)²] = {quality['query_aware']:.4f}"
-            f" (C = {codebook.num_centroids} centroids, {quality['holdout_tokens']} held-out tokens")
+    line = (
+        f"codebook quality: held-out score error E[(q·k − q·ĉ)²]/E[(q·k)²] = {quality['query_aware']:.4f}"
+        f" (C = {codebook.num_centroids} centroids, {quality['holdout_tokens']} held-out tokens"
+    )
     if quality.get("plain_kmeans") is not None:
         line += f"; plain k-means of the same size: {quality['plain_kmeans']:.4f}"
     return line + "; lower is better)"
@@ -177,9 +216,12 @@ def _mib(nbytes: float) -> str:
 
 
 def _dense_cache_bytes(cache) -> int:
-    return sum(tensor.numel() * tensor.element_size() for layer in cache.layers
-               for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
-               if isinstance(tensor, torch.Tensor))
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for layer in cache.layers
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(tensor, torch.Tensor)
+    )
 
 
 def _a2ats_device_parts(cache, codebook, layout, dtype: torch.dtype) -> dict[str, int]:
@@ -189,19 +231,39 @@ def _a2ats_device_parts(cache, codebook, layout, dtype: torch.dtype) -> dict[str
     batch = max(1, cache.batch)
     parts = {
         "codes": retrieval * batch * layout.num_kv_heads * cache.capacity * codebook.num_subspaces * 2,
-        "codebook": sum(table[layer].numel() * 4 for table in (codebook.centroids, codebook.chol, codebook.chol_inv)
-                        for layer in codebook.layers),
+        "codebook": sum(
+            table[layer].numel() * 4
+            for table in (codebook.centroids, codebook.chol, codebook.chol_inv)
+            for layer in codebook.layers
+        ),
     }
     if torch.device(cache.summary()["compute_device"]).type == "cuda":
         element = torch.empty(0, dtype=dtype).element_size()
-        parts["sink and window rows"] = (2 * retrieval * batch * layout.num_kv_heads
-                                         * (cache.config.sink + cache.config.window) * layout.head_dim * element)
+        parts["sink and window rows"] = (
+            2
+            * retrieval
+            * batch
+            * layout.num_kv_heads
+            * (cache.config.sink + cache.config.window)
+            * layout.head_dim
+            * element
+        )
     return parts
 
 
-def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float | int = 0.03,
-             window: int = 64, sink: int = 8, max_new_tokens: int = 12, seed: int = 0,
-             log: Callable[[str], None] = print) -> dict:
+def run_demo(
+    model,
+    tokenizer,
+    codebook,
+    *,
+    num_tokens: int = 4096,
+    topk: float | int = 0.03,
+    window: int = 64,
+    sink: int = 8,
+    max_new_tokens: int = 12,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Answer one needle prompt densely and with A²ATS; print and return the figures."""
     from transformers import DynamicCache
 
@@ -216,8 +278,10 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
     cache.time_attention = True
     facts = ", ".join(f"{colour} {number}" for colour, number in prompt.facts.items())
     log(format_quality(codebook))
-    log(f"prompt: {length} tokens of Python documentation hiding {len(prompt.facts)} secret "
-        f"numbers ({facts}); question: the {prompt.colour} box")
+    log(
+        f"prompt: {length} tokens of Python documentation hiding {len(prompt.facts)} secret "
+        f"numbers ({facts}); question: the {prompt.colour} box"
+    )
 
     dense_cache = DynamicCache(config=model.config)
     attention_timer.reset()
@@ -243,47 +307,72 @@ def run_demo(model, tokenizer, codebook, *, num_tokens: int = 4096, topk: float 
     log(f"dense attention : {dense_text!r:40} {mark[dense_right]}")
     log(f"A²ATS top-{budget:6}: {ours_text!r:40} {mark[ours_right]}")
     if dense_right and not ours_right:
-        log(f"A²ATS lost the answer that dense attention found: at {length} tokens and this budget its "
+        log(
+            f"A²ATS lost the answer that dense attention found: at {length} tokens and this budget its "
             "approximate scores missed rows the answer needs; a larger --topk, or a codebook from "
-            "--preset default, scores them more closely")
-    log(f"KV rows attended per decode step: {summary['rows_read_share']:.1%} of the cache "
+            "--preset default, scores them more closely"
+        )
+    log(
+        f"KV rows attended per decode step: {summary['rows_read_share']:.1%} of the cache "
         f"(top-k + {sink} sink + {window} window); fetched from host memory: "
-        f"{summary['rows_fetched_share']:.1%}")
+        f"{summary['rows_fetched_share']:.1%}"
+    )
     k = config.budget(length)
     group = layout.group_size
     ceiling = min(length, group * k + sink + window) / length
-    log(f"why {summary['rows_read_share']:.1%} and not {budget.strip()}: each of the {layout.num_kv_heads} KV heads "
+    log(
+        f"why {summary['rows_read_share']:.1%} and not {budget.strip()}: each of the {layout.num_kv_heads} KV heads "
         f"reads the union of "
         f"its {group} query heads' top-k (k = {k} tokens each at {length} tokens), plus the {sink} sink and "
         f"{window} window rows: at most {group} × {k} + {sink + window} = {ceiling:.1%} of the cache, "
-        "less where the heads agree")
-    log(f"attention part per generated token ({len(layout.layers)} layers): dense "
+        "less where the heads agree"
+    )
+    log(
+        f"attention part per generated token ({len(layout.layers)} layers): dense "
         f"{dense_attention * 1e3:.2f} ms, A²ATS {summary['attention_seconds_per_step'] * 1e3:.2f} ms "
-        "(A²ATS: encode + score + select + fetch or read rows + attend)")
+        "(A²ATS: encode + score + select + fetch or read rows + attend)"
+    )
     dense_rate, ours_rate = dense_timing.decode_tokens_per_second, ours_timing.decode_tokens_per_second
-    log(f"decode: dense {dense_rate:.1f} tok/s, A²ATS {ours_rate:.1f} tok/s ({ours_rate / dense_rate:.2f}x), "
-        f"{ours_timing.decode_tokens} tokens after the first")
-    log(f"prefill: dense {dense_timing.prefill_seconds:.2f} s, A²ATS {ours_timing.prefill_seconds:.2f} s "
-        "(both attend densely; A²ATS also stores and encodes the prompt's rows)")
+    log(
+        f"decode: dense {dense_rate:.1f} tok/s, A²ATS {ours_rate:.1f} tok/s ({ours_rate / dense_rate:.2f}x), "
+        f"{ours_timing.decode_tokens} tokens after the first"
+    )
+    log(
+        f"prefill: dense {dense_timing.prefill_seconds:.2f} s, A²ATS {ours_timing.prefill_seconds:.2f} s "
+        "(both attend densely; A²ATS also stores and encodes the prompt's rows)"
+    )
     device = summary["compute_device"]
     dense_bytes = _dense_cache_bytes(dense_cache)
     parts = _a2ats_device_parts(cache, codebook, layout, next(model.parameters()).dtype)
     device_bytes = sum(parts.values())
-    log(f"KV cache: dense {_mib(dense_bytes)} on {device}; A²ATS {_mib(summary['host_store_bytes'])} in "
+    log(
+        f"KV cache: dense {_mib(dense_bytes)} on {device}; A²ATS {_mib(summary['host_store_bytes'])} in "
         f"{summary['kv_location']} (all K/V rows) + {_mib(device_bytes)} on {device} ("
-        + ", ".join(f"{name} {_mib(size)}" for name, size in parts.items()) + ")")
+        + ", ".join(f"{name} {_mib(size)}" for name, size in parts.items())
+        + ")"
+    )
     if torch.device(device).type == "cpu":
-        log("  on a CPU host and device memory are one: A²ATS saves reads here, not memory; on a GPU "
-            "only the second part takes device memory")
+        log(
+            "  on a CPU host and device memory are one: A²ATS saves reads here, not memory; on a GPU "
+            "only the second part takes device memory"
+        )
     return {
-        "prompt_tokens": length, "expected": prompt.answer,
-        "dense_answer": dense_text, "dense_correct": dense_right,
-        "a2ats_answer": ours_text, "a2ats_correct": ours_right,
+        "prompt_tokens": length,
+        "expected": prompt.answer,
+        "dense_answer": dense_text,
+        "dense_correct": dense_right,
+        "a2ats_answer": ours_text,
+        "a2ats_correct": ours_right,
         "dense_attention_seconds_per_token": dense_attention,
-        "dense_decode_tokens_per_second": dense_rate, "a2ats_decode_tokens_per_second": ours_rate,
-        "dense_prefill_seconds": dense_timing.prefill_seconds, "a2ats_prefill_seconds": ours_timing.prefill_seconds,
-        "topk_tokens": k, "rows_read_ceiling_share": ceiling,
-        "dense_kv_bytes": dense_bytes, "a2ats_device_bytes": device_bytes, "a2ats_device_parts": parts,
+        "dense_decode_tokens_per_second": dense_rate,
+        "a2ats_decode_tokens_per_second": ours_rate,
+        "dense_prefill_seconds": dense_timing.prefill_seconds,
+        "a2ats_prefill_seconds": ours_timing.prefill_seconds,
+        "topk_tokens": k,
+        "rows_read_ceiling_share": ceiling,
+        "dense_kv_bytes": dense_bytes,
+        "a2ats_device_bytes": device_bytes,
+        "a2ats_device_parts": parts,
         "codebook_error": (codebook.quality or {}).get("query_aware"),
         "codebook_error_plain_kmeans": (codebook.quality or {}).get("plain_kmeans"),
         **{f"a2ats_{key}": value for key, value in summary.items()},

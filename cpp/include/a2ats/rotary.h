@@ -24,10 +24,14 @@ A2ATS_HOST_DEVICE void sincos_angle(float angle, float* sin_out, float* cos_out)
   const double quadrant = rint(x * 0.63661977236758134308);  // x / (pi/2)
   const double r = (x - quadrant * 1.5707963267948966) - quadrant * 6.123233995736766e-17;
   const double r2 = r * r;
-  const double s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 +
-                   r2 * (-1.0 / 39916800 + r2 * (1.0 / 6227020800.0))))));
-  const double c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 +
-                   r2 * (-1.0 / 3628800 + r2 * (1.0 / 479001600.0))))));
+  const double s =
+      r + r * r2 *
+              (-1.0 / 6 +
+               r2 * (1.0 / 120 +
+                     r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 + r2 * (-1.0 / 39916800 + r2 * (1.0 / 6227020800.0))))));
+  const double c =
+      1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 +
+                                                                   r2 * (-1.0 / 3628800 + r2 * (1.0 / 479001600.0))))));
   const int q = int(static_cast<long long>(quadrant) & 3);
   const double sv = (q & 1) ? c : s;
   const double cv = (q & 1) ? s : c;
@@ -37,8 +41,8 @@ A2ATS_HOST_DEVICE void sincos_angle(float angle, float* sin_out, float* cos_out)
 
 struct RotaryParams {
   int64_t batch = 0, num_heads = 0, num_tokens = 0, head_dim = 0;
-  int64_t rotary_dim = 0;    // R <= head_dim, even; dims >= R pass through
-  bool interleaved = false;  // pairs (2i, 2i+1) instead of (i, i + R/2)
+  int64_t rotary_dim = 0;             // R <= head_dim, even; dims >= R pass through
+  bool interleaved = false;           // pairs (2i, 2i+1) instead of (i, i + R/2)
   DType dtype = DType::kFloat32;      // of x and out
   DType pos_dtype = DType::kInt64;    // int32 or int64
   int64_t x_stride[3] = {0, 0, 0};    // (b, h, t) in elements; head_dim is contiguous
@@ -47,7 +51,6 @@ struct RotaryParams {
 };
 
 // x, out: (B, H, T, D) of params.dtype (out may alias x); positions: (B, T); inv_freq: (R/2,) f32.
-void rotary_cpu(const void* x, void* out, const void* positions, const float* inv_freq,
-                const RotaryParams& params);
+void rotary_cpu(const void* x, void* out, const void* positions, const float* inv_freq, const RotaryParams& params);
 
 }  // namespace a2ats

@@ -66,7 +66,7 @@ class ThreadPool {
   void run_chunks();
 
   std::vector<std::thread> workers_;
-  std::mutex busy_;  // held by the caller for the duration of one parallel_for
+  std::mutex busy_;   // held by the caller for the duration of one parallel_for
   std::mutex mutex_;  // guards the sleeps on wake_ and done_ (sleepers_, caller_waits_, stop_)
   std::condition_variable wake_;
   std::condition_variable done_;
@@ -75,11 +75,11 @@ class ThreadPool {
   int64_t total_ = 0;
   int64_t chunk_ = 1;
   std::atomic<int64_t> next_{0};
-  std::atomic<int> active_{0};          // workers still inside the current task
-  std::atomic<uint64_t> generation_{0}; // bumped for every task so workers notice new work
+  std::atomic<int> active_{0};           // workers still inside the current task
+  std::atomic<uint64_t> generation_{0};  // bumped for every task so workers notice new work
   std::atomic<bool> stop_{false};
-  int sleepers_ = 0;                    // workers asleep on wake_
-  bool caller_waits_ = false;           // the caller is asleep on done_
+  int sleepers_ = 0;           // workers asleep on wake_
+  bool caller_waits_ = false;  // the caller is asleep on done_
 };
 
 }  // namespace a2ats

@@ -12,13 +12,13 @@ struct SelectTopkParams {
   int64_t batch = 0, num_q_heads = 0, group_size = 1;
   int64_t capacity = 0;  // Tcap
   int64_t k = 0, sink = 0, window = 0;
-  int64_t max_selected = 0;                // Kmax = group_size * k + sink + window (+ 0 without add_resident)
+  int64_t max_selected = 0;  // Kmax = group_size * k + sink + window (+ 0 without add_resident)
   // false: only the selected candidates, for a caller that holds the sink and window rows
   // elsewhere (the CUDA pipeline keeps them on the device).
   bool add_resident = true;
-  int64_t scores_stride[2] = {0, 0};       // (b, h); tokens contiguous
-  int64_t indices_stride[2] = {0, 0};      // (b, g); slots contiguous
-  int64_t counts_stride[2] = {0, 0};       // (b, g)
+  int64_t scores_stride[2] = {0, 0};   // (b, h); tokens contiguous
+  int64_t indices_stride[2] = {0, 0};  // (b, g); slots contiguous
+  int64_t counts_stride[2] = {0, 0};   // (b, g)
 };
 
 // Candidates of row b are tokens [sink, lengths[b] - window). Per query head the k

@@ -28,11 +28,11 @@ void vq_encode_cpu(const void* x, const float* centroids, int16_t* codes, const 
 struct LutScoresParams {
   int64_t batch = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
   int64_t num_subspaces = 1, num_centroids = 0;
-  int64_t capacity = 0;                  // Tcap: token slots in codes and scores
-  int64_t num_bins = 1;                  // NB: distance bins (1 = plain WRoPE)
-  int64_t q_stride[3] = {0, 0, 0};       // (b, h, bin); head_dim contiguous
-  int64_t codes_stride[3] = {0, 0, 0};   // (b, g, t); subspace dim contiguous
-  int64_t scores_stride[2] = {0, 0};     // (b, h); tokens contiguous
+  int64_t capacity = 0;                 // Tcap: token slots in codes and scores
+  int64_t num_bins = 1;                 // NB: distance bins (1 = plain WRoPE)
+  int64_t q_stride[3] = {0, 0, 0};      // (b, h, bin); head_dim contiguous
+  int64_t codes_stride[3] = {0, 0, 0};  // (b, g, t); subspace dim contiguous
+  int64_t scores_stride[2] = {0, 0};    // (b, h); tokens contiguous
 };
 
 // q: (B, Hq, NB, D) f32 in the dual space; centroids: (Hkv, M, C, D/M); codes: (B, Hkv, Tcap, M);

@@ -3,13 +3,26 @@
 The names below are imported on first use: :mod:`a2ats.evaluation.tasks` is torch-free, and
 ``a2ats eval --help`` reads the task names from it without importing torch or transformers.
 """
+
 # public name -> submodule that defines it
 _LAZY = {
-    "Budget": "harness", "RunResult": "harness", "evaluate": "harness", "run_sample": "harness",
-    "summarize": "report", "write_results": "report",
-    "Selector": "selectors", "Dense": "selectors", "StreamingLLM": "selectors", "Oracle": "selectors",
-    "Quest": "selectors", "PQCache": "selectors", "A2ATS": "selectors",
-    "TASKS": "tasks", "HAYSTACKS": "tasks", "Sample": "tasks", "make_sample": "tasks",
+    "Budget": "harness",
+    "RunResult": "harness",
+    "evaluate": "harness",
+    "run_sample": "harness",
+    "summarize": "report",
+    "write_results": "report",
+    "Selector": "selectors",
+    "Dense": "selectors",
+    "StreamingLLM": "selectors",
+    "Oracle": "selectors",
+    "Quest": "selectors",
+    "PQCache": "selectors",
+    "A2ATS": "selectors",
+    "TASKS": "tasks",
+    "HAYSTACKS": "tasks",
+    "Sample": "tasks",
+    "make_sample": "tasks",
     "score_answer": "tasks",
 }
 

@@ -9,6 +9,7 @@ each step and retrieval layer it computes the true attention probabilities over 
 exactly over those rows. Prompts are prefilled once, densely, and the cache is copied for each
 run, so every method answers from identical prompt states. Batch 1.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,8 @@ class RunResult:
     seed: int
     answer: str
     score: float
-    recall: float      # mean over decode steps, retrieval layers and query heads
-    rows_read: float   # mean share of cached rows attended per KV head
+    recall: float  # mean over decode steps, retrieval layers and query heads
+    rows_read: float  # mean share of cached rows attended per KV head
     seconds: float
 
 
@@ -81,8 +82,9 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-def selected_rows(selector: Selector, budget: Budget, layer: int, query: torch.Tensor, keys: torch.Tensor,
-                  position: int) -> torch.Tensor:
+def selected_rows(
+    selector: Selector, budget: Budget, layer: int, query: torch.Tensor, keys: torch.Tensor, position: int
+) -> torch.Tensor:
     """Mask (Hkv, T) of the rows attended for query (Hq, D) over keys (Hkv, T, D)."""
     num_kv, length, _ = keys.shape
     if selector.reads_all:
@@ -93,8 +95,9 @@ def selected_rows(selector: Selector, budget: Budget, layer: int, query: torch.T
     else:
         scores, k = torch.zeros(query.shape[0], length), 0
     lengths = torch.tensor([length], dtype=torch.int32)
-    indices, counts = a2ats_core.select_topk(scores.float()[None].contiguous(), k, lengths, group_size=group,
-                                             sink=budget.sink, window=budget.window)
+    indices, counts = a2ats_core.select_topk(
+        scores.float()[None].contiguous(), k, lengths, group_size=group, sink=budget.sink, window=budget.window
+    )
     mask = torch.zeros(num_kv, length + 1, dtype=torch.bool)
     valid = torch.arange(indices.shape[-1])[None] < counts[0][:, None]
     rows = torch.where(valid, indices[0].long(), length)  # padding goes to a spare column
@@ -142,8 +145,9 @@ def prompt_ids(tokenizer, sample: Sample) -> torch.Tensor:
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
 
-def run_sample(model, tokenizer, sample: Sample, methods: Sequence[tuple[Selector, Sequence[Budget]]], *,
-               seed: int = 0) -> list[RunResult]:
+def run_sample(
+    model, tokenizer, sample: Sample, methods: Sequence[tuple[Selector, Sequence[Budget]]], *, seed: int = 0
+) -> list[RunResult]:
     """Prefill ``sample`` once, then decode it greedily with each selector at each budget."""
     global _active
     register()
@@ -173,27 +177,47 @@ def run_sample(model, tokenizer, sample: Sample, methods: Sequence[tuple[Selecto
                             break
                         if step % 4 == 3 and score_answer(tokenizer.decode(tokens), sample.expected) == 1.0:
                             break  # every expected string is there: more tokens cannot change the score
-                        out = model(input_ids=torch.tensor([[tokens[-1]]]), **cache_kwargs(model, cache), use_cache=True,
-                                    position_ids=torch.tensor([[length + step]]))
+                        out = model(
+                            input_ids=torch.tensor([[tokens[-1]]]),
+                            **cache_kwargs(model, cache),
+                            use_cache=True,
+                            position_ids=torch.tensor([[length + step]]),
+                        )
                         tokens.append(int(out.logits[0, -1].argmax()))
                     recorder, _active = _active, None
                     answer = tokenizer.decode(tokens, skip_special_tokens=True)
-                    results.append(RunResult(
-                        task=sample.task, method=selector.name, budget="all" if selector.reads_all else budget.label,
-                        context_tokens=length, seed=seed, answer=answer.strip(),
-                        score=score_answer(answer, sample.expected),
-                        recall=recorder.recall_sum / max(1, recorder.calls),
-                        rows_read=recorder.rows_sum / max(1, recorder.calls),
-                        seconds=time.perf_counter() - started))
+                    results.append(
+                        RunResult(
+                            task=sample.task,
+                            method=selector.name,
+                            budget="all" if selector.reads_all else budget.label,
+                            context_tokens=length,
+                            seed=seed,
+                            answer=answer.strip(),
+                            score=score_answer(answer, sample.expected),
+                            recall=recorder.recall_sum / max(1, recorder.calls),
+                            rows_read=recorder.rows_sum / max(1, recorder.calls),
+                            seconds=time.perf_counter() - started,
+                        )
+                    )
     finally:
         _active = None
         model.set_attn_implementation(previous)
     return results
 
 
-def evaluate(model, tokenizer, tasks: Iterable[str], lengths: Iterable[int], methods, *, samples: int = 1,
-             haystack: str = "repeat", progress: bool = True,
-             on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Iterable[str],
+    lengths: Iterable[int],
+    methods,
+    *,
+    samples: int = 1,
+    haystack: str = "repeat",
+    progress: bool = True,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
     """Every task x length x seed, each sample run with every method (see :func:`run_sample`)."""
     from tqdm.auto import tqdm
 

@@ -1,4 +1,5 @@
 """Tables, CSV/JSON files and plots of evaluation results."""
+
 from __future__ import annotations
 
 import csv
@@ -23,13 +24,17 @@ def summarize(results: Sequence[RunResult]) -> list[dict]:
         per_task: dict[str, list[float]] = defaultdict(list)
         for item in items:
             per_task[item.task].append(item.score)
-        rows.append({
-            "method": method, "budget": budget, "runs": len(items),
-            "accuracy": sum(i.score for i in items) / len(items),
-            "recall": sum(i.recall for i in items) / len(items),
-            "rows_read": sum(i.rows_read for i in items) / len(items),
-            **{f"acc_{task}": sum(scores) / len(scores) for task, scores in sorted(per_task.items())},
-        })
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "runs": len(items),
+                "accuracy": sum(i.score for i in items) / len(items),
+                "recall": sum(i.recall for i in items) / len(items),
+                "rows_read": sum(i.rows_read for i in items) / len(items),
+                **{f"acc_{task}": sum(scores) / len(scores) for task, scores in sorted(per_task.items())},
+            }
+        )
     order = {"dense": 0, "oracle": 1, "a2ats": 2, "quest": 3, "pqcache": 4, "streaming": 5}
     rows.sort(key=lambda r: (order.get(r["method"], 9), r["method"], r["budget"]))
     return rows
@@ -38,8 +43,10 @@ def summarize(results: Sequence[RunResult]) -> list[dict]:
 def format_table(summary: Sequence[dict]) -> str:
     lines = [f"{'method':12} {'budget':>7} {'accuracy':>9} {'recall':>7} {'rows read':>10}"]
     for row in summary:
-        lines.append(f"{row['method']:12} {row['budget']:>7} {row['accuracy']:>9.3f} {row['recall']:>7.3f} "
-                     f"{row['rows_read']:>10.1%}")
+        lines.append(
+            f"{row['method']:12} {row['budget']:>7} {row['accuracy']:>9.3f} {row['recall']:>7.3f} "
+            f"{row['rows_read']:>10.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -68,8 +75,11 @@ def write_results(results: Sequence[RunResult], directory: str | Path) -> list[P
     for metric in ("accuracy", "recall"):
         figure, axis = plt.subplots(figsize=(6, 4))
         for method in sorted({row["method"] for row in summary}):
-            points = [(float(row["budget"].rstrip("%")), row[metric]) for row in summary
-                      if row["method"] == method and row["budget"].endswith("%")]
+            points = [
+                (float(row["budget"].rstrip("%")), row[metric])
+                for row in summary
+                if row["method"] == method and row["budget"].endswith("%")
+            ]
             dense = [row[metric] for row in summary if row["method"] == method and row["budget"] == "all"]
             if points:
                 points.sort()

@@ -17,6 +17,7 @@ in natural text, the last one asked. Haystacks for the needle and variable tasks
 ``pydoc_data.topics``); ``niah_facts`` is always natural text: copying one of several similar
 numbers out of prose is what repeated filler makes too easy.
 """
+
 from __future__ import annotations
 
 import random
@@ -26,11 +27,33 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["TASKS", "HAYSTACKS", "COLOURS", "Sample", "FactsSample", "make_sample", "facts_sample",
-           "render_prompt", "score_answer", "word_list", "haystack_units", "insert_at_depths"]
+__all__ = [
+    "TASKS",
+    "HAYSTACKS",
+    "COLOURS",
+    "Sample",
+    "FactsSample",
+    "make_sample",
+    "facts_sample",
+    "render_prompt",
+    "score_answer",
+    "word_list",
+    "haystack_units",
+    "insert_at_depths",
+]
 
-TASKS = ("niah_single_number", "niah_single_uuid", "niah_single_word", "niah_multikey",
-         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "niah_facts")
+TASKS = (
+    "niah_single_number",
+    "niah_single_uuid",
+    "niah_single_word",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+    "niah_facts",
+)
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
 HAYSTACKS = ("repeat", "natural")
 
@@ -40,8 +63,8 @@ _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. T
 @dataclass(frozen=True)
 class Sample:
     task: str
-    message: str             # the user turn: context then question
-    answer_prefix: str       # the reply's first words, given to the model
+    message: str  # the user turn: context then question
+    answer_prefix: str  # the reply's first words, given to the model
     expected: tuple[str, ...]
     max_new_tokens: int
     needle_offsets: tuple[int, ...] = field(default=())  # character offsets in ``message``
@@ -59,15 +82,24 @@ class FactsSample:
 def render_prompt(tokenizer, message: str, answer_prefix: str) -> str:
     """The prompt text: the chat template when the tokenizer has one, then the answer prefix."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = message + "\n"
     return text + answer_prefix
 
 
-def facts_sample(tokenizer, num_tokens: int, *, num_facts: int = 4, asked: int | None = None,
-                 first_depth: float = 0.1, last_depth: float = 0.9, seed: int = 0) -> FactsSample:
+def facts_sample(
+    tokenizer,
+    num_tokens: int,
+    *,
+    num_facts: int = 4,
+    asked: int | None = None,
+    first_depth: float = 0.1,
+    last_depth: float = 0.9,
+    seed: int = 0,
+) -> FactsSample:
     """About ``num_tokens`` prompt tokens (as :func:`render_prompt` renders them) of documentation
     text with ``num_facts`` secret numbers at evenly spread depths from ``first_depth`` to
     ``last_depth`` (shares of the text), then a question about fact number ``asked`` in text
@@ -94,8 +126,7 @@ def facts_sample(tokenizer, num_tokens: int, *, num_facts: int = 4, asked: int |
     overhead = len(tokenizer(render_prompt(tokenizer, message(""), prefix), add_special_tokens=False).input_ids)
     overhead += 20 * num_facts
     needles = [f"Remember this: the secret number of the {colour} box is {facts[colour]}." for colour in colours]
-    depths = [first_depth + (last_depth - first_depth) * number / max(1, num_facts - 1)
-              for number in range(num_facts)]
+    depths = [first_depth + (last_depth - first_depth) * number / max(1, num_facts - 1) for number in range(num_facts)]
     body = insert_at_depths(haystack_units(tokenizer, "natural", num_tokens - overhead, rng), needles, depths)
     text = message("\n\n".join(body))
     sample = Sample("niah_facts", text, prefix, (str(facts[asked]),), 12, _locate(text, needles))
@@ -166,8 +197,7 @@ def _locate(message: str, needles: list[str]) -> tuple[int, ...]:
     return tuple(message.index(needle) for needle in needles)
 
 
-def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repeat",
-                seed: int = 0) -> Sample:
+def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repeat", seed: int = 0) -> Sample:
     """One sample of ``task`` whose context is about ``num_tokens`` tokens long."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -180,8 +210,9 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
     separator = " " if haystack == "repeat" else "\n\n"
 
     if task.startswith("niah"):
-        kind = {"niah_single_number": "number", "niah_single_uuid": "uuid",
-                "niah_single_word": "word"}.get(task, "number")
+        kind = {"niah_single_number": "number", "niah_single_uuid": "uuid", "niah_single_word": "word"}.get(
+            task, "number"
+        )
         kind_name = {"number": "number", "uuid": "uuid", "word": "word"}[kind]
         keys = rng.sample(word_list(), 4)
         if task == "niah_multivalue":
@@ -206,13 +237,17 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
         context = separator.join(units)
         keys_text = ", ".join(asked)
         plural = "s" if len(expected) > 1 else ""
-        message = (f"Some special magic {kind_name}s are hidden within the following text. Make sure "
-                   f"to memorize it. I will quiz you about the {kind_name}s afterwards.\n{context}\n"
-                   f"What {'are all' if plural else 'is'} the special magic {kind_name}{plural} for "
-                   f"{keys_text} mentioned in the provided text?")
-        prefix = f"The special magic {kind_name}{plural} for {keys_text} mentioned in the provided text {'are' if plural else 'is'}"
-        return Sample(task, message, prefix, expected, 32 if kind == "uuid" or plural else 16,
-                      _locate(message, needles))
+        message = (
+            f"Some special magic {kind_name}s are hidden within the following text. Make sure "
+            f"to memorize it. I will quiz you about the {kind_name}s afterwards.\n{context}\n"
+            f"What {'are all' if plural else 'is'} the special magic {kind_name}{plural} for "
+            f"{keys_text} mentioned in the provided text?"
+        )
+        verb = "are" if plural else "is"
+        prefix = f"The special magic {kind_name}{plural} for {keys_text} mentioned in the provided text {verb}"
+        return Sample(
+            task, message, prefix, expected, 32 if kind == "uuid" or plural else 16, _locate(message, needles)
+        )
 
     if task == "vt":
         names = [f"{word.upper()[:5]}" for word in rng.sample(word_list(), 10)]
@@ -228,11 +263,15 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
         placed = [picked[i] for i in interleaved]
         units = insert_at_depths(haystack_units(tokenizer, haystack, body, rng), placed, depths)
         context = separator.join(units)
-        message = (f"Memorize and track the chain(s) of variable assignment hidden in the following "
-                   f"text.\n\n{context}\nQuestion: Find all variables that are assigned the value "
-                   f"{value} in the text above.")
-        prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, "
-                  f"5 variables are assigned the value {value}, they are:")
+        message = (
+            f"Memorize and track the chain(s) of variable assignment hidden in the following "
+            f"text.\n\n{context}\nQuestion: Find all variables that are assigned the value "
+            f"{value} in the text above."
+        )
+        prefix = (
+            f"Answer: According to the chain(s) of variable assignment in the text above, "
+            f"5 variables are assigned the value {value}, they are:"
+        )
         return Sample(task, message, prefix, tuple(chain), 30, _locate(message, placed))
 
     if task == "cwe":
@@ -247,9 +286,11 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
         rng.shuffle(stream)
         top = sorted(common)
         listing = _numbered(stream)
-        message = (f"Below is a numbered list of words. In these words, some appear more often than "
-                   f"others. Memorize the ones that appear most often.\n{listing}\nQuestion: What "
-                   f"are the 10 most common words in the above list?")
+        message = (
+            f"Below is a numbered list of words. In these words, some appear more often than "
+            f"others. Memorize the ones that appear most often.\n{listing}\nQuestion: What "
+            f"are the 10 most common words in the above list?"
+        )
         prefix = "Answer: The top 10 words that appear most often in the list are:"
         return Sample(task, message, prefix, tuple(top), 48)
 
@@ -264,10 +305,12 @@ def make_sample(task: str, tokenizer, num_tokens: int, *, haystack: str = "repea
         stream.extend([ranked[2][0]] * 2)
         counts = Counter(stream)
     top = [word for word, _ in counts.most_common(3)]
-    message = (f"Read the following coded text and track the frequency of each coded word. Find the "
-               f"three most frequently appeared coded words. ... {' '.join(stream)}\nQuestion: Do not "
-               f"provide any explanation. Please ignore the dots '....'. What are the three most "
-               f"frequently appeared words in the above coded text?")
+    message = (
+        f"Read the following coded text and track the frequency of each coded word. Find the "
+        f"three most frequently appeared coded words. ... {' '.join(stream)}\nQuestion: Do not "
+        f"provide any explanation. Please ignore the dots '....'. What are the three most "
+        f"frequently appeared words in the above coded text?"
+    )
     prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
     return Sample(task, message, prefix, tuple(top), 24)
 
@@ -281,7 +324,7 @@ def _fit_words(tokenizer, words: list[str], num_tokens: int, render=" ".join) ->
     tokens (tokens per word measured on the first 200, rendered)."""
     probe = words[:200]
     per_word = len(tokenizer(render(probe), add_special_tokens=False).input_ids) / max(1, len(probe))
-    return words[:max(1, int(num_tokens / max(1.0, per_word)))]
+    return words[: max(1, int(num_tokens / max(1.0, per_word)))]
 
 
 def score_answer(answer: str, expected: tuple[str, ...] | list[str]) -> float:

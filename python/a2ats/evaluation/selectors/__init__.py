@@ -1,4 +1,5 @@
 """Token selectors compared by ``a2ats eval``, one per file, all behind :class:`Selector`."""
+
 from .a2ats import A2ATS
 from .base import Selector
 from .dense import Dense

@@ -7,6 +7,7 @@ ablated method: "no-query-awareness" codebooks have L = I, so nothing else chang
 "no-wrope" codebooks were fitted on post-RoPE keys, so keys are encoded as cached and scored
 with the query as the model rotated it.
 """
+
 import torch
 
 import a2ats_core
@@ -17,8 +18,9 @@ from .base import Selector
 class A2ATS(Selector):
     def __init__(self, codebook, wrope_distance: int | None = None):
         self.codebook = codebook
-        self.name = {None: "a2ats", "no-wrope": "a2ats-no-wrope",
-                     "no-query-awareness": "a2ats-no-qa"}[codebook.ablation]
+        self.name = {None: "a2ats", "no-wrope": "a2ats-no-wrope", "no-query-awareness": "a2ats-no-qa"}[
+            codebook.ablation
+        ]
         self.wrope = codebook.ablation != "no-wrope"
         self.wrope_distance = int(wrope_distance or codebook.wrope_distance)
         self.codes: dict[int, torch.Tensor] = {}

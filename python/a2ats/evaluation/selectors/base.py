@@ -8,6 +8,7 @@ only sink and window). The harness turns scores into rows with the same rule for
 united over the heads of a KV head, plus the first ``sink`` and last ``window`` tokens), so
 budgets, sinks and windows are counted the same way whatever the scores.
 """
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Dense attention: every cached row, the reference every budget is compared with."""
+
 from .base import Selector
 
 

@@ -1,4 +1,5 @@
 """Oracle top-K: the true scores q·k, the best any top-K selector can pick."""
+
 import torch
 
 from .base import Selector

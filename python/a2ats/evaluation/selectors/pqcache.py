@@ -1,6 +1,7 @@
 """PQCache-style (Zhang et al. 2025): product quantization of the post-RoPE keys, fitted by
 k-means on each sequence at prefill, with no query awareness; decode tokens take their nearest
 centroids. Scores are q·ĉ from the codes."""
+
 import torch
 
 import a2ats_core
@@ -16,7 +17,7 @@ class PQCache(Selector):
         self.num_subspaces, self.num_centroids = num_subspaces, num_centroids
         self.max_iter, self.seed = max_iter, seed
         self.centroids: dict[int, torch.Tensor] = {}  # layer -> (Hkv, M, C, D/M)
-        self.codes: dict[int, torch.Tensor] = {}      # layer -> (Hkv, T, M) int16
+        self.codes: dict[int, torch.Tensor] = {}  # layer -> (Hkv, T, M) int16
 
     def reset(self):
         self.centroids.clear()
@@ -29,8 +30,9 @@ class PQCache(Selector):
         sub = dim // self.num_subspaces
         problems = keys.float().view(num_kv, length, self.num_subspaces, sub).transpose(1, 2)
         problems = problems.reshape(num_kv * self.num_subspaces, length, sub)
-        fitted = kmeans(problems.contiguous(), min(self.num_centroids, length), max_iter=self.max_iter,
-                        seed=self.seed + layer).centroids
+        fitted = kmeans(
+            problems.contiguous(), min(self.num_centroids, length), max_iter=self.max_iter, seed=self.seed + layer
+        ).centroids
         self.centroids[layer] = fitted.view(num_kv, self.num_subspaces, -1, sub).contiguous()
         self.codes[layer] = a2ats_core.vq_encode(keys.float()[None], self.centroids[layer])[0]
 

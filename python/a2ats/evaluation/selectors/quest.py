@@ -1,5 +1,6 @@
 """Quest (Tang et al. 2024): pages of tokens ranked by an upper bound of q·k from the
 element-wise minimum and maximum of their keys."""
+
 import torch
 
 from .base import Selector
@@ -19,8 +20,9 @@ def page_bound_scores(query: torch.Tensor, keys: torch.Tensor, page_size: int) -
     lowest = blocks.masked_fill(~valid, float("inf")).amin(2)
     group = query.shape[0] // num_kv
     q = query.float()[:, None, :]  # (Hq, 1, D)
-    bound = torch.maximum(q * highest.repeat_interleave(group, 0),
-                          q * lowest.repeat_interleave(group, 0)).sum(-1)  # (Hq, P)
+    bound = torch.maximum(q * highest.repeat_interleave(group, 0), q * lowest.repeat_interleave(group, 0)).sum(
+        -1
+    )  # (Hq, P)
     return bound.repeat_interleave(page_size, 1)[:, :length]
 
 

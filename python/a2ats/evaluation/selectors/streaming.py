@@ -1,4 +1,5 @@
 """StreamingLLM (Xiao et al. 2024): the first ``sink`` and last ``window`` tokens only."""
+
 from .base import Selector
 
 

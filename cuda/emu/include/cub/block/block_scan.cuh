@@ -8,7 +8,10 @@ class BlockScan {
  public:
   struct TempStorage {};
   explicit BlockScan(TempStorage&) {}
-  void ExclusiveSum(T in, T& out) { T agg; ExclusiveSum(in, out, agg); }
+  void ExclusiveSum(T in, T& out) {
+    T agg;
+    ExclusiveSum(in, out, agg);
+  }
   void ExclusiveSum(T in, T& out, T& aggregate) {
     if (emu::ctx->n != kThreads) std::abort();
     std::vector<T> all;
@@ -25,7 +28,10 @@ class BlockScan {
     for (int i = 0; i < I; ++i) total += in[i];
     T base;
     ExclusiveSum(total, base, aggregate);
-    for (int i = 0; i < I; ++i) { out[i] = base; base += in[i]; }
+    for (int i = 0; i < I; ++i) {
+      out[i] = base;
+      base += in[i];
+    }
   }
 };
 }  // namespace cub
