@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <stdexcept>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -206,6 +207,10 @@ A2ATS_MULTIVERSIONED(bool, mark_top_k_sampled, mark_top_k_sampled_body,
 
 void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indices, int32_t* counts,
                      const SelectTopkParams& p) {
+  if (p.group_size < 1 || p.num_q_heads % p.group_size != 0 || p.k < 0 || p.sink < 0 || p.window < 0)
+    throw std::invalid_argument("select_topk: needs group_size >= 1 dividing num_q_heads and k, sink, window >= 0");
+  if (p.max_selected != p.group_size * p.k + (p.add_resident ? p.sink + p.window : 0))
+    throw std::invalid_argument("select_topk: max_selected must be group_size * k (+ sink + window with add_resident)");
   const int64_t num_kv_heads = p.num_q_heads / p.group_size;
   ThreadPool::global().parallel_for(
       p.batch * num_kv_heads,
