@@ -165,10 +165,10 @@ def native_calls_per_layer(layers: int) -> float:
     return 1 + 1 / layers
 
 
-def measure(model, name, codebook, length, batch, steps, topk) -> dict:
+def measure(model, name, codebook, length, batch, steps, topk, budget_per="query_head") -> dict:
     layout = describe_model(model)
     elem = next(model.parameters()).element_size()
-    config = a2ats.A2ATSConfig(topk=topk, capacity=length + steps + 2)
+    config = a2ats.A2ATSConfig(topk=topk, budget_per=budget_per, capacity=length + steps + 2)
     dense, ours = filled_caches(model, codebook, config, batch, length)
     attention_timer.reset()
     attention_timer.enabled = True
@@ -199,6 +199,7 @@ def measure(model, name, codebook, length, batch, steps, topk) -> dict:
         "batch": batch,
         "steps": steps,
         "topk": topk,
+        "budget_per": budget_per,
         "dense_tok_s": batch * steps / dense_seconds,
         "a2ats_tok_s": batch * steps / ours_seconds,
         "throughput_ratio": dense_seconds / ours_seconds,
@@ -222,6 +223,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 4 on CPU; 1 4 16 64 on CUDA")
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps")
     parser.add_argument("--topk", type=float, default=0.03)
+    parser.add_argument(
+        "--budget-per",
+        default="query_head",
+        choices=["query_head", "kv_head"],
+        help="A2ATSConfig.budget_per: topk per query head (united per KV head) or per KV head",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", default=str(RESULTS / "decode.csv"))
     args = parser.parse_args(argv)
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
         for length in args.contexts:
             for batch in batches:
                 try:
-                    row = measure(model, name, codebook, length, batch, args.steps, args.topk)
+                    row = measure(model, name, codebook, length, batch, args.steps, args.topk, args.budget_per)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"{name:42} {length:>6} {batch:>3} | OOM")

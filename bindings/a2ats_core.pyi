@@ -133,6 +133,25 @@ def select_topk(
     device or value (k, sink, window >= 0; group_size divides Hq).
     """
 
+def group_scores(
+    scores: _A,
+    lengths: _DLPackArray,
+    *,
+    group_size: _Int,
+    sink: _Int,
+    window: _Int,
+    out: _A | None = None,
+    stream: _Stream = None,
+) -> _A:
+    """One score row per KV head, (B, Hkv, Tcap) f32, for a per-KV-head budget.
+
+    scores (B, Hq, Tcap) f32, lengths (B,) int32. out[b, g, t] = max over the group_size query
+    heads h of KV head g of log softmax_h(t), softmax_h over the candidates [sink, length - window)
+    of scores[b, h]; -inf outside the candidates, NaN scores ignored. select_topk(out, k, lengths,
+    group_size=1, ...) then reads exactly k middle rows per KV head. TypeError for a wrong dtype,
+    ValueError for a wrong shape, device or value (sink, window >= 0; group_size divides Hq).
+    """
+
 class KVStore:
     """Host-memory K/V store (num_layers, batch, num_kv_heads, capacity, head_dim).
 
@@ -265,12 +284,17 @@ class Pipeline:
         wrope_distances: Sequence[_Int],
         bin_edges: Sequence[_Int] = (),
         interleaved: bool = False,
+        budget_per: str = "query_head",
         device: _Device = None,
     ) -> None:
         """Codebook arrays are float32 CPU contiguous, copied (to the device on CUDA): inv_freq
         (R/2,); chol, chol_inv (L, Hkv, D, D) with whitened = k_pre @ chol[l, g] and chol_inv =
         chol^-1; centroids (L, Hkv, M, C, D/M). WRoPE: far tokens are scored at distance
         wrope_distances[j] of their bin j = #{bin_edges <= d} (d = length - 1 - n).
+
+        budget_per: "query_head" selects k middle rows per query head, united per KV head (the
+        paper's; a KV head reads up to G k), "kv_head" selects k per KV head from group_scores of
+        its query heads (reads exactly k).
 
         device: None or "cpu" attends the selected rows straight from the host store; "cuda",
         "cuda:N" or N keeps codes and sink/window rows on that GPU and takes every array of
@@ -351,3 +375,6 @@ class Pipeline:
 
     @property
     def num_q_heads(self) -> int: ...
+    @property
+    def budget_per(self) -> str:
+        """ "query_head" or "kv_head" (see __init__)."""

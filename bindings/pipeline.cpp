@@ -53,7 +53,7 @@ class PyPipeline {
   PyPipeline(py::object store_obj, int64_t num_q_heads, py::handle inv_freq_obj, py::handle chol_obj,
              py::handle chol_inv_obj, py::handle centroids_obj, int64_t sink, int64_t window,
              std::vector<int64_t> wrope_distances, std::vector<int32_t> bin_edges, bool interleaved,
-             py::handle device_obj)
+             const std::string& budget_per, py::handle device_obj)
       : store_obj_(std::move(store_obj)),
         py_store_(store_obj_.cast<PyKVStore&>()),
         device_(parse_pipeline_device(device_obj)) {
@@ -81,6 +81,9 @@ class PyPipeline {
     shape.num_q_heads = num_q_heads;
     shape.rotary_dim = 2 * inv_freq.size(0);
     shape.interleaved = interleaved;
+    if (budget_per != "query_head" && budget_per != "kv_head")
+      throw_value("budget_per must be \"query_head\" or \"kv_head\", got \"" + budget_per + "\"");
+    shape.budget_per_kv_head = budget_per == "kv_head";
     shape.num_subspaces = M;
     shape.num_centroids = C;
     shape.sink = sink;
@@ -300,12 +303,14 @@ void bind_pipeline(py::module_& m) {
                          R"doc(The A²ATS decode step of a model as one native call per layer (CPU or CUDA).
 
 Pipeline(store, *, num_q_heads, inv_freq, chol, chol_inv, centroids, sink, window, wrope_distances,
-bin_edges=(), interleaved=False, device=None) owns `store` (a KVStore: from then on only the pipeline
+bin_edges=(), interleaved=False, budget_per="query_head", device=None) owns `store` (a KVStore: from then on only the pipeline
 changes it) and keeps a code for every stored key. Codebook arrays are float32 CPU, copied (to the
 device on CUDA): inv_freq (R/2,); chol, chol_inv (L, Hkv, D, D) with whitened = k_pre @ chol[l, g] and
 chol_inv = chol^-1; centroids (L, Hkv, M, C, D/M). WRoPE: far tokens are scored at distance
 wrope_distances[j] of their bin j = #{bin_edges <= d} (d = length - 1 - n; one distance and no edges
-is the paper's method).
+is the paper's method). budget_per: "query_head" selects k middle rows per query head and unites
+them per KV head (the paper's; a KV head reads up to G k), "kv_head" selects k per KV head from
+group_scores of its query heads (reads exactly k).
 
 device: None or "cpu" attends the selected rows straight from the host store. "cuda", "cuda:N" or N
 keeps the codes and the sink and window rows on that GPU, gathers the selected middle rows from the
@@ -318,17 +323,18 @@ store's lengths are the one count of what the pipeline holds, codes included. Th
 method holds the store's lock for the whole call, as the store's own methods do; the steps of one
 pipeline are a sequence, so share one only to read it (stats, codes) while another thread decodes.)doc")
       .def(py::init<py::object, int64_t, py::handle, py::handle, py::handle, py::handle, int64_t, int64_t,
-                    std::vector<int64_t>, std::vector<int32_t>, bool, py::handle>(),
+                    std::vector<int64_t>, std::vector<int32_t>, bool, const std::string&, py::handle>(),
            py::arg("store"), py::kw_only(), py::arg("num_q_heads"), py::arg("inv_freq"), py::arg("chol"),
            py::arg("chol_inv"), py::arg("centroids"), py::arg("sink"), py::arg("window"), py::arg("wrope_distances"),
            py::arg("bin_edges") = std::vector<int32_t>{}, py::arg("interleaved") = false,
-           py::arg("device") = py::none())
+           py::arg("budget_per") = "query_head", py::arg("device") = py::none())
       .def("prefill", &PyPipeline::prefill, py::arg("layer"), py::arg("k"), py::arg("v"), py::arg("positions"),
            py::kw_only(), py::arg("num_tokens") = py::none(), py::arg("stream") = py::none(),
            R"doc(Store the first num_tokens[b] (all when None) rows of k, v (B, Hkv, t, D) of each batch row, keys
 post-RoPE at positions (B, t) int64, and encode them: un-rotated, whitened, nearest centroid.)doc")
-      .def("plan", &PyPipeline::plan, py::arg("k"),
-           R"doc(Start a decode step selecting k middle rows per query head in every layer. Raises ValueError when the
+      .def(
+          "plan", &PyPipeline::plan, py::arg("k"),
+          R"doc(Start a decode step selecting k middle rows per query head (per KV head with budget_per="kv_head") in every layer. Raises ValueError when the
 layers hold different rows (an earlier step stopped partway: reset()) or a row is full.)doc")
       .def("decode", &PyPipeline::decode, py::arg("layer"), py::arg("q"), py::arg("k"), py::arg("v"),
            py::arg("positions"), py::kw_only(), py::arg("scale"), py::arg("out") = py::none(),
@@ -348,7 +354,13 @@ CUDA only the middle rows (Kmax = G * k): the sink and window rows are resident 
       .def_property_readonly("device", &PyPipeline::device, "\"cpu\" or \"cuda:N\".")
       .def_property_readonly("num_bins", [](const PyPipeline& p) { return p.base().num_bins(); })
       .def_property_readonly("planned_k", [](const PyPipeline& p) { return p.base().planned_k(); })
-      .def_property_readonly("num_q_heads", [](const PyPipeline& p) { return p.base().shape().num_q_heads; });
+      .def_property_readonly("num_q_heads", [](const PyPipeline& p) { return p.base().shape().num_q_heads; })
+      .def_property_readonly(
+          "budget_per",
+          [](const PyPipeline& p) {
+            return std::string(p.base().shape().budget_per_kv_head ? "kv_head" : "query_head");
+          },
+          "\"query_head\" or \"kv_head\" (see the class docstring).");
 }
 
 }  // namespace a2ats::bind

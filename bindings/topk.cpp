@@ -57,6 +57,39 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
   return py::make_tuple(indices.object, counts.object);
 }
 
+py::object group_scores(py::handle scores_obj, py::handle lengths_obj, int64_t group_size, int64_t sink, int64_t window,
+                        py::handle out_obj, py::handle stream_obj) {
+  TensorArg scores(scores_obj, "scores"), lengths(lengths_obj, "lengths");
+  scores.expect_dtype({DType::kFloat32}).expect_ndim(3).expect_last_dim_contiguous();
+  const int64_t B = scores.size(0), Hq = scores.size(1), Tcap = scores.size(2);
+  expect_nonnegative(sink, "sink");
+  expect_nonnegative(window, "window");
+  if (group_size < 1 || Hq % group_size != 0)
+    throw_value("group_size must be >= 1 and divide scores.shape[1] (num_q_heads = " + std::to_string(Hq) + "), got " +
+                std::to_string(group_size));
+  check_lengths(lengths, B, Tcap, scores);
+  const int64_t Hkv = Hq / group_size;
+  Output out(out_obj, "out", scores, {B, Hkv, Tcap}, DType::kFloat32);
+  out.disjoint_from({&scores, &lengths});
+  GroupScoresParams p;
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.group_size = group_size;
+  p.capacity = Tcap;
+  p.sink = sink;
+  p.window = window;
+  for (int d = 0; d < 2; ++d) {
+    p.scores_stride[d] = scores.stride(d);
+    p.out_stride[d] = out.view.stride(d);
+  }
+  run_on_device(
+      scores, stream_obj, "group_scores",
+      [&] { group_scores_cpu(scores.data<float>(), lengths.data<int32_t>(), out.view.data<float>(), p); },
+      A2ATS_ON_CUDA(
+          group_scores_cuda(scores.data<float>(), lengths.data<int32_t>(), out.view.data<float>(), p, stream)));
+  return out.object;
+}
+
 }  // namespace
 
 void bind_topk(py::module_& m) {
@@ -69,6 +102,14 @@ void bind_topk(py::module_& m) {
 Per query head the top k of tokens [sink, length - window) (all when fewer), united over the
 group_size heads of each KV head, plus the first sink and last window tokens. add_resident=False
 leaves those out (indices (B, Hkv, G*k)): for a caller that holds the sink and window rows itself.)doc");
+  m.def("group_scores", &group_scores, py::arg("scores"), py::arg("lengths"), py::kw_only(), py::arg("group_size"),
+        py::arg("sink"), py::arg("window"), py::arg("out") = py::none(), py::arg("stream") = py::none(),
+        R"doc(One score row per KV head, (B, Hkv, Tcap) f32, for a per-KV-head budget.
+
+scores (B, Hq, Tcap) f32, lengths (B,) int32. out[b, g, t] = max over the group_size query heads h
+of KV head g of log softmax_h(t), softmax_h over the candidates [sink, length - window) of
+scores[b, h]; -inf outside the candidates, NaN scores ignored. select_topk(out, k, lengths,
+group_size=1, ...) then reads exactly k middle rows per KV head.)doc");
 }
 
 }  // namespace a2ats::bind

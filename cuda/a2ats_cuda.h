@@ -53,6 +53,12 @@ cudaError_t lut_scores_cuda(const float* q, const float* centroids, const int16_
 cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_t* indices, int32_t* counts,
                              const SelectTopkParams& params, cudaStream_t stream);
 
+// Same contract as group_scores_cpu, lengths (B,) on the device and clamped to [0, Tcap]. Each
+// head's log sum exp is reduced in a fixed order (in double, rounded to float as on the CPU), so
+// the results match the CPU's except where the two sums round to different floats.
+cudaError_t group_scores_cuda(const float* scores, const int32_t* lengths, float* out, const GroupScoresParams& params,
+                              cudaStream_t stream);
+
 // Appends k, v (B, Hkv, num_new, D) on the device to `layer` of the host store: one
 // cudaMemcpy2DAsync per (b, g) block and tensor, then, when `synchronize`, synchronises `stream`
 // so that the rows are in host memory when the call returns. Without it they arrive in stream
@@ -184,6 +190,7 @@ class CudaPipeline : public PipelineBase {
   float *keys_ = nullptr, *whitened_ = nullptr;                  // (B, Hkv, D)
   int16_t* new_codes_ = nullptr;                                 // (B, Hkv, M)
   float* scores_ = nullptr;                                      // (B, Hq, capacity)
+  float* grouped_ = nullptr;                                     // (B, Hkv, capacity), per-KV-head budget
   float *out_middle_ = nullptr, *lse_middle_ = nullptr, *out_resident_ = nullptr, *lse_resident_ = nullptr;
   int64_t selection_capacity_ = -1;  // G * k the selection buffers hold
   int32_t *indices_ = nullptr, *counts_ = nullptr;

@@ -204,6 +204,7 @@ cudaError_t CudaPipeline::allocate() {
   A2ATS_CUDA_TRY(device_alloc(&whitened_, B * Hkv * D));
   A2ATS_CUDA_TRY(device_alloc(&new_codes_, B * Hkv * M));
   A2ATS_CUDA_TRY(device_alloc(&scores_, B * Hq * cap));
+  if (shape_.budget_per_kv_head) A2ATS_CUDA_TRY(device_alloc(&grouped_, B * Hkv * cap));
   A2ATS_CUDA_TRY(device_alloc(&out_middle_, B * Hq * D));
   A2ATS_CUDA_TRY(device_alloc(&lse_middle_, B * Hq));
   A2ATS_CUDA_TRY(device_alloc(&out_resident_, B * Hq * D));
@@ -238,6 +239,7 @@ void CudaPipeline::release() {
   device_free(whitened_);
   device_free(new_codes_);
   device_free(scores_);
+  device_free(grouped_);
   device_free(out_middle_);
   device_free(lse_middle_);
   device_free(out_resident_);
@@ -257,7 +259,7 @@ const void* CudaPipeline::resident_v(int64_t layer) const {
   return resident_v_ + layer * layer_resident_ * dtype_size(store_.dtype());
 }
 
-// Selection buffers for G * k middle rows per KV head; they only grow (plans of a run mostly repeat).
+// Selection buffers for max_middle() rows per KV head; they only grow (plans of a run mostly repeat).
 cudaError_t CudaPipeline::ensure_selection(int64_t max_middle) {
   if (max_middle <= selection_capacity_) return cudaSuccess;
   const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
@@ -361,7 +363,7 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
   const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
   const int64_t Hq = shape_.num_q_heads, group = group_size(), NB = num_bins(), cap = store_.capacity();
   check_decode(layer);
-  const int64_t max_middle = group * k_;
+  const int64_t max_middle = this->max_middle();
   A2ATS_CUDA_TRY(ensure_selection(max_middle));
   int32_t* lengths = meta_;
   int32_t* resident_counts = meta_ + 2 * B;
@@ -395,7 +397,12 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
   A2ATS_CUDA_TRY(lut_scores_cuda(q_dual_, centroids_ + layer * Hkv * shape_.num_centroids * D, codes(layer), lengths,
                                  NB > 1 ? bin_edges_ : nullptr, scores_, scoring(), stream));
   const SelectTopkParams sp = selection(max_middle, false);  // sink and window are on the device already
-  A2ATS_CUDA_TRY(select_topk_cuda(scores_, lengths, indices_, counts_, sp, stream));
+  const float* selected_from = scores_;
+  if (shape_.budget_per_kv_head) {
+    A2ATS_CUDA_TRY(group_scores_cuda(scores_, lengths, grouped_, grouping(), stream));
+    selected_from = grouped_;
+  }
+  A2ATS_CUDA_TRY(select_topk_cuda(selected_from, lengths, indices_, counts_, sp, stream));
   last_max_selected_ = max_middle;
 
   // The middle rows from the host store: the layer's one host synchronisation. None when k == 0.

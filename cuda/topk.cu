@@ -18,6 +18,8 @@
 // histogram levels and mark). lengths stay on the device and are clamped to [0, Tcap].
 #include <cub/block/block_scan.cuh>
 
+#include <cfloat>
+
 #include "a2ats_cuda.h"
 #include "cuda_common.cuh"
 
@@ -291,6 +293,85 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) counts[b * a.counts_stride[0] + g * a.counts_stride[1]] = int32_t(count);
 }
 
+// ---- group_scores: one row per KV head for the per-KV-head budget (see topk.h) ------------
+
+constexpr int kGroupTile = kThreads * 4;  // tokens per block of group_max_kernel
+
+struct GroupArgs {
+  int64_t num_q_heads, group_size, num_kv_heads, capacity, sink, window;
+  int64_t scores_stride[2], out_stride[2];
+  int64_t tiles;  // kGroupTile-token tiles per row
+};
+
+// Candidates [lo, hi) of batch row b, as group_scores_cpu clamps them.
+__device__ __forceinline__ void candidates(const int32_t* lengths, int64_t b, const GroupArgs& a, int64_t& lo,
+                                           int64_t& hi) {
+  const int64_t len = min(max(int64_t(lengths[b]), int64_t(0)), a.capacity);
+  lo = min(a.sink, len);
+  hi = max(lo, len - a.window);
+}
+
+// Reduces v over the block in a fixed order (warp trees, then the warps in turn), so the result
+// does not depend on timing. shared: kThreads / 32 slots.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T* shared) {
+  for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = shared[0];
+  for (int w = 1; w < kThreads / 32; ++w) v = op(v, shared[w]);
+  __syncthreads();  // the slots are reused by the next reduction
+  return v;
+}
+
+// lse[row] = float(log sum exp) of the non-NaN candidates of scores row (b, h); non-finite when
+// no candidate is finite (the head then adds nothing). One block per row; the sum in double with
+// the CPU's exp_nonpositive.
+__global__ void __launch_bounds__(kThreads)
+    head_lse_kernel(const float* __restrict__ scores, const int32_t* __restrict__ lengths, float* lse, GroupArgs a) {
+  __shared__ float top_slots[kThreads / 32];
+  __shared__ double sum_slots[kThreads / 32];
+  const int64_t row = blockIdx.x, b = row / a.num_q_heads, h = row % a.num_q_heads;
+  int64_t lo, hi;
+  candidates(lengths, b, a, lo, hi);
+  const float* srow = scores + b * a.scores_stride[0] + h * a.scores_stride[1];
+  float top = -INFINITY;
+  for (int64_t t = lo + threadIdx.x; t < hi; t += kThreads) top = srow[t] > top ? srow[t] : top;
+  top = block_reduce(top, [](float x, float y) { return y > x ? y : x; }, top_slots);
+  if (!(top > -INFINITY) || top == INFINITY) {
+    if (threadIdx.x == 0) lse[row] = top;
+    return;
+  }
+  double sum = 0;
+  for (int64_t t = lo + threadIdx.x; t < hi; t += kThreads)
+    if (srow[t] == srow[t]) sum += exp_nonpositive(double(srow[t]) - double(top));
+  sum = block_reduce(sum, [](double x, double y) { return x + y; }, sum_slots);
+  if (threadIdx.x == 0) lse[row] = float(double(top) + log(sum));
+}
+
+// out[b, g, t] = max over the group's heads of scores[b, h, t] - lse[b, h], as group_scores_cpu.
+__global__ void __launch_bounds__(kThreads)
+    group_max_kernel(const float* __restrict__ scores, const int32_t* __restrict__ lengths,
+                     const float* __restrict__ lse, float* __restrict__ out, GroupArgs a) {
+  const int64_t group = blockIdx.x / a.tiles, tile = blockIdx.x % a.tiles;
+  const int64_t b = group / a.num_kv_heads, g = group % a.num_kv_heads;
+  int64_t lo, hi;
+  candidates(lengths, b, a, lo, hi);
+  float* orow = out + b * a.out_stride[0] + g * a.out_stride[1];
+  const int64_t end = min(a.capacity, (tile + 1) * kGroupTile);
+  for (int64_t t = tile * kGroupTile + threadIdx.x; t < end; t += kThreads) {
+    float best = -INFINITY;
+    if (t >= lo && t < hi)
+      for (int64_t h = g * a.group_size; h < (g + 1) * a.group_size; ++h) {
+        const float shift = lse[b * a.num_q_heads + h];
+        if (!(fabsf(shift) <= FLT_MAX)) continue;  // a head without a distribution
+        const float v = scores[b * a.scores_stride[0] + h * a.scores_stride[1] + t] - shift;
+        best = v > best ? v : best;
+      }
+    orow[t] = best;
+  }
+}
+
 }  // namespace
 
 cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_t* indices, int32_t* counts,
@@ -351,6 +432,33 @@ cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_
   }
   // With no selection anywhere, compact never reads the bitmap (Range::select is false).
   compact_kernel<<<unsigned(groups), kThreads, 0, stream>>>(lengths, marks, indices, counts, a);
+  return cudaGetLastError();
+}
+
+cudaError_t group_scores_cuda(const float* scores, const int32_t* lengths, float* out, const GroupScoresParams& p,
+                              cudaStream_t stream) {
+  if (p.group_size < 1 || p.num_q_heads % p.group_size != 0 || p.sink < 0 || p.window < 0 || p.capacity < 0)
+    return cudaErrorInvalidValue;
+  GroupArgs a;
+  a.num_q_heads = p.num_q_heads;
+  a.group_size = p.group_size;
+  a.num_kv_heads = p.num_q_heads / p.group_size;
+  a.capacity = p.capacity;
+  a.sink = p.sink;
+  a.window = p.window;
+  for (int d = 0; d < 2; ++d) {
+    a.scores_stride[d] = p.scores_stride[d];
+    a.out_stride[d] = p.out_stride[d];
+  }
+  a.tiles = ceil_div(p.capacity, kGroupTile);
+  const int64_t rows = p.batch * p.num_q_heads, groups = p.batch * a.num_kv_heads;
+  if (rows == 0 || a.tiles == 0) return cudaSuccess;
+  if (rows > kMaxGridBlocks || groups * a.tiles > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
+  Scratch scratch(stream);
+  A2ATS_CUDA_TRY(scratch.allocate(size_t(rows) * sizeof(float)));
+  float* lse = scratch.get<float>();
+  head_lse_kernel<<<unsigned(rows), kThreads, 0, stream>>>(scores, lengths, lse, a);
+  group_max_kernel<<<unsigned(groups * a.tiles), kThreads, 0, stream>>>(scores, lengths, lse, out, a);
   return cudaGetLastError();
 }
 

@@ -387,11 +387,54 @@ def draw_select_topk(rng):
     return a2ats_core.select_topk, kw, check, mutations
 
 
+def draw_group_scores(rng):
+    B, Hkv, G, Tcap = rng.randint(0, 3), rng.randint(1, 3), rng.choice([1, 2, 3, 7]), rng.randint(0, 40)
+    sink, window = rng.randint(0, 6), rng.randint(0, 10)
+    scores = strided(rng, (B, Hkv * G, Tcap), torch.float32)
+    kw = dict(
+        scores=scores,
+        lengths=torch.randint(0, Tcap + 1, (B,), dtype=torch.int32),
+        group_size=G,
+        sink=sink,
+        window=window,
+    )
+    if rng.random() < 0.5:
+        kw["out"] = torch.full((B, Hkv, Tcap), 99.0)
+    kw["_shape_out"], kw["_dtype_out"] = (B, Hkv, Tcap), torch.float32
+
+    def check(kw, result):
+        want = reference.group_scores(scores, kw["lengths"], group_size=G, sink=sink, window=window)
+        finite = want.isfinite()
+        if not (
+            torch.equal(result.isfinite(), finite)
+            and torch.allclose(result[finite], want[finite], rtol=1e-6, atol=4e-6)
+            and torch.equal(result[~finite], want[~finite])
+        ):
+            raise Mismatch("group_scores differs from the reference")
+
+    mutations = [
+        wrong_dtype("scores", [torch.float32]),
+        wrong_dtype("lengths", [torch.int32]),
+        extra_dims("scores"),
+        resized("lengths", 0, {"lengths"}),
+        resized("out", 1, {"out"}),
+        set_value("sink", lambda rng, kw: -1, {"sink"}),
+        set_value("window", lambda rng, kw: -5, {"window"}),
+        set_value("group_size", lambda rng, kw: rng.choice([0, -1, Hkv * G + 1]) if Hkv * G > 1 else 0, {"group_size"}),
+        poke("lengths", lambda rng, kw: rng.choice([Tcap + 1, -1]), {"lengths"}),
+        last_dim_strided("scores"),
+        not_an_array("scores"),
+        overlapping("out", "scores"),
+    ]
+    return a2ats_core.group_scores, kw, check, mutations
+
+
 BINDINGS = {
     "rotary": draw_rotary,
     "vq_encode": draw_vq_encode,
     "lut_scores": draw_lut_scores,
     "select_topk": draw_select_topk,
+    "group_scores": draw_group_scores,
 }
 
 

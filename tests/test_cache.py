@@ -202,13 +202,21 @@ def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, sma
 def test_small_budget_reads_few_rows(smollm2, small_codebook, batch):
     model, _ = smollm2
     input_ids, attention_mask = batch
-    cache = a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=0.03, capacity=1100))
-    _prefill(model, cache, input_ids, attention_mask)
-    _decode(model, cache, attention_mask, steps=2)
-    summary = cache.summary()
-    # 3 query heads x 3% + 8 sink + 64 window of ~850 tokens: well under a fifth of the rows.
-    assert 0.05 < summary["rows_read_share"] < 0.2
-    assert summary["decode_steps"] == 2
+    shares = {}
+    for budget_per in ["query_head", "kv_head"]:
+        config = a2ats.A2ATSConfig(topk=0.03, budget_per=budget_per, capacity=1100)
+        cache = a2ats.A2ATSCache(model, small_codebook, config)
+        _prefill(model, cache, input_ids, attention_mask)
+        _decode(model, cache, attention_mask, steps=2)
+        summary = cache.summary()
+        assert summary["decode_steps"] == 2
+        shares[budget_per] = summary["rows_fetched_share"]
+        # 3 query heads x 3% + 8 sink + 64 window of ~850 tokens: well under a fifth of the rows.
+        assert 0.05 < summary["rows_read_share"] < 0.2
+    # Per KV head the middle rows are the budget itself (k = int(3% of the length) per step);
+    # the union of three heads' 3% reads more.
+    assert 0.02 < shares["kv_head"] <= 0.04  # one k for the batch: 3% of the longest row
+    assert shares["query_head"] > 1.3 * shares["kv_head"]
 
 
 def test_capacity_overflow_fails_before_work_and_keeps_the_cache(smollm2, small_codebook, batch):
@@ -240,6 +248,7 @@ def test_capacity_overflow_fails_before_work_and_keeps_the_cache(smollm2, small_
         (dict(sink=-1), ValueError),
         (dict(capacity=0), ValueError),
         (dict(wrope_distance=0), ValueError),
+        (dict(budget_per="kv"), ValueError),
     ],
 )
 def test_config_rejects_bad_values(kwargs, error):

@@ -31,8 +31,11 @@ def random_codebook(L, Hkv, D, M, C, generator):
 class ReferencePipeline:
     """The decode step written as the reference ops in sequence, on a dense copy of the rows."""
 
-    def __init__(self, L, B, Hq, Hkv, D, capacity, dtype, book, sink, window, distances, edges):
+    def __init__(
+        self, L, B, Hq, Hkv, D, capacity, dtype, book, sink, window, distances, edges, budget_per="query_head"
+    ):
         self.chol, self.chol_inv, self.centroids, self.inv_freq = book
+        self.budget_per = budget_per
         self.L, self.B, self.Hq, self.Hkv, self.D = L, B, Hq, Hkv, D
         self.sink, self.window, self.distances, self.edges = sink, window, distances, edges
         self.k = torch.zeros(L, B, Hkv, capacity, D, dtype=dtype)
@@ -76,21 +79,23 @@ class ReferencePipeline:
             lengths,
             bin_edges=torch.tensor(self.edges, dtype=torch.int32) if nb > 1 else None,
         )
+        if self.budget_per == "kv_head":  # one row per KV head, then k of it
+            scores = reference.group_scores(scores, lengths, group_size=group, sink=self.sink, window=self.window)
+            group = 1
         if selection is None:
             indices, counts = reference.select_topk(
                 scores, k, lengths, group_size=group, sink=self.sink, window=self.window
             )
         else:
             indices, counts = selection
-            self.check_selection(scores, k, lengths, indices, counts)
+            self.check_selection(scores, k, lengths, indices, counts, group)
         rows_k = reference.gather(self.k[layer], indices, counts)
         rows_v = reference.gather(self.v[layer], indices, counts)
         valid = torch.arange(indices.shape[2])[None, None] < counts[..., None]
         out, _ = reference.attend(q32, rows_k, rows_v, valid, scale=scale)
         return out.to(q.dtype), counts
 
-    def check_selection(self, scores, k, lengths, indices, counts, eps=1e-5):
-        group = self.Hq // self.Hkv
+    def check_selection(self, scores, k, lengths, indices, counts, group, eps=1e-5):
         for b in range(self.B):
             n = int(lengths[b])
             lo, hi = self.sink, n - self.window
@@ -130,6 +135,7 @@ def make(
     distances=(64,),
     edges=(),
     seed=0,
+    budget_per="query_head",
 ):
     generator = torch.Generator().manual_seed(seed)
     book = random_codebook(L, Hkv, D, M, C, generator)
@@ -145,8 +151,12 @@ def make(
         window=window,
         wrope_distances=list(distances),
         bin_edges=list(edges),
+        budget_per=budget_per,
     )
-    ref = ReferencePipeline(L, B, Hkv * G, Hkv, D, capacity, dtype, book, sink, window, list(distances), list(edges))
+    assert pipe.budget_per == budget_per
+    ref = ReferencePipeline(
+        L, B, Hkv * G, Hkv, D, capacity, dtype, book, sink, window, list(distances), list(edges), budget_per
+    )
     return pipe, ref, generator
 
 
@@ -199,18 +209,22 @@ def run_steps(pipe, ref, generator, dtype, steps, budget, scale=0.25):
 @pytest.mark.parametrize("G", [1, 3, 7])
 @pytest.mark.parametrize("prompts", [[40], [40, 17, 60], [3, 90, 12, 55, 1]], ids=["B1", "B3-ragged", "B5-ragged"])
 @pytest.mark.parametrize("bins", [((64,), ()), ((8, 24, 64), (16, 40))], ids=["1bin", "3bins"])
-def test_decode_equals_the_composition_of_the_reference_ops(dtype, G, prompts, bins):
-    pipe, ref, generator = make(B=len(prompts), G=G, dtype=dtype, distances=bins[0], edges=bins[1], capacity=128)
+@pytest.mark.parametrize("budget_per", ["query_head", "kv_head"])
+def test_decode_equals_the_composition_of_the_reference_ops(dtype, G, prompts, bins, budget_per):
+    pipe, ref, generator = make(
+        B=len(prompts), G=G, dtype=dtype, distances=bins[0], edges=bins[1], capacity=128, budget_per=budget_per
+    )
     prefill_both(pipe, ref, generator, prompts, dtype)
     run_steps(pipe, ref, generator, dtype, steps=3, budget=lambda n: max(1, int(0.1 * n)))
 
 
 @pytest.mark.parametrize("budget", ["zero", "full"])
 @pytest.mark.parametrize("prompts", [[2, 5], [30, 11]], ids=["shorter-than-sink+window", "longer"])
-def test_budgets_zero_and_covering_everything(budget, prompts):
+@pytest.mark.parametrize("budget_per", ["query_head", "kv_head"])
+def test_budgets_zero_and_covering_everything(budget, prompts, budget_per):
     """Budget 0 attends sink and window only; a budget covering every token is dense attention."""
     dtype = torch.float32
-    pipe, ref, generator = make(B=2, G=3, dtype=dtype, capacity=64)
+    pipe, ref, generator = make(B=2, G=3, dtype=dtype, capacity=64, budget_per=budget_per)
     prefill_both(pipe, ref, generator, prompts, dtype)
     k = (lambda n: 0) if budget == "zero" else (lambda n: 1000)
     before = pipe.stats()
@@ -238,6 +252,29 @@ def test_budgets_zero_and_covering_everything(budget, prompts):
     else:
         expected = sum(ref.Hkv * min(n + s, 4 + 8) for n in prompts for s in (1, 2)) * ref.L
         assert read == expected and stats["rows_fetched"] == before["rows_fetched"]
+
+
+@pytest.mark.parametrize("G", [3, 7])
+def test_a_kv_head_budget_reads_k_middle_rows_per_kv_head(G):
+    """budget_per="kv_head": rows read are the budget (k per KV head), where the union of the
+    query heads' top k reads more, up to G k."""
+    k, prompts, steps = 5, [90, 40, 20], 3
+    fetched = {}
+    for budget_per in ["query_head", "kv_head"]:
+        pipe, ref, generator = make(B=3, G=G, capacity=128, budget_per=budget_per)
+        prefill_both(pipe, ref, generator, prompts, torch.float32)
+        run_steps(pipe, ref, generator, torch.float32, steps=steps, budget=lambda n: k)
+        fetched[budget_per] = pipe.stats()["rows_fetched"]
+        indices, counts = pipe.last_selection()
+        assert indices.shape[2] == (k if budget_per == "kv_head" else G * k) + 4 + 8  # sink 4, window 8
+    # Every row has more than k middle candidates at every step: exactly k per KV head and layer.
+    assert fetched["kv_head"] == steps * ref.L * ref.B * ref.Hkv * k
+    assert fetched["query_head"] > fetched["kv_head"]
+
+
+def test_budget_per_is_checked():
+    with pytest.raises(ValueError, match='budget_per must be "query_head" or "kv_head", got "kv"'):
+        make(budget_per="kv")
 
 
 def test_steps_must_be_planned_and_whole():

@@ -150,9 +150,10 @@ PipelineBase::PipelineBase(KVStore& store, const PipelineShape& shape, PipelineC
 void PipelineBase::plan(int64_t k) {
   const int64_t L = store_.num_layers(), B = store_.batch();
   if (k < 0 || k > kMaxSelected) throw std::invalid_argument("k must be in [0, 2^30], got " + std::to_string(k));
-  const int64_t max_selected = group_size() * k + shape_.sink + shape_.window;
+  const int64_t max_selected = (shape_.budget_per_kv_head ? 1 : group_size()) * k + shape_.sink + shape_.window;
   if (max_selected > kMaxSelected)
-    throw std::invalid_argument("group_size * k + sink + window must be <= 2^30, got " + std::to_string(max_selected));
+    throw std::invalid_argument(std::string(shape_.budget_per_kv_head ? "k" : "group_size * k") +
+                                " + sink + window must be <= 2^30, got " + std::to_string(max_selected));
   for (int64_t layer = 0; layer < L; ++layer)
     for (int64_t b = 0; b < B; ++b)
       if (store_.length(layer, b) != store_.length(0, b))
@@ -299,12 +300,30 @@ LutScoresParams PipelineBase::scoring() const {
   return lp;
 }
 
-SelectTopkParams PipelineBase::selection(int64_t max_selected, bool add_resident) const {
+GroupScoresParams PipelineBase::grouping() const {
   const int64_t Hkv = store_.num_kv_heads(), Hq = shape_.num_q_heads, capacity = store_.capacity();
+  GroupScoresParams gp;
+  gp.batch = store_.batch();
+  gp.num_q_heads = Hq;
+  gp.group_size = group_size();
+  gp.capacity = capacity;
+  gp.sink = shape_.sink;
+  gp.window = shape_.window;
+  gp.scores_stride[0] = Hq * capacity;
+  gp.scores_stride[1] = capacity;
+  gp.out_stride[0] = Hkv * capacity;
+  gp.out_stride[1] = capacity;
+  return gp;
+}
+
+SelectTopkParams PipelineBase::selection(int64_t max_selected, bool add_resident) const {
+  const int64_t Hkv = store_.num_kv_heads(), capacity = store_.capacity();
+  // Per KV head, the selection runs on the grouped rows: one "query head" per KV head.
+  const int64_t Hq = shape_.budget_per_kv_head ? Hkv : shape_.num_q_heads;
   SelectTopkParams sp;
   sp.batch = store_.batch();
   sp.num_q_heads = Hq;
-  sp.group_size = group_size();
+  sp.group_size = Hq / Hkv;
   sp.capacity = capacity;
   sp.k = k_;
   sp.sink = shape_.sink;
@@ -384,6 +403,7 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   grow(q_dual_, B * Hq * NB * D);
   grow(rotate_by_, std::max(B * NB, B));
   grow(scores_, B * Hq * capacity);
+  if (shape_.budget_per_kv_head) grow(grouped_, B * Hkv * capacity);
   grow(indices_, B * Hkv * max_selected_);
   grow(counts_, B * Hkv);
   grow(out_, B * Hq * D);
@@ -410,8 +430,13 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   const float* centroids = codebook_.centroids.data() + layer * Hkv * shape_.num_centroids * D;
   lut_scores_cpu(q_dual_.data(), centroids, codes(layer), step_lengths_.data(),
                  NB > 1 ? codebook_.bin_edges.data() : nullptr, scores_.data(), lp);
+  const float* selected_from = scores_.data();
+  if (shape_.budget_per_kv_head) {
+    group_scores_cpu(scores_.data(), step_lengths_.data(), grouped_.data(), grouping());
+    selected_from = grouped_.data();
+  }
   const SelectTopkParams sp = selection(max_selected_, true);
-  select_topk_cpu(scores_.data(), step_lengths_.data(), indices_.data(), counts_.data(), sp);
+  select_topk_cpu(selected_from, step_lengths_.data(), indices_.data(), counts_.data(), sp);
   last_max_selected_ = max_selected_;
 
   // Exact attention with the model's own query over the selected rows (sink and window

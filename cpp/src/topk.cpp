@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -203,7 +204,65 @@ A2ATS_MULTIVERSIONED(bool, mark_top_k_sampled, mark_top_k_sampled_body,
                      (const float* row, int64_t n, int64_t k, uint64_t* candidates, uint8_t* mark),
                      (row, n, k, candidates, mark))
 
+// sum over t of e^(row[t] - top) for the non-NaN row[t] <= top, in double, in eight lanes (a
+// fixed order, so the same bits at every thread count) that vectorise.
+A2ATS_INLINE double sum_exp_body(const float* row, int64_t n, double top) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    for (int l = 0; l < 8; ++l) {
+      const double e = exp_nonpositive(double(row[t + l]) - top);
+      lanes[l] += row[t + l] == row[t + l] ? e : 0.0;
+    }
+  for (; t < n; ++t) lanes[t % 8] += row[t] == row[t] ? exp_nonpositive(double(row[t]) - top) : 0.0;
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+A2ATS_MULTIVERSIONED(double, sum_exp, sum_exp_body, (const float* row, int64_t n, double top), (row, n, top))
+
+// log sum exp of the non-NaN values of row (n); -inf when none is finite or n == 0, +inf for +inf.
+double log_sum_exp(const float* row, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) top = row[t] > top ? row[t] : top;
+  if (!(top > -std::numeric_limits<float>::infinity()) || top == std::numeric_limits<float>::infinity()) return top;
+  return double(top) + std::log(sum_exp(row, n, double(top)));
+}
+
+// out[t] = max(out[t], row[t] - shift) over n tokens, NaN never winning.
+A2ATS_INLINE void max_shifted_body(const float* row, int64_t n, float shift, float* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float v = row[t] - shift;
+    out[t] = v > out[t] ? v : out[t];
+  }
+}
+A2ATS_MULTIVERSIONED(void, max_shifted, max_shifted_body, (const float* row, int64_t n, float shift, float* out),
+                     (row, n, shift, out))
+
 }  // namespace
+
+void group_scores_cpu(const float* scores, const int32_t* lengths, float* out, const GroupScoresParams& p) {
+  if (p.group_size < 1 || p.num_q_heads % p.group_size != 0 || p.sink < 0 || p.window < 0)
+    throw std::invalid_argument("group_scores: needs group_size >= 1 dividing num_q_heads and sink, window >= 0");
+  const int64_t num_kv_heads = p.num_q_heads / p.group_size;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  ThreadPool::global().parallel_for(
+      p.batch * num_kv_heads,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / num_kv_heads, g = item % num_kv_heads;
+          const int64_t length = lengths[b], lo = std::min(p.sink, length);
+          const int64_t hi = std::max(lo, length - p.window);
+          float* row_out = out + b * p.out_stride[0] + g * p.out_stride[1];
+          std::fill(row_out, row_out + p.capacity, kNegInf);
+          for (int64_t h = g * p.group_size; h < (g + 1) * p.group_size; ++h) {
+            const float* row = scores + b * p.scores_stride[0] + h * p.scores_stride[1];
+            const double lse = log_sum_exp(row + lo, hi - lo);
+            // A head with no finite candidate (or an infinite one) has no distribution to add.
+            if (std::isfinite(lse)) max_shifted(row + lo, hi - lo, float(lse), row_out + lo);
+          }
+        }
+      },
+      ThreadPool::min_chunk_for(p.group_size * p.capacity * 8));
+}
 
 void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indices, int32_t* counts,
                      const SelectTopkParams& p) {

@@ -57,6 +57,9 @@ class A2ATSConfig:
 
     topk: tokens each query head selects: a float in (0, 1] is a share of the current length
         (``int(topk * length)``, the paper's budget ratio, e.g. 0.03), an int >= 0 is absolute.
+    budget_per: "query_head" (the paper's): each query head selects topk tokens and a KV head
+        reads the union of its G heads' (up to G times topk); "kv_head": each KV head selects
+        topk tokens from the max of its heads' log-softmax scores, so rows read = topk.
     window, sink: most recent and first tokens always attended (window >= 1: the current token).
     wrope_distance: the WRoPE distance b far tokens are scored at; None takes the codebook's.
     capacity: tokens per sequence the host store holds (prompt + generated); None takes the
@@ -65,6 +68,7 @@ class A2ATSConfig:
     """
 
     topk: float | int = 0.03
+    budget_per: str = "query_head"
     window: int = 64
     sink: int = 8
     wrope_distance: int | None = None
@@ -79,6 +83,8 @@ class A2ATSConfig:
             raise ValueError(f"topk as a share must be in (0, 1], got {self.topk}")
         if isinstance(self.topk, int) and self.topk < 0:
             raise ValueError(f"topk as a count must be >= 0, got {self.topk}")
+        if self.budget_per not in ("query_head", "kv_head"):
+            raise ValueError(f'budget_per must be "query_head" or "kv_head", got {self.budget_per!r}')
         for name, low in (("window", 1), ("sink", 0), ("threads", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -89,7 +95,7 @@ class A2ATSConfig:
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
     def budget(self, length: int) -> int:
-        """Tokens each query head selects at context ``length``."""
+        """Tokens each query head (each KV head with budget_per="kv_head") selects at ``length``."""
         return budget_tokens(self.topk, length)
 
 
@@ -146,6 +152,7 @@ class _PipelineSteps:
             sink=config.sink,
             window=config.window,
             wrope_distances=[cache.wrope_distance],
+            budget_per=config.budget_per,
             device=str(device) if on_gpu else None,
         )
         self._stats_base = self.pipeline.stats()

@@ -143,6 +143,34 @@ def select_topk(
     return indices.to(scores.device), counts.to(scores.device)
 
 
+def group_scores(
+    scores: torch.Tensor, lengths: torch.Tensor, *, group_size: int, sink: int, window: int
+) -> torch.Tensor:
+    """One score row per KV head, for a per-KV-head budget.
+
+    scores (B, Hq, Tcap). Over the candidates [sink, lengths[b] - window) of row b, each query
+    head's scores become log softmax (its log attention distribution over the far tokens, NaN
+    ignored); KV head g takes, per token, the max over its ``group_size`` heads. Returns
+    (B, Hkv, Tcap) float32, -inf outside the candidates. A head with no finite candidate adds
+    nothing.
+    """
+    B, Hq, tcap = scores.shape
+    Hkv = Hq // group_size
+    out = torch.full((B, Hkv, tcap), float("-inf"), dtype=torch.float32)
+    for b in range(B):
+        length = int(lengths[b])
+        lo = min(sink, length)
+        hi = max(lo, length - window)
+        if hi == lo:
+            continue
+        rows = scores[b, :, lo:hi].double().cpu()  # (Hq, n)
+        rows = torch.where(rows.isnan(), float("-inf"), rows)
+        lse = torch.logsumexp(rows, dim=-1, keepdim=True)  # (Hq, 1)
+        shifted = torch.where(lse.isfinite(), rows - lse, float("-inf"))
+        out[b, :, lo:hi] = shifted.view(Hkv, group_size, -1).amax(dim=1).float()
+    return out.to(scores.device)
+
+
 def gather(store: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of ``store`` (B, Hkv, T, D) at ``indices`` (B, Hkv, Kmax); rows past counts are zero."""
     B, Hkv, kmax = indices.shape

@@ -33,6 +33,9 @@ struct PipelineShape {
   int64_t num_subspaces = 1;     // M
   int64_t num_centroids = 0;     // C
   int64_t sink = 0, window = 1;  // first and last rows always attended
+  // false: k middle rows per query head, united per KV head (the paper's; up to G k rows read).
+  // true: k middle rows per KV head, the top k of group_scores (rows read = the budget).
+  bool budget_per_kv_head = false;
 };
 
 // Codebook of all layers, contiguous float32, copied by the constructor:
@@ -81,6 +84,8 @@ class PipelineBase {
   const PipelineStats& stats() const { return stats_; }
   KVStore& store() const { return store_; }
   int64_t group_size() const { return shape_.num_q_heads / store_.num_kv_heads(); }
+  // Middle rows a KV head may select per step under the plan: k, or G k for the union.
+  int64_t max_middle() const { return shape_.budget_per_kv_head ? k_ : group_size() * k_; }
 
  protected:
   // Throws unless `layer` may decode now: in range, planned, not yet decoded in this step, and
@@ -99,11 +104,13 @@ class PipelineBase {
   //   rotating the query (B, Hq, D) to NB distances, (B, Hq, NB, D), by positions (B, NB);
   //   encoding whitened keys (B, Hkv, t, D) into codes (B, Hkv, t, M);
   //   scoring dual queries (B, Hq, NB, D) against the codes (B, Hkv, capacity, M);
-  //   selecting from scores (B, Hq, capacity) into indices (B, Hkv, max_selected).
+  //   per KV head budget: grouping scores (B, Hq, capacity) into (B, Hkv, capacity);
+  //   selecting from those, or from the scores (B, Hq, capacity), into indices (B, Hkv, max_selected).
   RotaryParams key_rotation(int64_t num_new) const;
   RotaryParams query_rotation() const;
   VQEncodeParams key_encoding(int64_t num_new) const;
   LutScoresParams scoring() const;
+  GroupScoresParams grouping() const;
   SelectTopkParams selection(int64_t max_selected, bool add_resident) const;
 
   KVStore& store_;
@@ -111,7 +118,7 @@ class PipelineBase {
   PipelineCodebook codebook_;
   bool planned_ = false;
   int64_t k_ = 0;
-  int64_t max_selected_ = 0;           // G * k + sink + window: a selection with the resident rows
+  int64_t max_selected_ = 0;           // max_middle() + sink + window: a selection with the resident rows
   std::vector<int32_t> step_lengths_;  // (B,) lengths after this step's append
   std::vector<char> decoded_;          // (L,) layers done this step
   PipelineStats stats_;
@@ -157,6 +164,7 @@ class Pipeline : public PipelineBase {
   std::vector<int16_t> new_codes_;           // (B, Hkv, t, M)
   std::vector<float> q_, q_wrope_, q_dual_;  // (B, Hq, D), (B, Hq, NB, D), (B, Hq, NB, D)
   std::vector<float> scores_;                // (B, Hq, capacity)
+  std::vector<float> grouped_;               // (B, Hkv, capacity), per-KV-head budget only
   std::vector<int32_t> indices_, counts_;    // (B, Hkv, Kmax), (B, Hkv)
   std::vector<float> out_, lse_;             // (B, Hq, D), (B, Hq)
 };
