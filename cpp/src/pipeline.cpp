@@ -375,6 +375,7 @@ void Pipeline::encode_and_append(int64_t layer, const ConstRows& k, const ConstR
   int16_t* codes = codes_.data() + layer * layer_codes_;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = num_tokens ? num_tokens[b] : num_new, start = store_.length(layer, b);
+    if (n == 0) continue;  // nothing to copy (and new_codes_ may still be empty: no null memcpy)
     for (int64_t g = 0; g < Hkv; ++g)
       std::memcpy(codes + ((b * Hkv + g) * capacity + start) * M, new_codes_.data() + (b * Hkv + g) * num_new * M,
                   size_t(n * M) * sizeof(int16_t));
