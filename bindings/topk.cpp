@@ -1,10 +1,17 @@
-// a2ats_core.select_topk: the rows each KV head attends over (cpp/include/a2ats/topk.h).
+// a2ats_core.select_topk and group_scores: the rows each KV head attends over (cpp/include/a2ats/topk.h).
 #include "a2ats/topk.h"
 
 #include "dispatch.h"
 
 namespace a2ats::bind {
 namespace {
+
+// group_size: the query heads per KV head in scores (B, Hq, Tcap).
+void check_group_size(int64_t group_size, int64_t Hq) {
+  if (group_size < 1 || Hq % group_size != 0)
+    throw_value("group_size must be >= 1 and divide scores.shape[1] (num_q_heads = " + std::to_string(Hq) + "), got " +
+                std::to_string(group_size));
+}
 
 py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, int64_t group_size, int64_t sink,
                       int64_t window, bool add_resident, py::handle out_indices_obj, py::handle out_counts_obj,
@@ -15,9 +22,7 @@ py::tuple select_topk(py::handle scores_obj, int64_t k, py::handle lengths_obj, 
   expect_nonnegative(k, "k");
   expect_nonnegative(sink, "sink");
   expect_nonnegative(window, "window");
-  if (group_size < 1 || Hq % group_size != 0)
-    throw_value("group_size must be >= 1 and divide scores.shape[1] (num_q_heads = " + std::to_string(Hq) + "), got " +
-                std::to_string(group_size));
+  check_group_size(group_size, Hq);
   // Each term is checked before the sum, so no product or sum can overflow int64.
   if (k > kInt32Max || sink > kInt32Max || window > kInt32Max || group_size * k + sink + window > kInt32Max)
     throw_value("group_size * k + sink + window (the selected rows per KV head) must fit int32, got group_size = " +
@@ -64,9 +69,7 @@ py::object group_scores(py::handle scores_obj, py::handle lengths_obj, int64_t g
   const int64_t B = scores.size(0), Hq = scores.size(1), Tcap = scores.size(2);
   expect_nonnegative(sink, "sink");
   expect_nonnegative(window, "window");
-  if (group_size < 1 || Hq % group_size != 0)
-    throw_value("group_size must be >= 1 and divide scores.shape[1] (num_q_heads = " + std::to_string(Hq) + "), got " +
-                std::to_string(group_size));
+  check_group_size(group_size, Hq);
   check_lengths(lengths, B, Tcap, scores);
   const int64_t Hkv = Hq / group_size;
   Output out(out_obj, "out", scores, {B, Hkv, Tcap}, DType::kFloat32);
