@@ -204,7 +204,9 @@ class KVStore:
     ) -> None:
         """Copy rows indices[b, g, :counts[b, g]] of `layer` into out_k, out_v (B, Hkv, Kmax, D) of
         the store's dtype; slots past counts are untouched. indices (B, Hkv, Kmax) int32, counts
-        (B, Hkv) int32. ValueError for an index out of the stored rows or a wrong shape."""
+        (B, Hkv) int32. B is the store's batch, or any number of query rows on a store of batch 1
+        (CPU outputs), each reading its own row list. ValueError for an index out of the stored
+        rows or a wrong shape."""
 
     def attend(
         self,
@@ -224,8 +226,17 @@ class KVStore:
         h // (Hq / Hkv)); indices (B, Hkv, Kmax) int32 and counts (B, Hkv) int32 as for gather.
         Returns (out, lse): out (B, Hq, D) float32 = softmax(scale * q K_S^T) V_S over
         S = indices[b, g, :counts[b, g]], and lse (B, Hq) float32 = log sum exp(scale * q K_S^T);
-        a row with no selected rows gives out = 0 and lse = -inf. ValueError for CUDA arrays.
+        a row with no selected rows gives out = 0 and lse = -inf. On a store of batch 1, B may be
+        any number of queries, each over its own row list (an engine's requests over slot ids).
+        ValueError for CUDA arrays.
         """
+
+    def write_slots(self, layer: _Int, slots: _DLPackArray, k: _DLPackArray, v: _DLPackArray) -> None:
+        """Slot-indexed write into a store of batch 1 whose capacity is an engine's number of slots:
+        row i of k, v (N, Hkv, D) of the store's dtype (CPU, last dim contiguous) goes to slot
+        slots[i] of `layer`; slots (N,) int64, a slot < 0 skips its row. The length becomes the
+        highest slot written + 1. ValueError, writing nothing, for a slot >= capacity or one named
+        twice; TypeError for a wrong dtype."""
 
     def lengths(self) -> npt.NDArray[np.int64]:
         """Rows stored, (num_layers, batch) int64 (a numpy copy)."""

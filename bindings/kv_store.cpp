@@ -88,12 +88,12 @@ void PyKVStore::gather(int64_t layer, py::handle indices_obj, py::handle counts_
   TensorArg indices(indices_obj, "indices"), counts(counts_obj, "counts"), out_k(out_k_obj, "out_k"),
       out_v(out_v_obj, "out_v");
   indices.expect_dtype({DType::kInt32}).expect_ndim(3).expect_last_dim_contiguous();
-  indices.expect_size(0, s.batch(), "batch of the store").expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
+  const int64_t num_queries = expect_num_queries(indices);
   const int64_t kmax = indices.size(2);
   counts.expect_dtype({DType::kInt32})
-      .expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
+      .expect_shape({num_queries, s.num_kv_heads()}, "(batch of indices, num_kv_heads of the store)");
   counts.expect_device(indices.device(), indices);
-  const std::vector<int64_t> rows = {s.batch(), s.num_kv_heads(), kmax, s.head_dim()};
+  const std::vector<int64_t> rows = {num_queries, s.num_kv_heads(), kmax, s.head_dim()};
   out_k.expect_dtype({s.dtype()}).expect_shape(rows, "(batch, num_kv_heads, Kmax of indices, head_dim)");
   out_k.expect_last_dim_contiguous();
   out_v.expect_dtype({s.dtype()}).expect_shape(rows, "the shape of out_k").expect_last_dim_contiguous();
@@ -109,6 +109,9 @@ void PyKVStore::gather(int64_t layer, py::handle indices_obj, py::handle counts_
   RowsView kv{out_k.data(), {out_k.stride(0), out_k.stride(1), out_k.stride(2)}};
   RowsView vv{out_v.data(), {out_v.stride(0), out_v.stride(1), out_v.stride(2)}};
   if (out_k.is_cuda()) {
+    if (num_queries != s.batch())
+      throw_value("indices: the CUDA gather takes batch " + std::to_string(s.batch()) + " (the store's), got " +
+                  std::to_string(num_queries));
     if (indices.is_cuda()) indices.expect_device(out_k.device(), out_k);
   } else {
     indices.expect_cpu("gathering into CPU outputs").expect_device(out_k.device(), out_k);
@@ -118,8 +121,9 @@ void PyKVStore::gather(int64_t layer, py::handle indices_obj, py::handle counts_
   run_on_device(
       out_k, stream_obj, "KVStore.gather",
       [&] {
-        s.check_gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kmax);
-        s.gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kv, vv);
+        s.check_gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kmax,
+                       num_queries);
+        s.gather(layer, indices.data<int32_t>(), idx_stride, counts.data<int32_t>(), cnt_stride, kv, vv, num_queries);
       },
       A2ATS_ON_CUDA(kv_gather_cuda(s, layer, indices.data<int32_t>(), idx_stride, indices.is_cuda(),
                                    counts.data<int32_t>(), cnt_stride, kv, vv, kmax, stream)));
@@ -134,23 +138,24 @@ py::tuple PyKVStore::attend(int64_t layer, py::handle q_obj, py::handle indices_
     throw_value("q is on " + q.device().str() +
                 ": KVStore.attend reads the rows in host memory and runs on the "
                 "CPU; with CUDA tensors, gather the rows to the device and attend there");
-  q.expect_size(0, s.batch(), "batch of the store").expect_size(2, s.head_dim(), "head_dim of the store");
+  const int64_t num_queries = expect_num_queries(q);
+  q.expect_size(2, s.head_dim(), "head_dim of the store");
   const int64_t num_q_heads = q.size(1);
   if (num_q_heads % s.num_kv_heads() != 0)
     throw_value("q has " + std::to_string(num_q_heads) + " heads, not a multiple of the store's num_kv_heads " +
                 std::to_string(s.num_kv_heads()));
   if (!std::isfinite(scale)) throw_value("scale must be finite, got " + std::to_string(scale));
   indices.expect_dtype({DType::kInt32}).expect_ndim(3).expect_last_dim_contiguous();
-  indices.expect_size(0, s.batch(), "batch of the store").expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
+  indices.expect_size(0, num_queries, "batch of q").expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
   indices.expect_cpu("KVStore.attend runs on the CPU");
-  counts.expect_dtype({DType::kInt32})
-      .expect_shape({s.batch(), s.num_kv_heads()}, "(batch, num_kv_heads) of the store");
+  counts.expect_dtype({DType::kInt32}).expect_shape({num_queries, s.num_kv_heads()}, "(batch of q, num_kv_heads)");
   counts.expect_cpu("KVStore.attend runs on the CPU");
-  Output out(out_obj, "out", q, {s.batch(), num_q_heads, s.head_dim()}, DType::kFloat32);
-  Output lse(out_lse_obj, "out_lse", q, {s.batch(), num_q_heads}, DType::kFloat32);
+  Output out(out_obj, "out", q, {num_queries, num_q_heads, s.head_dim()}, DType::kFloat32);
+  Output lse(out_lse_obj, "out_lse", q, {num_queries, num_q_heads}, DType::kFloat32);
   out.disjoint_from({&q, &indices, &counts});
   lse.disjoint_from({&q, &indices, &counts, &out.view});
   KVStore::AttendParams p;
+  p.num_queries = num_queries;
   p.group_size = num_q_heads / s.num_kv_heads();
   p.scale = float(scale);
   p.q_stride[0] = q.stride(0), p.q_stride[1] = q.stride(1);
@@ -161,11 +166,32 @@ py::tuple PyKVStore::attend(int64_t layer, py::handle q_obj, py::handle indices_
   auto lock = acquire();
   run_on_cpu([&] {
     s.check_gather(layer, indices.data<int32_t>(), p.indices_stride, counts.data<int32_t>(), p.counts_stride,
-                   indices.size(2));
+                   indices.size(2), num_queries);
     s.attend(layer, q.data<float>(), indices.data<int32_t>(), counts.data<int32_t>(), out.view.data<float>(),
              lse.view.data<float>(), p);
   });
   return py::make_tuple(out.object, lse.object);
+}
+
+int64_t PyKVStore::expect_num_queries(const TensorArg& arg) const {
+  const int64_t batch = store_->batch();
+  if (batch != 1) arg.expect_size(0, batch, "batch of the store");
+  return arg.size(0);
+}
+
+void PyKVStore::write_slots(int64_t layer, py::handle slots_obj, py::handle k_obj, py::handle v_obj) {
+  KVStore& s = *store_;
+  TensorArg slots(slots_obj, "slots"), k(k_obj, "k"), v(v_obj, "v");
+  slots.expect_dtype({DType::kInt64}).expect_ndim(1).expect_contiguous().expect_cpu("slots are read on the host");
+  const std::vector<int64_t> rows = {slots.size(0), s.num_kv_heads(), s.head_dim()};
+  k.expect_dtype({s.dtype()}).expect_shape(rows, "(len(slots), num_kv_heads, head_dim) of the store");
+  k.expect_last_dim_contiguous().expect_cpu("KVStore.write_slots copies host rows");
+  v.expect_dtype({s.dtype()}).expect_shape(rows, "the shape of k").expect_last_dim_contiguous();
+  v.expect_cpu("KVStore.write_slots copies host rows");
+  RowsView kv{k.data(), {k.stride(0), k.stride(1), 0}}, vv{v.data(), {v.stride(0), v.stride(1), 0}};
+  auto lock = acquire();
+  refuse_if_owned("write_slots");
+  run_on_cpu([&] { s.write_slots(layer, slots.data<int64_t>(), slots.size(0), kv, vv); });
 }
 
 py::array_t<int64_t> PyKVStore::lengths() {
@@ -214,6 +240,10 @@ indices (B, Hkv, Kmax) int32 and counts (B, Hkv) int32 as for gather. Returns (o
 out (B, Hq, D) float32 = softmax(scale * q K_S^T) V_S over S = indices[b, g, :counts[b, g]], and
 lse (B, Hq) float32 = log sum exp(scale * q K_S^T), the state that merges with attention over other
 rows; a row with no selected rows gives out = 0 and lse = -inf.)doc")
+      .def("write_slots", &PyKVStore::write_slots, py::arg("layer"), py::arg("slots"), py::arg("k"), py::arg("v"),
+           R"doc(Slot-indexed write (a store of batch 1 whose capacity is an engine's number of slots): row i of
+k, v (N, Hkv, D) goes to slot slots[i] ((N,) int64; < 0 skips the row) of `layer`. The length becomes
+the highest slot written + 1. ValueError, writing nothing, for a slot >= capacity or named twice.)doc")
       .def("lengths", &PyKVStore::lengths, "Rows stored, (num_layers, batch) int64.")
       .def("reset", &PyKVStore::reset, "Forget all rows (lengths to 0); memory is kept.")
       .def_property_readonly("nbytes", [](const PyKVStore& s) { return s.store().nbytes(); })

@@ -25,6 +25,7 @@ class PyKVStore {
   void gather(int64_t layer, py::handle indices, py::handle counts, py::handle out_k, py::handle out_v,
               py::handle stream);
   // q: (B, Hq, D) f32 -> (out (B, Hq, D) f32, lse (B, Hq) f32).
+  void write_slots(int64_t layer, py::handle slots, py::handle k, py::handle v);
   py::tuple attend(int64_t layer, py::handle q, py::handle indices, py::handle counts, double scale, py::handle out,
                    py::handle out_lse);
   py::array_t<int64_t> lengths();  // (num_layers, batch)
@@ -57,6 +58,9 @@ class PyKVStore {
   }
 
  private:
+  // The B of a gather's or attend's arrays: the store's batch, or any on a batch-1 store.
+  int64_t expect_num_queries(const TensorArg& arg) const;
+
   std::unique_ptr<KVStore> store_;
   std::mutex mutex_;
   std::atomic<bool> owned_{false};

@@ -488,3 +488,89 @@ def test_attend_threads_agree():
         results.append(store.attend(0, q, indices, counts, scale=0.1))
     assert torch.equal(bits(results[0][0]), bits(results[1][0]))
     assert torch.equal(bits(results[0][1]), bits(results[1][1]))
+
+
+# ------------------------------------------------------------- slot-indexed use (vLLM's pages)
+
+
+def reference_write_slots(keys, values, lengths, layer, slots, k, v):
+    """A batch-1 store's rows (L, 1, Hkv, cap, D) after write_slots: row i at slot slots[i]."""
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            keys[layer, 0, :, slot] = k[i]
+            values[layer, 0, :, slot] = v[i]
+            lengths[layer] = max(lengths[layer], slot + 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_write_slots_then_attend_and_gather_by_slot_lists(dtype):
+    """Rows written at scattered slots (skipped -1s, a later write over a reused slot, strided
+    sources) read back by slot lists for N queries at once: gather and attend equal the
+    reference over the same rows, for every query row."""
+    L, Hkv, G, D, cap, N = 2, 2, 3, 64, 300, 4
+    torch.manual_seed(7)
+    store = a2ats_core.KVStore(L, 1, Hkv, D, cap, dtype, pinned=False, threads=2)
+    keys, values = torch.zeros(L, 1, Hkv, cap, D, dtype=dtype), torch.zeros(L, 1, Hkv, cap, D, dtype=dtype)
+    lengths = [0] * L
+    writes = [
+        (1, torch.tensor([5, -1, 130, 17, 299, 0], dtype=torch.int64)),
+        (1, torch.randperm(128)[:50].to(torch.int64) + 128),  # a block reused: slots overwritten
+        (0, torch.arange(40, dtype=torch.int64) * 7),
+    ]
+    for layer, slots in writes:
+        wide_k = torch.randn(len(slots), Hkv + 1, D).to(dtype)  # strided source: a head slice
+        k, v = wide_k[:, 1:], torch.randn(len(slots), Hkv, D).to(dtype)
+        store.write_slots(layer, slots, k, v)
+        reference_write_slots(keys, values, lengths, layer, slots, k, v)
+    assert store.lengths().tolist() == [[lengths[0]], [lengths[1]]] == [[274], [300]]
+    layer = 1
+    written = torch.unique(torch.cat([s for l, s in writes if l == layer]))
+    written = written[written >= 0].to(torch.int32)
+    kmax = 60
+    indices = written[torch.randint(0, len(written), (N, Hkv, kmax))]
+    counts = torch.tensor([[kmax, 0], [1, 33], [59, kmax], [12, 12]], dtype=torch.int32)
+    # gather: N query rows from one batch-1 store
+    out_k = torch.zeros(N, Hkv, kmax, D, dtype=dtype)
+    out_v = torch.zeros_like(out_k)
+    store.gather(layer, indices, counts, out_k, out_v)
+    rows_k = keys[layer].expand(N, -1, -1, -1)
+    rows_v = values[layer].expand(N, -1, -1, -1)
+    check_gathered(out_k, torch.zeros_like(out_k), rows_k, indices, counts)
+    check_gathered(out_v, torch.zeros_like(out_v), rows_v, indices, counts)
+    # attend: each of the N queries over its own slot list
+    q = torch.randn(N, Hkv * G, D)
+    out, lse = store.attend(layer, q, indices, counts, scale=D**-0.5)
+    assert out.shape == (N, Hkv * G, D) and lse.shape == (N, Hkv * G)
+    check_attend(out, lse, *reference_attend(rows_k, rows_v, q, indices, counts, D**-0.5))
+
+
+def test_write_slots_refuses_bad_slots_and_keeps_rows():
+    L, Hkv, D, cap = 1, 2, 16, 64
+    store = a2ats_core.KVStore(L, 1, Hkv, D, cap, torch.float32, pinned=False)
+    k, v = torch.randn(3, Hkv, D), torch.randn(3, Hkv, D)
+    store.write_slots(0, torch.tensor([3, 9, 1]), k, v)
+    before = torch.zeros(1, Hkv, 3, D), torch.zeros(1, Hkv, 3, D)
+    indices = torch.tensor([3, 9, 1], dtype=torch.int32).expand(1, Hkv, 3).contiguous()
+    counts = torch.full((1, Hkv), 3, dtype=torch.int32)
+    store.gather(0, indices, counts, *before)
+    bad = [
+        (torch.tensor([2, 64, 5]), ValueError, r"slots\[1\] = 64.*capacity 64"),
+        (torch.tensor([2, 5, 2]), ValueError, r"slot 2 .*twice"),
+        (torch.tensor([2, 5, 7], dtype=torch.int32), TypeError, "slots"),
+        (torch.tensor([2, 5]), ValueError, r"k must have shape"),
+    ]
+    for slots, error, pattern in bad:
+        with pytest.raises(error, match=pattern):
+            store.write_slots(0, slots, torch.full_like(k, 9.0), torch.full_like(v, 9.0))
+    with pytest.raises(ValueError, match="layer"):
+        store.write_slots(1, torch.tensor([0, 1, 2]), k, v)
+    assert store.lengths().tolist() == [[10]]
+    after = torch.zeros(1, Hkv, 3, D), torch.zeros(1, Hkv, 3, D)
+    store.gather(0, indices, counts, *after)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1]), "a refused write changed rows"
+    assert torch.equal(after[0][0].transpose(0, 1), k[[0, 1, 2]])
+    # Several query rows need a batch-1 store: a batch-2 store still takes exactly its batch.
+    two = a2ats_core.KVStore(1, 2, Hkv, D, cap, torch.float32, pinned=False)
+    with pytest.raises(ValueError, match="batch of the store"):
+        two.attend(0, torch.randn(3, Hkv, D), indices.expand(3, -1, -1).contiguous(), counts.expand(3, -1).contiguous(),
+                   scale=1.0)  # fmt: skip

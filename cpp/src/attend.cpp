@@ -228,11 +228,11 @@ void chunk_rows(const char* k_block, const char* v_block, const int32_t* idx, in
 
 void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, const int32_t* counts, float* out,
                      float* lse, const AttendParams& p) {
-  const int64_t group_size = p.group_size, head_dim = head_dim_;
+  const int64_t num_queries = queries_or_batch(p.num_queries), group_size = p.group_size, head_dim = head_dim_;
   const int64_t state_floats = group_size * (head_dim + 2);
   const int64_t chunks =
-      std::max<int64_t>(1, (max_count(counts, p.counts_stride) + kAttendChunkRows - 1) / kAttendChunkRows);
-  const int64_t num_items = batch_ * num_kv_heads_ * chunks;
+      std::max<int64_t>(1, (max_count(counts, p.counts_stride, num_queries) + kAttendChunkRows - 1) / kAttendChunkRows);
+  const int64_t num_items = num_queries * num_kv_heads_ * chunks;
   if (int64_t(attend_partials_.size()) < num_items * state_floats)
     attend_partials_.resize(size_t(num_items * state_floats));
   float* partials = attend_partials_.data();
@@ -269,8 +269,8 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
             for (int64_t h = 0; h < group_size; ++h)
               q_heads[h] = q + b * p.q_stride[0] + (g * group_size + h) * p.q_stride[1];
             const int32_t* idx = indices + b * p.indices_stride[0] + g * p.indices_stride[1] + lo;
-            chunk_rows<T>(k_rows(layer, b, g), v_rows(layer, b, g), idx, hi - lo, head_dim, scratch.data(),
-                          staging.data(), k_chunk, v_chunk);
+            chunk_rows<T>(k_rows(layer, store_row(b), g), v_rows(layer, store_row(b), g), idx, hi - lo, head_dim,
+                          scratch.data(), staging.data(), k_chunk, v_chunk);
             attend_chunk(q_heads.data(), group_size, head_dim, p.scale, k_chunk, v_chunk, hi - lo, logits.data(),
                          state);
           }
@@ -289,7 +289,7 @@ void KVStore::attend(int64_t layer, const float* q, const int32_t* indices, cons
       break;
   }
   // Merge each (b, h)'s chunk states: M = max m_c, S = sum s_c e^(m_c - M), out = sum o_c e^(m_c - M) / S.
-  for (int64_t bg = 0; bg < batch_ * num_kv_heads_; ++bg) {
+  for (int64_t bg = 0; bg < num_queries * num_kv_heads_; ++bg) {
     const int64_t b = bg / num_kv_heads_, g = bg % num_kv_heads_;
     for (int64_t h = 0; h < group_size; ++h) {
       const int64_t head = g * group_size + h;

@@ -126,13 +126,60 @@ void KVStore::append(int64_t layer, const RowsView& k, const RowsView& v, int64_
   commit_append(layer, num_new, num_tokens);
 }
 
-void KVStore::check_gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
-                           const int32_t* counts, const int64_t counts_stride[2], int64_t max_selected) const {
+void KVStore::check_write_slots(int64_t layer, const int64_t* slots, int64_t n) const {
   if (layer < 0 || layer >= num_layers_)
     throw std::invalid_argument("layer must be in [0, " + std::to_string(num_layers_) + "), got " +
                                 std::to_string(layer));
-  for (int64_t b = 0; b < batch_; ++b) {
-    const int64_t len = length(layer, b);
+  if (batch_ != 1)
+    throw std::invalid_argument("write_slots needs a slot-indexed store (batch 1), this one has batch " +
+                                std::to_string(batch_));
+  std::vector<int64_t> named;
+  named.reserve(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    if (slots[i] >= capacity_)
+      throw std::invalid_argument("slots[" + std::to_string(i) + "] = " + std::to_string(slots[i]) +
+                                  " is outside [0, capacity " + std::to_string(capacity_) + ")");
+    if (slots[i] >= 0) named.push_back(slots[i]);
+  }
+  std::sort(named.begin(), named.end());
+  const auto twice = std::adjacent_find(named.begin(), named.end());
+  if (twice != named.end())
+    throw std::invalid_argument("slot " + std::to_string(*twice) + " is named twice in one write_slots call");
+}
+
+void KVStore::write_slots(int64_t layer, const int64_t* slots, int64_t n, const RowsView& k, const RowsView& v) {
+  check_write_slots(layer, slots, n);
+  const int64_t elem = dtype_size(dtype_);
+  const size_t row = size_t(row_bytes());
+  pool_->parallel_for(
+      n * num_kv_heads_,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t i = item / num_kv_heads_, g = item % num_kv_heads_;
+          if (slots[i] < 0) continue;
+          const int64_t offset = (i * k.stride[0] + g * k.stride[1]) * elem;
+          std::memcpy(k_rows(layer, 0, g) + slots[i] * int64_t(row), static_cast<const char*>(k.data) + offset, row);
+          std::memcpy(v_rows(layer, 0, g) + slots[i] * int64_t(row),
+                      static_cast<const char*>(v.data) + (i * v.stride[0] + g * v.stride[1]) * elem, row);
+        }
+      },
+      ThreadPool::min_chunk_for(2 * int64_t(row)));
+  int64_t& length = lengths_[size_t(layer)];
+  for (int64_t i = 0; i < n; ++i) length = std::max(length, slots[i] + 1);
+}
+
+void KVStore::check_gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
+                           const int32_t* counts, const int64_t counts_stride[2], int64_t max_selected,
+                           int64_t num_queries) const {
+  if (layer < 0 || layer >= num_layers_)
+    throw std::invalid_argument("layer must be in [0, " + std::to_string(num_layers_) + "), got " +
+                                std::to_string(layer));
+  num_queries = queries_or_batch(num_queries);
+  if (num_queries != batch_ && batch_ != 1)
+    throw std::invalid_argument("a store of batch " + std::to_string(batch_) + " serves exactly " +
+                                std::to_string(batch_) + " queries, got " + std::to_string(num_queries));
+  for (int64_t b = 0; b < num_queries; ++b) {
+    const int64_t len = length(layer, store_row(b));
     for (int64_t g = 0; g < num_kv_heads_; ++g) {
       const int64_t count = counts[b * counts_stride[0] + g * counts_stride[1]];
       if (count < 0 || count > max_selected)
@@ -146,19 +193,21 @@ void KVStore::check_gather(int64_t layer, const int32_t* indices, const int64_t 
           if (row[i] < 0 || row[i] >= len)
             throw std::invalid_argument("indices[" + std::to_string(b) + ", " + std::to_string(g) + ", " +
                                         std::to_string(i) + "] = " + std::to_string(row[i]) + " is outside [0, " +
-                                        std::to_string(len) + ") rows stored at " + at(layer, b));
+                                        std::to_string(len) + ") rows stored at " + at(layer, store_row(b)));
       }
     }
   }
 }
 
 void KVStore::gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
-                     const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v) {
+                     const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v,
+                     int64_t num_queries) {
+  num_queries = queries_or_batch(num_queries);
   const int64_t elem = dtype_size(dtype_);
   const size_t row = size_t(row_bytes());
-  const int64_t chunks = (max_count(counts, counts_stride) + kGatherChunkRows - 1) / kGatherChunkRows;
+  const int64_t chunks = (max_count(counts, counts_stride, num_queries) + kGatherChunkRows - 1) / kGatherChunkRows;
   pool_->parallel_for(
-      batch_ * num_kv_heads_ * chunks,
+      num_queries * num_kv_heads_ * chunks,
       [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t chunk = item % chunks, bg = item / chunks;
@@ -166,8 +215,8 @@ void KVStore::gather(int64_t layer, const int32_t* indices, const int64_t indice
           const int64_t count = counts[b * counts_stride[0] + g * counts_stride[1]];
           const int64_t lo = chunk * kGatherChunkRows, hi = std::min(count, lo + kGatherChunkRows);
           const int32_t* idx = indices + b * indices_stride[0] + g * indices_stride[1];
-          const char* src_k = k_rows(layer, b, g);
-          const char* src_v = v_rows(layer, b, g);
+          const char* src_k = k_rows(layer, store_row(b), g);
+          const char* src_v = v_rows(layer, store_row(b), g);
           char* dst_k = static_cast<char*>(out_k.data) + (b * out_k.stride[0] + g * out_k.stride[1]) * elem;
           char* dst_v = static_cast<char*>(out_v.data) + (b * out_v.stride[0] + g * out_v.stride[1]) * elem;
           for_each_row_prefetched(src_k, src_v, idx, lo, hi, row, [&](int64_t i, const char* k, const char* v) {

@@ -6,6 +6,10 @@
 // so every (layer, b, g) owns a contiguous block of `capacity` rows of head_dim elements.
 // Lengths are tracked per (layer, batch row). Validation happens before any byte is
 // written, so a rejected append or gather leaves the store exactly as it was.
+//
+// A store of batch 1 can also be slot-indexed, as a paged serving engine addresses its cache:
+// capacity = the engine's number of slots, rows written at given slots (write_slots), and any
+// number of queries reading batch row 0 through gather and attend (num_queries).
 #pragma once
 
 #include <algorithm>
@@ -63,13 +67,28 @@ class KVStore {
   // Advances lengths after rows were written by another path (the CUDA append).
   void commit_append(int64_t layer, int64_t num_new, const int32_t* num_tokens);
 
+  // Slot-indexed writes (batch 1 only): row i of k, v (N, Hkv, D), element strides (n, g) in
+  // RowsView.stride[0..1], goes to slot slots[i] of every KV head of `layer`; slots[i] < 0
+  // skips row i (an engine's padding). The length becomes max(length, highest slot + 1), so
+  // reads stay checked against the slots written so far. check_write_slots throws
+  // std::invalid_argument for a batch > 1 store, a slot >= capacity or a slot named twice
+  // (which row would win would depend on the threads).
+  void check_write_slots(int64_t layer, const int64_t* slots, int64_t n) const;
+  void write_slots(int64_t layer, const int64_t* slots, int64_t n, const RowsView& k, const RowsView& v);
+
+  // num_queries of a gather or attend: the B of its indices, counts and outputs. It equals
+  // batch() (query b reads batch row b) except on a batch-1 store, where any number of queries
+  // all read batch row 0 (the slot-indexed use). 0 means batch().
+  int64_t store_row(int64_t b) const { return batch_ == 1 ? 0 : b; }
+
   // Checks counts[b, g] <= max_selected and every used index in [0, length); throws
-  // std::invalid_argument otherwise. indices: (B, Hkv, Kmax) int32; counts: (B, Hkv) int32.
+  // std::invalid_argument otherwise. indices: (B, Hkv, Kmax) int32; counts: (B, Hkv) int32,
+  // B = num_queries.
   void check_gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
-                    const int64_t counts_stride[2], int64_t max_selected) const;
+                    const int64_t counts_stride[2], int64_t max_selected, int64_t num_queries = 0) const;
   // Copies the first counts[b, g] selected rows of K and V into host outputs (B, Hkv, Kmax, D).
   void gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2], const int32_t* counts,
-              const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v);
+              const int64_t counts_stride[2], const RowsView& out_k, const RowsView& out_v, int64_t num_queries = 0);
 
   // Exact attention over the rows a selection names, read from the store (CPU only; no output
   // tensor of rows: each chunk of 128 rows passes through a per-thread buffer).
@@ -79,6 +98,7 @@ class KVStore {
   //   lse[b, h] = log sum exp(scale * K_S q)      // (B, Hq) f32; -inf and out = 0 when empty
   // the state that merges exactly with attention over other rows (the resident sink/window).
   struct AttendParams {
+    int64_t num_queries = 0;  // B of q, indices, counts, out, lse; 0 means batch()
     int64_t group_size = 1;
     float scale = 1.f;
     int64_t q_stride[2] = {0, 0};        // (b, h); head_dim contiguous
@@ -101,13 +121,15 @@ class KVStore {
   using AccelState = std::unique_ptr<void, void (*)(void*)>;
 
   // The largest counts[b, g]: how many rows the longest selection of a gather or attend holds.
-  int64_t max_count(const int32_t* counts, const int64_t counts_stride[2]) const {
+  int64_t max_count(const int32_t* counts, const int64_t counts_stride[2], int64_t num_queries) const {
     int64_t largest = 0;
-    for (int64_t b = 0; b < batch_; ++b)
+    for (int64_t b = 0; b < num_queries; ++b)
       for (int64_t g = 0; g < num_kv_heads_; ++g)
         largest = std::max<int64_t>(largest, counts[b * counts_stride[0] + g * counts_stride[1]]);
     return largest;
   }
+
+  int64_t queries_or_batch(int64_t num_queries) const { return num_queries > 0 ? num_queries : batch_; }
 
   size_t block_offset(int64_t layer, int64_t b, int64_t g) const {
     return size_t(((layer * batch_ + b) * num_kv_heads_ + g) * capacity_) * size_t(row_bytes());
