@@ -97,6 +97,7 @@ def lut_scores(
     lengths: _DLPackArray,
     *,
     bin_edges: _DLPackArray | None = None,
+    block_table: _DLPackArray | None = None,
     out: _A | None = None,
     stream: _Stream = None,
 ) -> _A:
@@ -108,6 +109,11 @@ def lut_scores(
     TypeError for a wrong dtype; ValueError for a wrong shape, device or value: a code outside
     [0, C) raises ValueError on CPU inputs, and on CUDA inputs gives that token a NaN score, which
     select_topk ranks lowest.
+
+    Paged (vLLM's cache layout): codes (num_blocks, Hkv, block_size, M) and block_table
+    (B, max_blocks) int32; token n of row b lies in block block_table[b, n // block_size] and
+    Tcap = max_blocks * block_size. Entries past a row's length are never read; a block id outside
+    [0, num_blocks) below it is refused (CPU) or gives NaN scores (CUDA), as a bad code.
     """
 
 def select_topk(

@@ -54,7 +54,7 @@ py::object vq_encode(py::handle x_obj, py::handle centroids_obj, py::handle out_
 }
 
 py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle codes_obj, py::handle lengths_obj,
-                      py::handle bin_edges_obj, py::handle out_obj, py::handle stream_obj) {
+                      py::handle bin_edges_obj, py::handle block_table_obj, py::handle out_obj, py::handle stream_obj) {
   TensorArg q(q_obj, "q"), centroids(centroids_obj, "centroids"), codes(codes_obj, "codes"),
       lengths(lengths_obj, "lengths");
   q.expect_dtype({DType::kFloat32});
@@ -67,8 +67,20 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
   const bool binned = q.ndim() == 4;
   const int64_t B = q.size(0), Hq = q.size(1), NB = binned ? q.size(2) : 1, D = q.size(-1);
   codes.expect_dtype({DType::kInt16}).expect_ndim(4).expect_last_dim_contiguous().expect_device(q.device(), q);
-  const int64_t Hkv = codes.size(1), Tcap = codes.size(2);
-  codes.expect_size(0, B, "batch of q");
+  const int64_t Hkv = codes.size(1);
+  // Paged: codes (num_blocks, Hkv, block_size, M) and block_table (B, max_blocks) int32, so
+  // the scores cover max_blocks * block_size tokens. Unpaged: codes (B, Hkv, Tcap, M).
+  std::optional<TensorArg> block_table;
+  if (!block_table_obj.is_none()) block_table.emplace(block_table_obj, "block_table");
+  int64_t Tcap = codes.size(2);
+  if (block_table) {
+    block_table->expect_dtype({DType::kInt32}).expect_ndim(2).expect_last_dim_contiguous();
+    block_table->expect_device(q.device(), q).expect_size(0, B, "batch of q");
+    if (codes.size(2) < 1) throw_value("codes.shape[2] (block_size) must be >= 1 for paged codes, got 0");
+    Tcap = block_table->size(1) * codes.size(2);
+  } else {
+    codes.expect_size(0, B, "batch of q");
+  }
   if (Hkv < 1 || Hq % Hkv != 0)
     throw_value("q.shape[1] (num_q_heads = " + std::to_string(Hq) +
                 ") must be a multiple of codes.shape[1] (num_kv_heads = " + std::to_string(Hkv) + ")");
@@ -95,7 +107,8 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
                       "] = " + std::to_string(edges[j]));
   }
   Output out(out_obj, "out", q, {B, Hq, Tcap}, DType::kFloat32);
-  out.disjoint_from({&q, &centroids, &codes, &lengths, bin_edges ? &*bin_edges : nullptr});
+  out.disjoint_from(
+      {&q, &centroids, &codes, &lengths, bin_edges ? &*bin_edges : nullptr, block_table ? &*block_table : nullptr});
   LutScoresParams p;
   p.batch = B;
   p.num_q_heads = Hq;
@@ -111,6 +124,12 @@ py::object lut_scores(py::handle q_obj, py::handle centroids_obj, py::handle cod
   for (int d = 0; d < 3; ++d) p.codes_stride[d] = codes.stride(d);
   p.scores_stride[0] = out.view.stride(0);
   p.scores_stride[1] = out.view.stride(1);
+  if (block_table) {
+    p.block_table = block_table->data<int32_t>();
+    p.block_table_stride = block_table->stride(0);
+    p.block_size = codes.size(2);
+    p.num_blocks = codes.size(0);
+  }
   // Codes outside [0, C): the CPU kernel refuses them (ValueError); CUDA gives NaN scores (a2ats_cuda.h).
   run_on_device(
       q, stream_obj, "lut_scores",
@@ -130,13 +149,17 @@ void bind_vq(py::module_& m) {
         py::arg("stream") = py::none(),
         R"doc(Codes (B, Hkv, T, M) int16 of whitened keys x (B, Hkv, T, D) under centroids (Hkv, M, C, D/M) f32.)doc");
   m.def("lut_scores", &lut_scores, py::arg("q"), py::arg("centroids"), py::arg("codes"), py::arg("lengths"),
-        py::kw_only(), py::arg("bin_edges") = py::none(), py::arg("out") = py::none(), py::arg("stream") = py::none(),
+        py::kw_only(), py::arg("bin_edges") = py::none(), py::arg("block_table") = py::none(),
+        py::arg("out") = py::none(), py::arg("stream") = py::none(),
         R"doc(Approximate scores (B, Hq, Tcap) f32 from codes (B, Hkv, Tcap, M) int16.
 
 q (B, Hq, D) f32 in the dual space, or (B, Hq, NB, D) with bin_edges (NB - 1,) int32 ascending:
 token n of row b at distance d = lengths[b] - 1 - n uses bin j = #{edges <= d}. lengths (B,) int32.
 Scores are -inf at and past each length. A code outside [0, C) raises ValueError on CPU inputs; on
-CUDA inputs (not read back to the host) it gives that token a NaN score, which select_topk ranks lowest.)doc");
+CUDA inputs (not read back to the host) it gives that token a NaN score, which select_topk ranks lowest.
+Paged (vLLM's layout): codes (num_blocks, Hkv, block_size, M) and block_table (B, max_blocks) int32,
+token n of row b in block block_table[b, n // block_size]; Tcap = max_blocks * block_size. A block
+id outside [0, num_blocks) holding a token below the length is refused like a bad code.)doc");
 }
 
 }  // namespace a2ats::bind

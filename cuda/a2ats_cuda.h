@@ -37,8 +37,9 @@ cudaError_t vq_encode_cuda(const void* x, const float* centroids, int16_t* codes
 
 // Same contract as lut_scores_cpu, with lengths (B,) and bin_edges (NB-1,) on the device.
 // Differences forced by not reading device memory back on the host:
-//  * a code outside [0, C) of a valid token yields a NaN score (which select_topk ranks lowest)
-//    instead of an error; no out-of-range lookup ever happens;
+//  * a code outside [0, C) of a valid token, or (paged) a block id outside [0, num_blocks) of a
+//    valid token, yields a NaN score (which select_topk ranks lowest) instead of an error; no
+//    out-of-range lookup ever happens;
 //  * lengths are clamped to [0, Tcap];
 //  * a token's bin is #{edges <= distance} even when the edges are not ascending.
 // The lookup tables are built in a device scratch buffer (stream-ordered allocation) and each

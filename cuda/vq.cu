@@ -224,11 +224,23 @@ __global__ void __launch_bounds__(kLutThreads)
 
 struct ScoreArgs {
   int64_t num_q_heads, group_size, num_bins, num_subspaces, num_centroids, capacity, tiles;
-  int64_t codes_stride[3];
+  int64_t codes_stride[3];  // (b, g, t), or paged (block, g, t)
   int64_t scores_stride[2];
+  const int32_t* block_table;  // (B, ...) when paged, else null
+  int64_t block_size, num_blocks, block_table_stride;
 };
 
+// Token t's code in row b, KV head g; null when its block id is outside [0, num_blocks).
+__device__ __forceinline__ const int16_t* token_code(const ScoreArgs& a, const int16_t* codes, int64_t b, int64_t g,
+                                                     int64_t t) {
+  if (a.block_table == nullptr) return codes + b * a.codes_stride[0] + g * a.codes_stride[1] + t * a.codes_stride[2];
+  const int64_t block = __ldg(a.block_table + b * a.block_table_stride + t / a.block_size);
+  if (block < 0 || block >= a.num_blocks) return nullptr;
+  return codes + block * a.codes_stride[0] + g * a.codes_stride[1] + (t % a.block_size) * a.codes_stride[2];
+}
+
 __device__ __forceinline__ float score_token(const float* table, const int16_t* code, int64_t M, uint32_t C) {
+  if (code == nullptr) return __int_as_float(0x7fffffff);  // a bad block id: NaN, as a bad code
   if (M == 1) {
     const uint32_t c = uint16_t(code[0]);  // negative codes become >= 32768 >= C
     return c < C ? table[c] : __int_as_float(0x7fffffff);
@@ -260,7 +272,6 @@ __global__ void __launch_bounds__(kScoreThreads)
   const int64_t len = min(max(int64_t(lengths[b]), int64_t(0)), Tcap);
   const int64_t t0 = tile * kScoreTile;
   float* out = scores + b * a.scores_stride[0] + h * a.scores_stride[1];
-  const int16_t* codes_bg = codes + b * a.codes_stride[0] + g * a.codes_stride[1];
   const int64_t M = a.num_subspaces, NB = a.num_bins;
   const uint32_t C = uint32_t(a.num_centroids);
 
@@ -278,7 +289,7 @@ __global__ void __launch_bounds__(kScoreThreads)
     const int64_t t_end = min(t0 + kScoreTile, Tcap);
 #pragma unroll 4
     for (int64_t t = t0 + tid; t < t_end; t += kScoreThreads)
-      out[t] = t < len ? score_token(table, codes_bg + t * a.codes_stride[2], M, C) : -INFINITY;
+      out[t] = t < len ? score_token(table, token_code(a, codes, b, g, t), M, C) : -INFINITY;
     return;
   }
   // Bin of each of this thread's tokens: #{edges <= distance}.
@@ -317,7 +328,7 @@ __global__ void __launch_bounds__(kScoreThreads)
 #pragma unroll
     for (int r = 0; r < kScoreItems; ++r) {
       const int64_t t = t0 + int64_t(r) * kScoreThreads + tid;
-      if (t < len && bins[r] == j) out[t] = score_token(table, codes_bg + t * a.codes_stride[2], M, C);
+      if (t < len && bins[r] == j) out[t] = score_token(table, token_code(a, codes, b, g, t), M, C);
     }
   }
 #pragma unroll
@@ -390,6 +401,11 @@ cudaError_t lut_scores_cuda(const float* q, const float* centroids, const int16_
   for (int d = 0; d < 3; ++d) sa.codes_stride[d] = p.codes_stride[d];
   sa.scores_stride[0] = p.scores_stride[0];
   sa.scores_stride[1] = p.scores_stride[1];
+  sa.block_table = p.block_table;
+  sa.block_size = p.block_size;
+  sa.num_blocks = p.num_blocks;
+  sa.block_table_stride = p.block_table_stride;
+  if (p.block_table != nullptr && p.block_size < 1) return cudaErrorInvalidValue;
   const int64_t score_blocks = p.batch * p.num_q_heads * sa.tiles;
   if (score_blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
   const bool smem_table = table <= kMaxSmemLutFloats;

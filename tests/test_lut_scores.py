@@ -212,3 +212,97 @@ def test_lut_scores_batch_rows_share_builds(device, B, G, M):
     lengths = torch.randint(1, Tcap + 1, (B,), dtype=torch.int32)
     edges = torch.tensor([3, 10], dtype=torch.int32)
     check_plain_and_binned(device, q, qb, centroids, codes, lengths, edges)
+
+
+def paged_inputs(B, Hkv, G, D, M, C, block_size, max_blocks, *, num_blocks=11, num_bins=None, seed=0):
+    """q, centroids, paged codes (num_blocks, Hkv, block_size, M), block_table (B, max_blocks)
+    int32 and ragged lengths. Rows share blocks (as prefix caching does); entries past a row's
+    length are -1 or past num_blocks, which must never be read."""
+    gen = torch.Generator().manual_seed(seed)
+    q, centroids, _ = lut_inputs(B, Hkv, G, D, M, C, 1, num_bins=num_bins)
+    codes = torch.randint(0, C, (num_blocks, Hkv, block_size, M), dtype=torch.int16, generator=gen)
+    table = torch.randint(0, num_blocks, (B, max_blocks), dtype=torch.int32, generator=gen)
+    capacity = max_blocks * block_size
+    lengths = torch.tensor(([capacity, 0, capacity // 2 + 1, 1, capacity - 3] * B)[:B], dtype=torch.int32)
+    for b, length in enumerate(lengths.tolist()):
+        used = -(-length // block_size)
+        table[b, used:] = torch.tensor([-1, num_blocks, 2**31 - 1] * max_blocks, dtype=torch.int32)[: max_blocks - used]
+    return q, centroids, codes, table, lengths
+
+
+def unpaged(codes, table, lengths):
+    """The paged codes of each row laid out contiguously (B, Hkv, Tcap, M); 0 where never read."""
+    B, (_, Hkv, block_size, M) = table.shape[0], codes.shape
+    out = torch.zeros(B, Hkv, table.shape[1] * block_size, M, dtype=codes.dtype)
+    for b, length in enumerate(lengths.tolist()):
+        for i in range(-(-length // block_size)):
+            out[b, :, i * block_size : (i + 1) * block_size] = codes[table[b, i]]
+    return out
+
+
+@pytest.mark.parametrize("binned", [False, True], ids=["flat", "binned"])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("G", [1, 3, 7])
+@pytest.mark.parametrize("B", [1, 5])
+def test_lut_scores_paged_matches_reference_and_unpaged(device, B, G, M, block_size, binned):
+    """Paged codes through a block table: the reference's scores, and bit for bit the scores of
+    the same codes laid out per row (the kernel's arithmetic is the same per token)."""
+    Hkv, D, C = 2, 64, 32
+    max_blocks = 48 // block_size
+    q, centroids, codes, table, lengths = paged_inputs(
+        B, Hkv, G, D, M, C, block_size, max_blocks, num_bins=3 if binned else None
+    )
+    edges = torch.tensor([3, 20], dtype=torch.int32) if binned else None
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = a2ats_core.lut_scores(
+        on(q), on(centroids), on(codes), on(lengths), bin_edges=on(edges), block_table=on(table)
+    )
+    sync(device)
+    assert out.shape == (B, Hkv * G, max_blocks * block_size)
+    check_scores(out, reference.lut_scores(q, centroids, codes, lengths, bin_edges=edges, block_table=table), lengths)
+    flat = a2ats_core.lut_scores(q, centroids, unpaged(codes, table, lengths), lengths, bin_edges=edges)
+    assert torch.equal(out.cpu(), flat)
+
+
+def test_lut_scores_paged_strided_views_and_out(device):
+    """vLLM hands out views: a column slice of a wider block table, codes a slice of a larger
+    cache along blocks and heads, and scores written into a slice of a larger buffer."""
+    B, Hkv, G, D, M, C, block_size = 3, 2, 3, 32, 2, 16, 8
+    q, centroids, codes, table, lengths = paged_inputs(B, Hkv, G, D, M, C, block_size, 5, num_blocks=9)
+    wide_table = torch.full((B, 9), 77, dtype=torch.int32)
+    wide_table[:, 2:7] = table
+    big = torch.randint(0, C, (12, Hkv + 2, block_size, M), dtype=torch.int16)
+    big[1:10, 1 : Hkv + 1] = codes
+    out = torch.full((B, Hkv * G, 50), 5.0, device=device)
+    got = a2ats_core.lut_scores(
+        q.to(device), centroids.to(device), big.to(device)[1:10, 1 : Hkv + 1], lengths.to(device),
+        block_table=wide_table.to(device)[:, 2:7], out=out[:, :, 3:43],
+    )  # fmt: skip
+    sync(device)
+    assert got.data_ptr() == out[:, :, 3:43].data_ptr()
+    check_scores(out[:, :, 3:43], reference.lut_scores(q, centroids, codes, lengths, block_table=table), lengths)
+    assert (out[:, :, :3].cpu() == 5).all() and (out[:, :, 43:].cpu() == 5).all()
+
+
+def test_lut_scores_paged_refuses_bad_tables():
+    B, Hkv, G, D, M, C, block_size = 2, 2, 1, 16, 1, 8, 4
+    q, centroids, codes, table, lengths = paged_inputs(B, Hkv, G, D, M, C, block_size, 3, num_blocks=5)
+    lengths = torch.tensor([12, 5], dtype=torch.int32)  # row 1 uses blocks 0 and 1 of its table
+    table[1] = torch.tensor([4, 0, -1], dtype=torch.int32)  # -1 past its length: never read
+    a2ats_core.lut_scores(q, centroids, codes, lengths, block_table=table)
+    for bad in (-1, 5):
+        broken = table.clone()
+        broken[1, 1] = bad
+        out = torch.full((B, Hkv * G, 12), 3.0)
+        with pytest.raises(ValueError, match=rf"block_table\[1, 1\] = {bad} is outside \[0, 5\)"):
+            a2ats_core.lut_scores(q, centroids, codes, lengths, block_table=broken, out=out)
+        assert (out == 3).all(), "a refused call must leave out as it was"
+    with pytest.raises(TypeError, match="block_table"):
+        a2ats_core.lut_scores(q, centroids, codes, lengths, block_table=table.long())
+    with pytest.raises(ValueError, match="block_table.*batch of q"):
+        a2ats_core.lut_scores(q, centroids, codes, lengths, block_table=table[:1])
+    with pytest.raises(ValueError, match="lengths"):  # 13 > 3 blocks of 4
+        a2ats_core.lut_scores(q, centroids, codes, torch.tensor([13, 1], dtype=torch.int32), block_table=table)
+    with pytest.raises(ValueError, match="block_table"):
+        a2ats_core.lut_scores(q, centroids, codes, lengths, block_table=table[:, None])

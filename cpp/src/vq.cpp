@@ -341,6 +341,26 @@ A2ATS_MULTIVERSIONED(void, score_tokens, score_tokens_body,
                       int64_t num_centroids, int64_t t_begin, int64_t t_end, float* scores),
                      (lut, codes, codes_t_stride, num_subspaces, num_centroids, t_begin, t_end, scores))
 
+// Calls fn(run, n, t0) for each run of row b's tokens [t_begin, t_end) of KV head g whose codes
+// lie at one stride: run[i * codes_stride[2]] is the code of token t0 + i, i < n. One run when
+// the codes are not paged; one per block (clipped to the range) when they are.
+template <class Fn>
+A2ATS_INLINE void for_each_code_run(const LutScoresParams& p, const int16_t* codes, int64_t b, int64_t g,
+                                    int64_t t_begin, int64_t t_end, Fn&& fn) {
+  if (p.block_table == nullptr) {
+    if (t_begin < t_end)
+      fn(codes + b * p.codes_stride[0] + g * p.codes_stride[1] + t_begin * p.codes_stride[2], t_end - t_begin, t_begin);
+    return;
+  }
+  for (int64_t t0 = t_begin; t0 < t_end;) {
+    const int64_t i = t0 / p.block_size, t1 = std::min(t_end, (i + 1) * p.block_size);
+    const int64_t block = p.block_table[b * p.block_table_stride + i];
+    fn(codes + block * p.codes_stride[0] + g * p.codes_stride[1] + (t0 - i * p.block_size) * p.codes_stride[2], t1 - t0,
+       t0);
+    t0 = t1;
+  }
+}
+
 }  // namespace
 
 void vq_encode_cpu(const void* x, const float* centroids, int16_t* codes, const VQEncodeParams& p) {
@@ -368,8 +388,21 @@ void vq_encode_cpu(const void* x, const float* centroids, int16_t* codes, const 
 
 void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
                     const int32_t* bin_edges, float* scores, const LutScoresParams& p) {
-  // Every code is checked before any score is written, so a rejected call leaves `scores` as
-  // it was. The codes are 1/(2 G D) of the bytes a step reads, so the extra pass is cheap.
+  const bool paged = p.block_table != nullptr;
+  if (paged && p.block_size < 1)
+    throw std::invalid_argument("lut_scores: paged codes need block_size >= 1, got " + std::to_string(p.block_size));
+  // Every block id and code is checked before any score is written, so a rejected call leaves
+  // `scores` as it was. The codes are 1/(2 G D) of the bytes a step reads: the pass is cheap.
+  if (paged)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t i = 0; i * p.block_size < lengths[b]; ++i) {
+        const int32_t block = p.block_table[b * p.block_table_stride + i];
+        if (block < 0 || block >= p.num_blocks)
+          throw std::invalid_argument(
+              "block_table[" + std::to_string(b) + ", " + std::to_string(i) + "] = " + std::to_string(block) +
+              " is outside [0, " + std::to_string(p.num_blocks) +
+              ") (the blocks of codes) and holds tokens below lengths[" + std::to_string(b) + "]");
+      }
   std::atomic<bool> in_range{true};
   const uint32_t limit = uint32_t(p.num_centroids);
   ThreadPool::global().parallel_for(
@@ -378,10 +411,11 @@ void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
         uint32_t bad = 0;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t b = item / p.num_kv_heads, g = item % p.num_kv_heads;
-          const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
-          for (int64_t t = 0; t < lengths[b]; ++t)
-            for (int64_t m = 0; m < p.num_subspaces; ++m)
-              bad |= uint32_t(uint16_t(codes_bg[t * p.codes_stride[2] + m]) >= limit);
+          for_each_code_run(p, codes, b, g, 0, lengths[b], [&](const int16_t* run, int64_t n, int64_t) {
+            for (int64_t t = 0; t < n; ++t)
+              for (int64_t m = 0; m < p.num_subspaces; ++m)
+                bad |= uint32_t(uint16_t(run[t * p.codes_stride[2] + m]) >= limit);
+          });
         }
         if (bad) in_range.store(false, std::memory_order_relaxed);
       },
@@ -436,26 +470,27 @@ void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes
               build_lut(q_heads, (b1 - b0) * heads, centroids_g, layout, dsub, scale, lut.data());
               for (int64_t b = b0; b < b1; ++b) {
                 if (!bin_tokens(b, j, t_begin, t_end)) continue;
-                const int16_t* codes_bg = codes + b * p.codes_stride[0] + g * p.codes_stride[1];
                 const auto row = [&](int64_t h) {
                   return scores + b * p.scores_stride[0] + (g * group_size + h0 + h) * p.scores_stride[1];
                 };
                 const int64_t first = (b - b0) * heads;  // this row's first slot
-                if (layout.quads()) {
-                  // Its slots [first, first + heads) may start and end inside quads.
-                  for (int64_t slot = first; slot < first + heads;) {
-                    const int64_t quad_end = std::min(first + heads, (slot / 4 + 1) * 4);
-                    float* rows[4];
-                    for (int64_t s = slot; s < quad_end; ++s) rows[s - slot] = row(s - first);
-                    score_tokens_quad(layout.row(lut.data(), slot / 4 * 4, 0), codes_bg, p.codes_stride[2],
-                                      p.num_centroids, t_begin, t_end, rows, int(slot % 4), int(quad_end - slot));
-                    slot = quad_end;
+                for_each_code_run(p, codes, b, g, t_begin, t_end, [&](const int16_t* run, int64_t n, int64_t t0) {
+                  if (layout.quads()) {
+                    // Its slots [first, first + heads) may start and end inside quads.
+                    for (int64_t slot = first; slot < first + heads;) {
+                      const int64_t quad_end = std::min(first + heads, (slot / 4 + 1) * 4);
+                      float* rows[4];
+                      for (int64_t s = slot; s < quad_end; ++s) rows[s - slot] = row(s - first) + t0;
+                      score_tokens_quad(layout.row(lut.data(), slot / 4 * 4, 0), run, p.codes_stride[2],
+                                        p.num_centroids, 0, n, rows, int(slot % 4), int(quad_end - slot));
+                      slot = quad_end;
+                    }
+                  } else {
+                    for (int64_t h = 0; h < heads; ++h)
+                      score_tokens(layout.row(lut.data(), first + h, 0), run, p.codes_stride[2], p.num_subspaces,
+                                   p.num_centroids, 0, n, row(h) + t0);
                   }
-                } else {
-                  for (int64_t h = 0; h < heads; ++h)
-                    score_tokens(layout.row(lut.data(), first + h, 0), codes_bg, p.codes_stride[2], p.num_subspaces,
-                                 p.num_centroids, t_begin, t_end, row(h));
-                }
+                });
               }
             }
           }

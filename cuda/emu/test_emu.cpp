@@ -291,6 +291,86 @@ static void test_lut_scores(int64_t B, int64_t D, int64_t M, int64_t C, int64_t 
                 (long long)D, (long long)M, (long long)C, (long long)NB, close, exact);
 }
 
+// Paged codes (num_blocks, Hkv, block_size, M) through a block table whose entries past each
+// row's length are invalid (never read). CPU and CUDA agree; a bad block id of a valid token
+// makes the CPU refuse and CUDA give NaN for that block's tokens only.
+static void test_lut_scores_paged(int64_t B, int64_t M, int64_t C, int64_t NB, int64_t block_size, bool bad_block) {
+  const int64_t Hkv = 2, G = 3, Hq = Hkv * G, D = 64, dsub = D / M, num_blocks = 7, max_blocks = 6;
+  const int64_t Tcap = max_blocks * block_size;
+  std::vector<float> q(size_t(B * Hq * NB * D)), cent(size_t(Hkv * M * C * dsub));
+  for (auto& v : q) v = randn();
+  for (auto& v : cent) v = randn();
+  std::vector<int16_t> codes(size_t(num_blocks * Hkv * block_size * M));
+  for (auto& v : codes) v = int16_t(randint(0, int(C - 1)));
+  std::vector<int32_t> lengths = {int32_t(Tcap), int32_t(Tcap / 2 + 1), 0};
+  lengths.resize(size_t(B));
+  std::vector<int32_t> table(size_t(B * max_blocks));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < max_blocks; ++i)
+      table[size_t(b * max_blocks + i)] =
+          i * block_size < lengths[size_t(b)] ? randint(0, int(num_blocks - 1)) : (i % 2 ? -1 : int32_t(num_blocks));
+  if (bad_block) table[1] = int32_t(num_blocks);  // row 0's second block: tokens [bs, 2 bs)
+  std::vector<int32_t> edges;
+  for (int64_t j = 1; j < NB; ++j) edges.push_back(int32_t(j * 5));
+  LutScoresParams p;
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.num_kv_heads = Hkv;
+  p.head_dim = D;
+  p.num_subspaces = M;
+  p.num_centroids = C;
+  p.capacity = Tcap;
+  p.num_bins = NB;
+  p.q_stride[0] = Hq * NB * D;
+  p.q_stride[1] = NB * D;
+  p.q_stride[2] = NB > 1 ? D : 0;
+  p.codes_stride[0] = Hkv * block_size * M;
+  p.codes_stride[1] = block_size * M;
+  p.codes_stride[2] = M;
+  p.scores_stride[0] = Hq * Tcap;
+  p.scores_stride[1] = Tcap;
+  p.block_table = table.data();
+  p.block_size = block_size;
+  p.num_blocks = num_blocks;
+  p.block_table_stride = max_blocks;
+  std::vector<float> s_cpu(size_t(B * Hq * Tcap), 42.f), s_emu(s_cpu.size(), 42.f);
+  const int32_t* e = edges.empty() ? nullptr : edges.data();
+  bool refused = false;
+  try {
+    lut_scores_cpu(q.data(), cent.data(), codes.data(), lengths.data(), e, s_cpu.data(), p);
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  CHECK(refused == bad_block, "paged lut_scores_cpu refused=%d", refused);
+  if (bad_block) {
+    CHECK(std::all_of(s_cpu.begin(), s_cpu.end(), [](float v) { return v == 42.f; }),
+          "paged lut_scores_cpu wrote scores before refusing a bad block");
+    std::vector<int32_t> fixed = table;
+    fixed[1] = 0;
+    p.block_table = fixed.data();
+    lut_scores_cpu(q.data(), cent.data(), codes.data(), lengths.data(), e, s_cpu.data(), p);
+    p.block_table = table.data();
+  }
+  CUDA_OK(lut_scores_cuda(q.data(), cent.data(), codes.data(), lengths.data(), e, s_emu.data(), p, nullptr));
+  size_t bad = 0, nan_ok = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t t = 0; t < Tcap; ++t) {
+        const size_t i = size_t((b * Hq + h) * Tcap + t);
+        if (bad_block && b == 0 && t / block_size == 1) {
+          nan_ok += std::isnan(s_emu[i]);
+          continue;
+        }
+        bad += !(std::memcmp(&s_cpu[i], &s_emu[i], 4) == 0 ||
+                 std::fabs(s_cpu[i] - s_emu[i]) <= 1e-5f * (1 + std::fabs(s_cpu[i])));
+      }
+  CHECK(bad == 0, "paged lut_scores M=%lld C=%lld NB=%lld bs=%lld: %zu bad", (long long)M, (long long)C, (long long)NB,
+        (long long)block_size, bad);
+  if (bad_block)
+    CHECK(nan_ok == size_t(Hq * block_size), "paged lut_scores: %zu NaN scores for a bad block, expected %lld", nan_ok,
+          (long long)(Hq * block_size));
+}
+
 // ---- select_topk ---------------------------------------------------------------------------
 enum class ScoreKind { kRandom, kFewValues, kAllEqual, kSpecials };
 
@@ -704,6 +784,9 @@ int main() {
   test_lut_scores(2, 128, 1, 1024, 3, 4500, false);  // binned
   test_lut_scores(1, 24, 1, 25000, 1, 300, true);    // table past shared memory: global path; dsub % 8 == 0
   test_lut_scores(3, 20, 2, 50, 4, 2000, false);     // dsub 10: 16-lane tail path
+  test_lut_scores_paged(3, 1, 16, 1, 16, false);
+  test_lut_scores_paged(2, 2, 40, 3, 128, true);   // binned, vLLM's CPU block size, a bad block
+  test_lut_scores_paged(1, 1, 30000, 1, 5, true);  // table past shared memory: global path
   section("select_topk...");
   test_select_topk(2, 2, 3, 10000, 100, 8, 64, ScoreKind::kRandom, {10000, 7000});
   test_select_topk(2, 2, 3, 10000, 3000, 8, 64, ScoreKind::kFewValues, {9999, 4100});

@@ -75,6 +75,7 @@ def lut_scores(
     lengths: torch.Tensor,
     *,
     bin_edges: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Approximate attention scores from codes.
 
@@ -82,7 +83,18 @@ def lut_scores(
     centroids (Hkv, M, C, D/M); codes (B, Hkv, Tcap, M); lengths (B,).
     Returns scores (B, Hq, Tcap) f32 with s(n) = sum_m q'_m . centroids[g, m, code(n, m)] / sqrt(D)
     and -inf at and past each row's length.
+
+    Paged: codes (num_blocks, Hkv, block_size, M) and block_table (B, max_blocks), token n of
+    row b at offset n % block_size of block block_table[b, n // block_size]; Tcap = max_blocks *
+    block_size. Blocks past a row's length are not read.
     """
+    if block_table is not None:
+        block_size = codes.shape[2]
+        tokens = torch.arange(block_table.shape[1] * block_size)
+        valid = tokens[None, :] < lengths.long()[:, None]  # (B, Tcap)
+        blocks = torch.where(valid, block_table.long()[:, tokens // block_size], 0)
+        codes = codes[blocks, :, tokens % block_size]  # (B, Tcap, Hkv, M)
+        codes = torch.where(valid[..., None, None], codes, 0).transpose(1, 2)
     binned = q.dim() == 4
     qb = q if binned else q[:, :, None]
     B, Hq, NB, D = qb.shape

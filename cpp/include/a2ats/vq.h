@@ -31,8 +31,13 @@ struct LutScoresParams {
   int64_t capacity = 0;                 // Tcap: token slots in codes and scores
   int64_t num_bins = 1;                 // NB: distance bins (1 = plain WRoPE)
   int64_t q_stride[3] = {0, 0, 0};      // (b, h, bin); head_dim contiguous
-  int64_t codes_stride[3] = {0, 0, 0};  // (b, g, t); subspace dim contiguous
+  int64_t codes_stride[3] = {0, 0, 0};  // (b, g, t), or paged (block, g, t); subspace dim contiguous
   int64_t scores_stride[2] = {0, 0};    // (b, h); tokens contiguous
+  // Paged codes (vLLM's cache layout) when block_size > 0: codes (num_blocks, Hkv, block_size, M)
+  // and token t of row b lies at offset t % block_size of block
+  // block_table[b * block_table_stride + t / block_size]. Unpaged when block_table is null.
+  const int32_t* block_table = nullptr;  // (B, >= ceil(Tcap / block_size))
+  int64_t block_size = 0, num_blocks = 0, block_table_stride = 0;
 };
 
 // q: (B, Hq, NB, D) f32 in the dual space; centroids: (Hkv, M, C, D/M); codes: (B, Hkv, Tcap, M);
@@ -40,7 +45,9 @@ struct LutScoresParams {
 // scores: (B, Hq, Tcap) f32: sum_m LUT_bin[m][codes[t, m]] for t < lengths[b], -inf after, where
 // LUT_j[m][c] = q[b, h, j, m-th slice] . centroids[g, m, c] / sqrt(D) and token t at distance
 // d = lengths[b] - 1 - t uses bin j = #{edges <= d}.
-// Throws std::invalid_argument, having written nothing, if a code of a valid token is outside [0, C).
+// Paged (params.block_table set): token t of row b reads its code from its block, as above.
+// Throws std::invalid_argument, having written nothing, if a code of a valid token is outside
+// [0, C), or a block holding a valid token is outside [0, num_blocks).
 void lut_scores_cpu(const float* q, const float* centroids, const int16_t* codes, const int32_t* lengths,
                     const int32_t* bin_edges, float* scores, const LutScoresParams& params);
 
