@@ -498,3 +498,20 @@ def test_corpus_is_offline_deterministic_and_split(smollm2):
     assert stream.tolist() == reference_ids[: stream.numel()]
     with pytest.raises(ValueError, match="empty"):
         build_corpus(tokenizer, [""], num_tokens=10, holdout_tokens=0, chunk_len=16)
+
+
+def test_kv_head_slice_is_a_ranks_share(small_codebook):
+    """A tensor-parallel rank's slice encodes its KV heads as the whole codebook does."""
+    cb = small_codebook
+    torch.manual_seed(0)
+    keys = torch.randn(2, cb.num_kv_heads, 9, cb.head_dim)
+    positions = torch.arange(9)[None].expand(2, 9)
+    whole = cb.encode_keys(3, keys, positions)
+    for start in range(cb.num_kv_heads):
+        part = cb.kv_heads(start, start + 1)
+        assert (part.num_kv_heads, part.num_q_heads, part.group_size) == (1, cb.group_size, cb.group_size)
+        assert torch.equal(part.encode_keys(3, keys[:, start : start + 1], positions), whole[:, start : start + 1])
+    assert cb.kv_heads(0, cb.num_kv_heads).num_kv_heads == cb.num_kv_heads  # the original is unchanged
+    for start, stop in [(1, 1), (-1, 1), (0, cb.num_kv_heads + 1)]:
+        with pytest.raises(ValueError, match="not within the codebook"):
+            cb.kv_heads(start, stop)

@@ -293,6 +293,17 @@ class Codebook:
         whitened = picked.permute(0, 1, 3, 2, 4).reshape(b, hkv, t, m * dsub)
         return torch.einsum("bgtd,gde->bgte", whitened, self.chol_inv[layer].to(codes.device))
 
+    def kv_heads(self, start: int, stop: int) -> "Codebook":
+        """The codebook of KV heads [start, stop) and their query heads: a tensor-parallel rank's
+        share (its tensors are views of this one's)."""
+        if not 0 <= start < stop <= self.num_kv_heads:
+            raise ValueError(f"KV heads [{start}, {stop}) are not within the codebook's {self.num_kv_heads}")
+        metadata = copy.deepcopy(self.metadata)
+        metadata["model"]["num_kv_heads"] = stop - start
+        metadata["model"]["num_q_heads"] = (stop - start) * self.group_size
+        pick = lambda tensors: {l: t[start:stop] for l, t in tensors.items()}  # noqa: E731
+        return Codebook(pick(self.centroids), pick(self.chol), pick(self.chol_inv), self.inv_freq, metadata)
+
     def to(self, device: str | torch.device) -> "Codebook":
         """A copy with every tensor on ``device``."""
         move = lambda tensors: {k: v.to(device) for k, v in tensors.items()}  # noqa: E731
