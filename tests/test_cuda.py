@@ -14,9 +14,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import CUDA_SKIP_REASON  # one definition of when CUDA tests can run
 
 import a2ats_core
+
+from conftest import CUDA_SKIP_REASON  # one definition of when CUDA tests can run
 
 SKIP_REASON = CUDA_SKIP_REASON
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))

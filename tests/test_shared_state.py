@@ -4,8 +4,9 @@ import torch
 
 
 def test_shared_state_check_sees_what_a_test_leaves_behind():
-    from conftest import leaked_state, shared_state
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import leaked_state, shared_state
 
     model = LlamaForCausalLM(
         LlamaConfig(
