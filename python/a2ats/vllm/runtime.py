@@ -247,24 +247,31 @@ class RankRuntime:
         scores = a2ats_core.lut_scores(
             q_dual, cb.centroids[layer], kv_cache, lengths32, block_table=blocks.to(torch.int32)
         )
-        k = cfg.budget(int(lengths.max()))
         if cfg.budget_per == "kv_head":
             scores = a2ats_core.group_scores(
                 scores, lengths32, group_size=cb.group_size, sink=cfg.sink, window=cfg.window
             )
-        indices, counts = a2ats_core.select_topk(
-            scores,
-            k,
-            lengths32,
-            group_size=1 if cfg.budget_per == "kv_head" else cb.group_size,
-            sink=cfg.sink,
-            window=cfg.window,
-        )
-        tokens = indices.to(torch.int64).clamp_(min=0)  # -1 padding past counts maps to any valid slot
-        slot_ids = blocks.gather(1, (tokens // bs).reshape(n, -1)).reshape(tokens.shape) * bs + tokens % bs
-        out, _ = self.store.attend(
-            layer, query.float().contiguous(), slot_ids.to(torch.int32), counts, scale=float(scale)
-        )
+        # Each request selects its own length's budget, so its tokens do not depend on which other
+        # requests share the step: one selection per distinct budget (requests of similar length
+        # share one).
+        budgets = torch.tensor([cfg.budget(int(length)) for length in lengths.tolist()])
+        out = torch.empty(n, cb.num_q_heads, cb.head_dim)
+        for k in torch.unique(budgets).tolist():
+            rows = torch.nonzero(budgets == k).flatten()
+            indices, counts = a2ats_core.select_topk(
+                scores[rows],
+                int(k),
+                lengths32[rows],
+                group_size=1 if cfg.budget_per == "kv_head" else cb.group_size,
+                sink=cfg.sink,
+                window=cfg.window,
+            )
+            tokens = indices.to(torch.int64).clamp_(min=0)  # -1 padding past counts maps to any valid slot
+            table = blocks[rows]
+            slot_ids = table.gather(1, (tokens // bs).reshape(len(rows), -1)).reshape(tokens.shape) * bs + tokens % bs
+            out[rows], _ = self.store.attend(
+                layer, query[rows].float().contiguous(), slot_ids.to(torch.int32), counts, scale=float(scale)
+            )
         return out
 
     def _prefill(self, layer, query, step: StepRequests, request: int, scale: float) -> torch.Tensor:
