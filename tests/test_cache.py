@@ -14,7 +14,7 @@ import a2ats
 from a2ats import reference
 from a2ats.models import decoder_layers
 
-from tiny_models import tiny_model
+from tiny_models import tiny_codebook, tiny_model
 
 PROMPT_LENGTHS = (1000, 700)  # batch 2, unequal: row 1 is left-padded
 
@@ -267,21 +267,9 @@ def test_cache_rejects_wrong_codebook_type(smollm2):
 
 def _tiny_setup(smollm2, kind, **overrides):
     """A tiny random model of ``kind`` (SmolLM2's vocabulary) and a codebook calibrated for it."""
-    from a2ats.calibration import calibrate
-
     _, tokenizer = smollm2
     model = tiny_model(kind, vocab_size=49152, **overrides)
-    codebook = calibrate(
-        model,
-        tokenizer,
-        num_centroids=16,
-        num_tokens=512,
-        holdout_tokens=0,
-        chunk_len=256,
-        baseline=False,
-        progress=False,
-    )
-    return model, codebook
+    return model, tiny_codebook(model, tokenizer)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "mistral", "gemma3", "llama-yarn"])

@@ -28,7 +28,7 @@ from a2ats.calibration import (
 from a2ats.cli import main
 from a2ats.codebook import Codebook, CodebookError, CodebookMismatchError, _checksum
 from a2ats.corpus import build_corpus, default_documents
-from a2ats.models import SMOLLM2_INSTALL, ModelNotAvailableError, describe_model, smollm2_location
+from a2ats.models import SMOLLM2_INSTALL, ModelNotAvailableError, describe_model, save_safetensors, smollm2_location
 
 from tiny_models import tiny_model
 
@@ -50,6 +50,21 @@ def test_smollm2_layout(smollm2):
     expected = 1.0 / (1e5 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
     torch.testing.assert_close(layout.rope.inv_freq, expected)
     assert layout.rope.rotary_dim == 64 and layout.rope.attention_scaling == 1.0
+
+
+def test_gguf_model_saved_as_safetensors_gives_the_same_logits(smollm2, tmp_path):
+    """save_safetensors: the folder vLLM loads holds the GGUF's dequantised weights, unquantised."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = smollm2
+    folder = save_safetensors(model, tokenizer, tmp_path / "smollm2")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(folder.glob("*.gguf"))
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    ids = tokenizer("The secret number of the red box is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_small_preset_calibration(small_codebook, smollm2):

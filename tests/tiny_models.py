@@ -40,10 +40,26 @@ def tiny_model(kind: str, **overrides):
             **common,
         )
     elif kind == "mistral":
-        config = MistralConfig(head_dim=32, sliding_window=None, **common)
+        config = MistralConfig(**{"head_dim": 32, "sliding_window": None, **common})
     elif kind == "llama":
         config = LlamaConfig(**common)
     else:
         raise AssertionError(kind)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_codebook(model, tokenizer):
+    """A codebook for a tiny model, calibrated in seconds (16 centroids from 512 tokens)."""
+    from a2ats.calibration import calibrate
+
+    return calibrate(
+        model,
+        tokenizer,
+        num_centroids=16,
+        num_tokens=512,
+        holdout_tokens=0,
+        chunk_len=256,
+        baseline=False,
+        progress=False,
+    )

