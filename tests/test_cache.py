@@ -124,9 +124,14 @@ def _check_selection(cache, layer_idx, query, positions, indices, counts):
     lengths = torch.from_numpy(cache.steps.lengths()[layer.store_layer]).to(torch.int32)
     length = int(lengths.max())
     k, group = config.budget(length), book.group_size
-    q_w = reference.rotary(query, cache.wrope_distance - positions, cache.codebook.inv_freq.float())
-    q_dual = book.dual_queries(layer_idx, q_w[:, :, 0])  # q_w L^-T
-    scores = reference.lut_scores(q_dual, book.centroids[layer_idx], _codes(cache, layer)[:, :, :length], lengths)
+    # The WRoPE query of each distance bin j, moved to distance wrope_distances[j].
+    distances = torch.tensor(cache.wrope_distances)
+    num_bins = len(distances)
+    q_w = reference.rotary(query.expand(-1, -1, num_bins, -1), distances[None] - positions, book.inv_freq.float())
+    q_dual = book.dual_queries(layer_idx, q_w if num_bins > 1 else q_w[:, :, 0])  # q_w L^-T
+    edges = torch.tensor(cache.bin_edges, dtype=torch.int32) if num_bins > 1 else None
+    codes = _codes(cache, layer)[:, :, :length]
+    scores = reference.lut_scores(q_dual, book.centroids[layer_idx], codes, lengths, bin_edges=edges)
     for b, n in enumerate(lengths.tolist()):
         lo, hi = config.sink, n - config.window
         assert hi - lo > k, "the budget must leave candidates out"
@@ -169,12 +174,15 @@ def _attention_over(cache, layer_idx, query, indices, counts):
     return out.reshape(batch, book.num_q_heads, 1, -1).transpose(1, 2)
 
 
-def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, small_codebook, batch):
-    """At 3%: the selection is a valid top-k under the reference scores, and the output is exact
-    attention over the selected rows."""
+@pytest.mark.parametrize("bins", [1, 4, (100, 300)], ids=["1bin", "4bins", "edges"])
+def test_partial_budget_step_selects_and_attends_like_the_reference(smollm2, small_codebook, batch, bins):
+    """At 3%: the selection is a valid top-k under the reference scores (of each token's
+    distance bin), and the output is exact attention over the selected rows."""
     model, _ = smollm2
     input_ids, attention_mask = batch
-    cache = a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(topk=0.03, sink=5, window=24, capacity=1100))
+    config = a2ats.A2ATSConfig(topk=0.03, sink=5, window=24, capacity=1100, bins=bins)
+    cache = a2ats.A2ATSCache(model, small_codebook, config)
+    assert len(cache.wrope_distances) == (bins if isinstance(bins, int) else len(bins) + 1)
     _prefill(model, cache, input_ids, attention_mask)
     steps, seen = cache.steps, {}
     decode = steps.decode
@@ -249,11 +257,35 @@ def test_capacity_overflow_fails_before_work_and_keeps_the_cache(smollm2, small_
         (dict(capacity=0), ValueError),
         (dict(wrope_distance=0), ValueError),
         (dict(budget_per="kv"), ValueError),
+        (dict(bins=0), ValueError),
+        (dict(bins=(300, 100)), ValueError),
+        (dict(bins=(0, 100)), ValueError),
+        (dict(bins=(10.5,)), ValueError),
+        (dict(bins="four"), ValueError),
     ],
 )
 def test_config_rejects_bad_values(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         a2ats.A2ATSConfig(**kwargs)
+
+
+def test_wrope_bins_are_log_spaced_from_the_window_to_the_capacity():
+    from a2ats.codebook import wrope_bins
+
+    assert wrope_bins(1, window=64, capacity=4096, distance=1024) == ([1024], [])
+    assert wrope_bins((), window=64, capacity=4096, distance=1024) == ([1024], [])
+    distances, edges = wrope_bins(3, window=64, capacity=4096, distance=1024)
+    assert edges == [256, 1024]  # 64 · 64^(1/3), 64 · 64^(2/3)
+    assert distances == [128, 512, 2048]  # geometric means of [64, 256), [256, 1024), [1024, 4096)
+    assert wrope_bins([100, 300], window=64, capacity=1100, distance=9) == ([80, 173, 574], [100, 300])
+    with pytest.raises(ValueError, match="bins.*strictly ascending"):
+        wrope_bins(16, window=64, capacity=72, distance=1024)  # log-spaced edges collide
+
+
+def test_bins_the_capacity_does_not_fit_are_refused(smollm2, small_codebook):
+    model, _ = smollm2
+    with pytest.raises(ValueError, match="bins"):
+        a2ats.A2ATSCache(model, small_codebook, a2ats.A2ATSConfig(bins=16, window=64, capacity=72))
 
 
 def test_cache_rejects_wrong_codebook_type(smollm2):

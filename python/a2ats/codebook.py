@@ -57,6 +57,46 @@ def budget_tokens(topk: float | int, length: int) -> int:
     return int(topk * length) if isinstance(topk, float) else int(topk)
 
 
+def wrope_bins(bins, *, window: int, capacity: int, distance: int) -> tuple[list[int], list[int]]:
+    """The WRoPE distance bins of a scoring query: ``(wrope_distances (NB,), bin_edges (NB - 1,))``,
+    as :class:`a2ats_core.Pipeline` and ``lut_scores`` take them.
+
+    A token at distance d from the current one (d = 0 is the current token) is in bin
+    #{bin_edges <= d} and is scored as if it sat ``wrope_distances[bin]`` positions back.
+    ``bins``: 1 (the paper's WRoPE) scores every token at ``distance``, the codebook's b; an int
+    N > 1 makes N bins whose edges are log-spaced from ``window`` (nearer tokens are always
+    attended) to ``capacity``; a sequence of ascending ints gives the edges themselves. A bin's
+    distance is the geometric mean of its bounds, the first bin starting at ``window`` and the
+    last ending at ``capacity``. Raises ValueError naming ``bins`` when the edges are not
+    ascending positive ints (N log-spaced edges collide when capacity / window is small)."""
+    if isinstance(bins, bool):
+        raise ValueError(f"bins must be an int >= 1 or a sequence of ascending edges, got {bins!r}")
+    if isinstance(bins, int):
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        if bins == 1:
+            return [int(distance)], []
+        ratio = capacity / window
+        edges = [round(window * ratio ** (j / bins)) for j in range(1, bins)]
+    else:
+        try:
+            edges = [int(edge) for edge in bins]
+        except (TypeError, ValueError):
+            raise ValueError(f"bins must be an int >= 1 or a sequence of ascending edges, got {bins!r}") from None
+        if any(edge != original for edge, original in zip(edges, bins)):
+            raise ValueError(f"bins edges must be ints, got {list(bins)!r}")
+        if not edges:
+            return [int(distance)], []
+    if edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(
+            f"bins: the edges {edges} (window {window}, capacity {capacity}) must be strictly ascending ints >= 1; "
+            "use fewer bins or give the edges"
+        )
+    bounds = [max(1, min(window, edges[0]))] + edges + [max(capacity, edges[-1] + 1)]
+    distances = [round(math.sqrt(lo * hi)) for lo, hi in zip(bounds, bounds[1:])]
+    return distances, edges
+
+
 class CodebookError(ValueError):
     """A codebook file is unreadable, truncated, corrupted or inconsistent."""
 
