@@ -152,6 +152,9 @@ class RankRuntime:
         self.store: a2ats_core.KVStore | None = None
         self.block_size = 0
         self._lock = threading.Lock()
+        # {"read": rows attended, "context": rows in context} summed over decode requests, layers
+        # and KV heads; None (the default) counts nothing. bench/bench_vllm.py switches it on.
+        self.decode_rows: dict[str, int] | None = None
 
     @property
     def num_subspaces(self) -> int:
@@ -272,6 +275,9 @@ class RankRuntime:
             out[rows], _ = self.store.attend(
                 layer, query[rows].float().contiguous(), slot_ids.to(torch.int32), counts, scale=float(scale)
             )
+            if self.decode_rows is not None:
+                self.decode_rows["read"] += int(counts.sum())
+                self.decode_rows["context"] += int(lengths[rows].sum()) * cb.num_kv_heads
         return out
 
     def _prefill(self, layer, query, step: StepRequests, request: int, scale: float) -> torch.Tensor:
