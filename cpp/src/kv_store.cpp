@@ -81,10 +81,14 @@ KVStore::~KVStore() {
 
 void KVStore::reset() { std::fill(lengths_.begin(), lengths_.end(), 0); }
 
-void KVStore::check_append(int64_t layer, int64_t num_new, const int32_t* num_tokens) const {
+void KVStore::check_layer(int64_t layer) const {
   if (layer < 0 || layer >= num_layers_)
     throw std::invalid_argument("layer must be in [0, " + std::to_string(num_layers_) + "), got " +
                                 std::to_string(layer));
+}
+
+void KVStore::check_append(int64_t layer, int64_t num_new, const int32_t* num_tokens) const {
+  check_layer(layer);
   for (int64_t b = 0; b < batch_; ++b) {
     const int64_t n = num_tokens ? num_tokens[b] : num_new;
     if (n < 0 || n > num_new)
@@ -127,9 +131,7 @@ void KVStore::append(int64_t layer, const RowsView& k, const RowsView& v, int64_
 }
 
 void KVStore::check_write_slots(int64_t layer, const int64_t* slots, int64_t n) const {
-  if (layer < 0 || layer >= num_layers_)
-    throw std::invalid_argument("layer must be in [0, " + std::to_string(num_layers_) + "), got " +
-                                std::to_string(layer));
+  check_layer(layer);
   if (batch_ != 1)
     throw std::invalid_argument("write_slots needs a slot-indexed store (batch 1), this one has batch " +
                                 std::to_string(batch_));
@@ -171,9 +173,7 @@ void KVStore::write_slots(int64_t layer, const int64_t* slots, int64_t n, const 
 void KVStore::check_gather(int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
                            const int32_t* counts, const int64_t counts_stride[2], int64_t max_selected,
                            int64_t num_queries) const {
-  if (layer < 0 || layer >= num_layers_)
-    throw std::invalid_argument("layer must be in [0, " + std::to_string(num_layers_) + "), got " +
-                                std::to_string(layer));
+  check_layer(layer);
   num_queries = queries_or_batch(num_queries);
   if (num_queries != batch_ && batch_ != 1)
     throw std::invalid_argument("a store of batch " + std::to_string(batch_) + " serves exactly " +

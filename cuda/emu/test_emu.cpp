@@ -201,6 +201,31 @@ static void test_vq_encode(int64_t D, int64_t M, int64_t C, int64_t T_, bool dup
 }
 
 // ---- lut_scores ----------------------------------------------------------------------------
+// Params for contiguous q (B, Hq, NB, D), codes (*, Hkv, code_rows, M) whose first dimension is
+// the batch row (code_rows = Tcap) or the block (code_rows = block_size), scores (B, Hq, score_row).
+static LutScoresParams lut_params(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t M, int64_t C, int64_t NB,
+                                  int64_t Tcap, int64_t code_rows, int64_t score_row) {
+  const int64_t Hq = Hkv * G;
+  LutScoresParams p;
+  p.batch = B;
+  p.num_q_heads = Hq;
+  p.num_kv_heads = Hkv;
+  p.head_dim = D;
+  p.num_subspaces = M;
+  p.num_centroids = C;
+  p.capacity = Tcap;
+  p.num_bins = NB;
+  p.q_stride[0] = Hq * NB * D;
+  p.q_stride[1] = NB * D;
+  p.q_stride[2] = NB > 1 ? D : 0;
+  p.codes_stride[0] = Hkv * code_rows * M;
+  p.codes_stride[1] = code_rows * M;
+  p.codes_stride[2] = M;
+  p.scores_stride[0] = Hq * score_row;
+  p.scores_stride[1] = score_row;
+  return p;
+}
+
 static void test_lut_scores(int64_t B, int64_t D, int64_t M, int64_t C, int64_t NB, int64_t Tcap, bool bad_codes) {
   const int64_t Hkv = 2, G = 3, Hq = Hkv * G, dsub = D / M;
   std::vector<float> q(size_t(B * Hq * NB * D));
@@ -218,24 +243,8 @@ static void test_lut_scores(int64_t B, int64_t D, int64_t M, int64_t C, int64_t 
     codes[size_t(5 * cts)] = int16_t(C);            // b = 0, g = 0, t = 5
     codes[size_t((Tcap + 9) * cts)] = int16_t(-3);  // b = 0, g = 1, t = 9
   }
-  LutScoresParams p;
-  p.batch = B;
-  p.num_q_heads = Hq;
-  p.num_kv_heads = Hkv;
-  p.head_dim = D;
-  p.num_subspaces = M;
-  p.num_centroids = C;
-  p.capacity = Tcap;
-  p.num_bins = NB;
-  p.q_stride[0] = Hq * NB * D;
-  p.q_stride[1] = NB * D;
-  p.q_stride[2] = NB > 1 ? D : 0;
-  p.codes_stride[0] = Hkv * Tcap * cts;
-  p.codes_stride[1] = Tcap * cts;
-  p.codes_stride[2] = cts;
   const int64_t ss = Tcap + 5;  // padded rows
-  p.scores_stride[0] = Hq * ss;
-  p.scores_stride[1] = ss;
+  const LutScoresParams p = lut_params(B, Hkv, G, D, M, C, NB, Tcap, Tcap, ss);
   std::vector<float> s_cpu(size_t(B * Hq * ss), 42.f), s_emu(s_cpu.size(), 42.f);
   const auto cpu_scores = [&](const std::vector<int16_t>& c) {
     try {
@@ -312,23 +321,7 @@ static void test_lut_scores_paged(int64_t B, int64_t M, int64_t C, int64_t NB, i
   if (bad_block) table[1] = int32_t(num_blocks);  // row 0's second block: tokens [bs, 2 bs)
   std::vector<int32_t> edges;
   for (int64_t j = 1; j < NB; ++j) edges.push_back(int32_t(j * 5));
-  LutScoresParams p;
-  p.batch = B;
-  p.num_q_heads = Hq;
-  p.num_kv_heads = Hkv;
-  p.head_dim = D;
-  p.num_subspaces = M;
-  p.num_centroids = C;
-  p.capacity = Tcap;
-  p.num_bins = NB;
-  p.q_stride[0] = Hq * NB * D;
-  p.q_stride[1] = NB * D;
-  p.q_stride[2] = NB > 1 ? D : 0;
-  p.codes_stride[0] = Hkv * block_size * M;
-  p.codes_stride[1] = block_size * M;
-  p.codes_stride[2] = M;
-  p.scores_stride[0] = Hq * Tcap;
-  p.scores_stride[1] = Tcap;
+  LutScoresParams p = lut_params(B, Hkv, G, D, M, C, NB, Tcap, block_size, Tcap);
   p.block_table = table.data();
   p.block_size = block_size;
   p.num_blocks = num_blocks;

@@ -120,6 +120,9 @@ class KVStore {
  private:
   using AccelState = std::unique_ptr<void, void (*)(void*)>;
 
+  // Throws std::invalid_argument unless 0 <= layer < num_layers (every check_* starts here).
+  void check_layer(int64_t layer) const;
+
   // The largest counts[b, g]: how many rows the longest selection of a gather or attend holds.
   int64_t max_count(const int32_t* counts, const int64_t counts_stride[2], int64_t num_queries) const {
     int64_t largest = 0;
