@@ -21,7 +21,7 @@ from a2ats.evaluation import (
     score_answer,
 )
 from a2ats.evaluation.harness import prompt_ids, selected_rows
-from a2ats.evaluation.report import summarize
+from a2ats.evaluation.report import format_table, summarize
 from a2ats.evaluation.selectors import page_bound_scores
 
 
@@ -154,8 +154,13 @@ def test_harness_oracle_at_full_budget_equals_dense(smollm2, small_codebook):
     dense, oracle, ours, streaming = results
     assert oracle.answer == dense.answer
     assert oracle.recall == pytest.approx(1.0, abs=1e-5) and oracle.rows_read == 1.0
+    assert oracle.far_recall == pytest.approx(1.0, abs=1e-5)
     assert dense.recall == pytest.approx(1.0, abs=1e-5)
     assert 0 < ours.rows_read < 0.2 and 0 < ours.recall <= 1
+    # The far mass is the part a selection can lose: its share is below the total's, which
+    # counts the always-read sink and window in full.
+    assert 0 < ours.far_recall < ours.recall
+    assert streaming.far_recall == pytest.approx(0.0, abs=1e-6)
     assert streaming.rows_read < ours.rows_read
     table = summarize(results)
     assert {row["method"] for row in table} == {"dense", "oracle", "a2ats", "streaming"}
@@ -225,8 +230,9 @@ def test_reports_summarize_and_write_csv_json_png(tmp_path):
 
     from a2ats.evaluation import RunResult, write_results
 
-    def run(task, method, budget, score, recall, rows):
-        return RunResult(task, method, budget, 2048, 0, "x", score, recall, rows, 1.0)
+    def run(task, method, budget, score, recall, rows, far_recall=None):
+        far_recall = recall - 0.1 if far_recall is None else far_recall
+        return RunResult(task, method, budget, 2048, 0, "x", score, recall, far_recall, rows, 1.0)
 
     results = [
         run("vt", "dense", "all", 1.0, 1.0, 1.0),
@@ -234,12 +240,16 @@ def test_reports_summarize_and_write_csv_json_png(tmp_path):
         run("vt", "a2ats", "3.0%", 1.0, 0.9, 0.1),
         run("cwe", "a2ats", "3.0%", 0.0, 0.8, 0.1),
         run("vt", "a2ats", "1.5%", 0.0, 0.7, 0.05),
+        run("cwe", "a2ats", "1.5%", 0.0, 0.7, 0.05, far_recall=float("nan")),  # no far tokens
     ]
     table = {(row["method"], row["budget"]): row for row in summarize(results)}
     assert table[("dense", "all")]["accuracy"] == 0.75 and table[("dense", "all")]["acc_cwe"] == 0.5
-    assert table[("a2ats", "3.0%")]["recall"] == pytest.approx(0.85) and table[("a2ats", "1.5%")]["runs"] == 1
+    assert table[("a2ats", "3.0%")]["recall"] == pytest.approx(0.85) and table[("a2ats", "1.5%")]["runs"] == 2
+    assert table[("a2ats", "3.0%")]["far_recall"] == pytest.approx(0.75)
+    assert table[("a2ats", "1.5%")]["far_recall"] == pytest.approx(0.6)  # the NaN run has none to count
+    assert "far recall" in format_table(summarize(results))
     written = {path.name for path in write_results(results, tmp_path)}
-    assert written == {"results.csv", "summary.json", "accuracy.png", "recall.png"}
-    assert len((tmp_path / "results.csv").read_text().splitlines()) == 6
+    assert written == {"results.csv", "summary.json", "accuracy.png", "recall.png", "far_recall.png"}
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 7
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 3
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,6 @@
 """Running selectors on tasks: one dense prefill per sample, then greedy decoding per method and
 budget with attention restricted to the rows the selector picks, measuring accuracy, attention
-recall and rows read.
+recall (of all the attention mass, and of the far mass outside sink and window) and rows read.
 
 Every method decodes through the same attention function (registered as ``"a2ats_eval"``): at
 each step and retrieval layer it computes the true attention probabilities over the whole cache
@@ -62,6 +62,7 @@ class RunResult:
     answer: str
     score: float
     recall: float  # mean over decode steps, retrieval layers and query heads
+    far_recall: float  # the same, of the attention mass outside sink and window (NaN: none there)
     rows_read: float  # mean share of cached rows attended per KV head
     seconds: float
 
@@ -71,8 +72,8 @@ class _Recorder:
 
     def __init__(self, selector: Selector, budget: Budget, layers: Sequence[int]):
         self.selector, self.budget, self.layers = selector, budget, set(layers)
-        self.recall_sum = self.rows_sum = 0.0
-        self.calls = 0
+        self.recall_sum = self.rows_sum = self.far_recall_sum = 0.0
+        self.calls = self.far_calls = 0
 
 
 _active: _Recorder | None = None
@@ -126,7 +127,14 @@ def _eval_attention(module, query, key, value, attention_mask, scaling=None, dro
     # Grouped: (Hkv, G, D) @ (Hkv, D, T), so K and V are never repeated per query head.
     logits = torch.matmul(q.float().view(num_kv, group, -1), keys.float().transpose(1, 2)) * scaling
     mask = selected_rows(recorder.selector, recorder.budget, layer, q, keys, position)[:, None]  # (Hkv, 1, T)
-    recorder.recall_sum += float((torch.softmax(logits, -1) * mask).sum(-1).mean())
+    probs = torch.softmax(logits, -1)  # (Hkv, G, T)
+    recorder.recall_sum += float((probs * mask).sum(-1).mean())
+    # Far recall: of the mass on tokens that are neither sink nor window, the share selected.
+    far = slice(recorder.budget.sink, max(recorder.budget.sink, length - recorder.budget.window))
+    if far.stop > far.start:
+        far_mass = probs[..., far].sum(-1)
+        recorder.far_recall_sum += float(((probs * mask)[..., far].sum(-1) / far_mass).mean())
+        recorder.far_calls += 1
     recorder.rows_sum += float(mask.float().mean())
     recorder.calls += 1
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
@@ -196,6 +204,9 @@ def run_sample(
                             answer=answer.strip(),
                             score=score_answer(answer, sample.expected),
                             recall=recorder.recall_sum / max(1, recorder.calls),
+                            far_recall=(
+                                recorder.far_recall_sum / recorder.far_calls if recorder.far_calls else float("nan")
+                            ),
                             rows_read=recorder.rows_sum / max(1, recorder.calls),
                             seconds=time.perf_counter() - started,
                         )

@@ -31,6 +31,7 @@ def summarize(results: Sequence[RunResult]) -> list[dict]:
                 "runs": len(items),
                 "accuracy": sum(i.score for i in items) / len(items),
                 "recall": sum(i.recall for i in items) / len(items),
+                "far_recall": _mean_of_known([i.far_recall for i in items]),
                 "rows_read": sum(i.rows_read for i in items) / len(items),
                 **{f"acc_{task}": sum(scores) / len(scores) for task, scores in sorted(per_task.items())},
             }
@@ -40,12 +41,18 @@ def summarize(results: Sequence[RunResult]) -> list[dict]:
     return rows
 
 
+def _mean_of_known(values: list[float]) -> float:
+    """Mean of the values that are not NaN (a run whose contexts had no far tokens has none)."""
+    known = [v for v in values if v == v]
+    return sum(known) / len(known) if known else float("nan")
+
+
 def format_table(summary: Sequence[dict]) -> str:
-    lines = [f"{'method':12} {'budget':>7} {'accuracy':>9} {'recall':>7} {'rows read':>10}"]
+    lines = [f"{'method':18} {'budget':>7} {'accuracy':>9} {'recall':>7} {'far recall':>10} {'rows read':>10}"]
     for row in summary:
         lines.append(
-            f"{row['method']:12} {row['budget']:>7} {row['accuracy']:>9.3f} {row['recall']:>7.3f} "
-            f"{row['rows_read']:>10.1%}"
+            f"{row['method']:18} {row['budget']:>7} {row['accuracy']:>9.3f} {row['recall']:>7.3f} "
+            f"{row['far_recall']:>10.3f} {row['rows_read']:>10.1%}"
         )
     return "\n".join(lines)
 
@@ -72,7 +79,7 @@ def write_results(results: Sequence[RunResult], directory: str | Path) -> list[P
         import matplotlib.pyplot as plt
     except ImportError:
         return written
-    for metric in ("accuracy", "recall"):
+    for metric in ("accuracy", "recall", "far_recall"):
         figure, axis = plt.subplots(figsize=(6, 4))
         for method in sorted({row["method"] for row in summary}):
             points = [
