@@ -301,6 +301,11 @@ def test_forged_codebooks_with_valid_checksums_are_refused(small_codebook, smoll
         path = _forge(small_codebook, tmp_path / "b.safetensors", metadata={"wrope_distance": bad})
         with pytest.raises(CodebookError, match="wrope_distance|incomplete"):
             Codebook.load(path)
+    for bad in ({"distances": [100, 300]}, {"distances": [1, 2], "edges": [5, 9]}, {"distances": [1, 2], "edges": [0]},
+                {"distances": "x", "edges": []}, 7):  # fmt: skip
+        path = _forge(small_codebook, tmp_path / "bins.safetensors", metadata={"wrope_bins": bad})
+        with pytest.raises(CodebookError, match="wrope_bins"):
+            Codebook.load(path)
     # Damaged metadata that only check_compatible reads: a codebook error, never KeyError/TypeError.
     for key, value in (
         ("model.model_type", None),
@@ -408,6 +413,53 @@ def test_calibrate_qwen3_end_to_end(smollm2, tmp_path):
     Codebook.load(tmp_path / "qwen3.safetensors", model)
     with pytest.raises(CodebookMismatchError):
         Codebook.load(tmp_path / "qwen3.safetensors", tiny_model("llama"))
+
+
+def test_binned_query_moment_is_the_token_weighted_mixture_of_single_distances():
+    model = tiny_model("llama")
+    layout = describe_model(model)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    distances, weights = [80, 300, 1000], [0.125, 0.25, 0.625]
+    collectors = [StatisticsCollector(model, layout, wrope_distance=distances, weights=weights)]
+    collectors += [StatisticsCollector(model, layout, wrope_distance=d) for d in distances]
+    for collector in collectors:
+        with collector.attached(), torch.no_grad():
+            model(ids)
+    for layer in layout.layers:
+        mixture = sum(w * c.query_moment[layer] for w, c in zip(weights, collectors[1:]))
+        torch.testing.assert_close(collectors[0].query_moment[layer], mixture, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="weights"):
+        StatisticsCollector(model, layout, wrope_distance=distances, weights=[0.5, 0.5])
+
+
+def test_calibrate_with_bins_stores_them_and_the_cache_scores_with_them(smollm2, tmp_path):
+    from a2ats import A2ATSCache, A2ATSConfig
+    from a2ats.calibration import calibration_bins
+    from a2ats.codebook import wrope_bins
+
+    from tiny_models import tiny_codebook
+
+    model = tiny_model("llama", vocab_size=49152)  # 512 positions
+    _, tokenizer = smollm2
+    settings = dict(num_centroids=16, num_tokens=512, holdout_tokens=0, chunk_len=256, baseline=False)
+    binned = calibrate(model, tokenizer, bins=4, progress=False, **settings)
+    distances, edges = wrope_bins(4, window=64, capacity=512, distance=2048)
+    assert binned.bins == (distances, edges) and edges == [108, 181, 304]
+    stored = binned.metadata["wrope_bins"]
+    assert stored["weights"] == pytest.approx([44 / 448, 73 / 448, 123 / 448, 208 / 448])
+    assert calibration_bins(resolve_settings("small"), describe_model(model))["distances"] == [2048]
+    # A different H than one distance's, so other whitening, same keys.
+    plain = tiny_codebook(model, tokenizer)
+    assert plain.bins == ([2048], []) and "wrope_bins" not in plain.metadata
+    assert not torch.allclose(binned.chol[0], plain.chol[0])
+    binned.save(tmp_path / "binned.safetensors")
+    loaded = Codebook.load(tmp_path / "binned.safetensors", model)
+    assert loaded.bins == binned.bins
+    assert A2ATSCache(model, loaded).wrope_distances == distances  # bins=None: the codebook's
+    assert A2ATSCache(model, loaded, A2ATSConfig(bins=1)).wrope_distances == [2048]
+    assert A2ATSCache(model, plain).bin_edges == []
+    with pytest.raises(ValueError, match="bins must be an int in \\[1, 64\\]"):
+        resolve_settings("small", bins=0)
 
 
 def test_model_without_rope_is_refused():

@@ -129,6 +129,8 @@ REFUSALS = [
     (["eval", "--lengths", "100"], "argument --lengths: must be >= 256, got 100"),
     (["eval", "--sink", "-1"], "argument --sink: must be >= 0, got -1"),
     (["eval", "--tasks", "nope"], "argument --tasks: invalid choice: 'nope'"),
+    (["eval", "--bins", "1", "0"], "argument --bins: must be in [1, 64], got 0"),
+    (["demo", "--bins", "65"], "argument --bins: must be in [1, 64], got 65"),
     (["calibrate", "-C", "0"], "argument -C/--centroids: must be in [1, 32768], got 0"),
     (["calibrate", "-C", "40000"], "argument -C/--centroids: must be in [1, 32768], got 40000"),
     (["calibrate", "-M", "0"], "argument -M/--subspaces: must be >= 1, got 0"),
@@ -272,3 +274,21 @@ def test_eval_says_which_codebooks_it_calibrates_first(smollm2, cached_facts, ca
         main(["eval", "--quick", "-q", "--methods", "dense", "a2ats"])
     out = capsys.readouterr().out
     assert "calibrating 1 codebook(s)" in out and "ablations" not in out
+
+
+def test_eval_compares_bin_counts_and_reports_far_recall(
+    smollm2, small_codebook, cached_facts, capsys, monkeypatch, tmp_path
+):
+    """--bins 1 4: one A²ATS selector per count, in the table with the far recall."""
+    monkeypatch.setattr(cli, "_load_model", lambda args, device: smollm2)
+    path = tmp_path / "smollm2.a2ats.safetensors"
+    small_codebook.save(path)
+    argv = ["eval", "-q", "--tasks", "niah_single_number", "--lengths", "512", "--topk", "0.03"]
+    argv += ["--methods", "oracle", "a2ats", "--bins", "1", "4", "--codebook", str(path), "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "far recall" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("oracle", "a2ats"))}
+    assert set(rows) == {"oracle", "a2ats", "a2ats-4bins"}, out
+    far_recall = {name: float(row[4]) for name, row in rows.items()}
+    assert all(0 < value <= far_recall["oracle"] + 1e-6 for value in far_recall.values()), out

@@ -102,6 +102,13 @@ def test_cached_codebook_is_used_only_while_it_matches_the_preset(smollm2, small
     cached = load_or_calibrate(model, tokenizer, "small", log=lines.append, progress=False)
     assert calls == [] and "(cached)" in lines[0]
     assert cached.centroids[0].equal(small_codebook.centroids[0])
+    # A file written before the bins setting existed was made with 1 bin: still the preset's.
+    older = copy.deepcopy(small_codebook)
+    del older.metadata["calibration"]["settings"]["bins"]
+    older.save(path)
+    lines.clear()
+    load_or_calibrate(model, tokenizer, "small", log=lines.append, progress=False)
+    assert calls == [] and "(cached)" in lines[0]
     # The preset changed since the file was written (as the small preset did): calibrate again.
     monkeypatch.setitem(PRESETS, "small", dataclasses.replace(PRESETS["small"], num_centroids=512))
     lines.clear()

@@ -225,6 +225,27 @@ def test_a2ats_selector_and_its_ablations_approximate_true_scores(smollm2, ablat
         assert correlation > 0.5, correlation
 
 
+def test_binned_a2ats_selector_scores_each_token_at_its_bins_distance(small_codebook):
+    """bins: each token's score is the one-distance score at its bin's distance."""
+    selector = A2ATS(small_codebook, bins=(100, 300), window=64, capacity=1024)
+    assert selector.name == "a2ats-3bins" and selector.wrope_distances == [80, 173, 554]
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(small_codebook.num_kv_heads, 500, small_codebook.head_dim, generator=generator)
+    query = torch.randn(small_codebook.num_q_heads, small_codebook.head_dim, generator=generator)
+    selector.prefill(0, keys)
+    position = 499
+    binned = selector.scores(0, query, keys, position)
+    distance_from_current = position - torch.arange(500)
+    for j, distance in enumerate(selector.wrope_distances):
+        single = A2ATS(small_codebook, wrope_distance=distance)
+        single.prefill(0, keys)
+        expected = single.scores(0, query, keys, position)
+        in_bin = (distance_from_current >= [0, 100, 300][j]) & (distance_from_current < [100, 300, 10**9][j])
+        torch.testing.assert_close(binned[:, in_bin], expected[:, in_bin], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bins"):
+        A2ATS(small_codebook, bins=0)
+
+
 def test_reports_summarize_and_write_csv_json_png(tmp_path):
     import json
 

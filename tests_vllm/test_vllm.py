@@ -119,14 +119,16 @@ def test_tensor_parallel_full_budget_gives_stock_tokens(tp2_runs):
         assert worker["kv_cache"][0]["shape"][1] == 1
 
 
-def test_small_budget_matches_a2ats_cache_in_transformers(tiny_llama, tmp_path):
-    """Same model, codebook and budget: vLLM + A²ATS and A2ATSCache pick the same greedy tokens."""
+@pytest.mark.parametrize("bins", [1, 4], ids=["1bin", "4bins"])
+def test_small_budget_matches_a2ats_cache_in_transformers(tiny_llama, tmp_path, bins):
+    """Same model, codebook and budget: vLLM + A²ATS and A2ATSCache pick the same greedy tokens,
+    with one WRoPE distance and with 4 distance bins (log-spaced up to max_model_len 1024)."""
     from transformers import AutoModelForCausalLM
 
     import a2ats
 
     model_dir, codebook_path = tiny_llama
-    settings = dict(topk=0.05, sink=4, window=8)
+    settings = dict(topk=0.05, sink=4, window=8, bins=bins)
     prompts = [PROMPTS[2], PROMPTS[3]]
     ours = run_engine(
         tmp_path,

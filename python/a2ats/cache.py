@@ -62,9 +62,10 @@ class A2ATSConfig:
         topk tokens from the max of its heads' log-softmax scores, so rows read = topk.
     window, sink: most recent and first tokens always attended (window >= 1: the current token).
     wrope_distance: the WRoPE distance b far tokens are scored at; None takes the codebook's.
-    bins: WRoPE distance bins (:func:`~a2ats.codebook.wrope_bins`): 1 scores every far token at
-        b; N > 1 scores each of N log-spaced distance bins (window to capacity) at its own
-        distance; a tuple of ascending ints gives the bin edges.
+    bins: WRoPE distance bins (:func:`~a2ats.codebook.wrope_bins`): None takes the codebook's
+        (``Codebook.bins``: those its query moment was fitted for; 1 for a codebook without); 1
+        scores every far token at b; N > 1 scores each of N log-spaced distance bins (window to
+        capacity) at its own distance; a tuple of ascending ints gives the bin edges.
     capacity: tokens per sequence the host store holds (prompt + generated); None takes the
         model's ``max_position_embeddings``.
     threads: gather threads (0 = one per core). pinned: page-locked host memory when a GPU is used.
@@ -75,7 +76,7 @@ class A2ATSConfig:
     window: int = 64
     sink: int = 8
     wrope_distance: int | None = None
-    bins: int | tuple[int, ...] = 1
+    bins: int | tuple[int, ...] | None = None
     capacity: int | None = None
     threads: int = 0
     pinned: bool = True
@@ -97,9 +98,10 @@ class A2ATSConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
-        if not isinstance(self.bins, int):
-            self.bins = tuple(self.bins) if isinstance(self.bins, (list, tuple)) else self.bins
-        wrope_bins(self.bins, window=self.window, capacity=1 << 30, distance=0)  # raises naming bins
+        if self.bins is not None:
+            if not isinstance(self.bins, int):
+                self.bins = tuple(self.bins) if isinstance(self.bins, (list, tuple)) else self.bins
+            wrope_bins(self.bins, window=self.window, capacity=1 << 30, distance=0)  # raises naming bins
 
     def budget(self, length: int) -> int:
         """Tokens each query head (each KV head with budget_per="kv_head") selects at ``length``."""
@@ -389,8 +391,11 @@ class A2ATSCache(Cache):
             raise ValueError("the model declares no max_position_embeddings; pass A2ATSConfig(capacity=...)")
         self.codebook = codebook
         self.wrope_distance = int(self.config.wrope_distance or codebook.wrope_distance)
-        self.wrope_distances, self.bin_edges = wrope_bins(
-            self.config.bins, window=self.config.window, capacity=self.capacity, distance=self.wrope_distance
+        self.wrope_distances, self.bin_edges = codebook.scoring_bins(
+            self.config.bins,
+            window=self.config.window,
+            capacity=self.capacity,
+            wrope_distance=self.config.wrope_distance,
         )
         # Time the attention part per layer: None = where it is free (CPU); on a GPU timing needs
         # a sync per layer, so the demo and the benchmark ask for it and nothing else pays it.

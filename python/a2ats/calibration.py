@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .calibration_stats import StatisticsCollector, whitening
-from .codebook import FORMAT, FORMAT_VERSION, Codebook, model_metadata
+from .codebook import FORMAT, FORMAT_VERSION, Codebook, model_metadata, wrope_bins
 from .corpus import build_corpus
 from .kmeans import KMeansResult, kmeans
 from .models import describe_model, key_projection_fingerprint
@@ -44,6 +44,25 @@ __all__ = [
     "relative_score_error",
     "format_quality_report",
 ]
+
+
+# The window the calibration's bins start from: A2ATSConfig's default.
+BINS_WINDOW = 64
+
+
+def calibration_bins(config, layout) -> dict:
+    """The WRoPE bins the query moment is fitted for: ``{"distances", "edges", "weights"}``, with
+    :func:`~a2ats.codebook.wrope_bins` from :data:`BINS_WINDOW` to the model's context (``edges``
+    empty for 1 bin). A bin's weight is its share of the tokens from the window to the context,
+    the mixture binned scoring sees at a full context."""
+    capacity = int(layout.max_position_embeddings or 0)
+    if config.bins > 1 and capacity <= BINS_WINDOW:
+        raise ValueError(f"bins = {config.bins} needs the model's context; it declares max_position_embeddings "
+                         f"{capacity or 'none'}")  # fmt: skip
+    distances, edges = wrope_bins(config.bins, window=BINS_WINDOW, capacity=capacity, distance=config.wrope_distance)
+    bounds = [BINS_WINDOW, *edges, capacity]
+    widths = [hi - lo for lo, hi in zip(bounds, bounds[1:])] if edges else [1]
+    return {"distances": distances, "edges": edges, "weights": [w / sum(widths) for w in widths]}
 
 
 def calibrate(
@@ -108,11 +127,16 @@ def calibrate(
         f"{corpus.num_holdout_tokens} held-out tokens in chunks of <= {chunk_len}"
     )
 
-    train = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance, wrope=config.wrope)
+    bins = calibration_bins(config, layout)
+    moment_of = dict(wrope_distance=bins["distances"], weights=bins["weights"], wrope=config.wrope)
+    if config.bins > 1:
+        say(f"WRoPE bins: distances {bins['distances']}, edges {bins['edges']}, token shares "
+            f"{[round(w, 3) for w in bins['weights']]}")  # fmt: skip
+    train = StatisticsCollector(model, layout, **moment_of)
     train.run(corpus.calibration, progress=progress, description="calibration text")
     holdout = None
     if corpus.holdout:
-        holdout = StatisticsCollector(model, layout, wrope_distance=config.wrope_distance, wrope=config.wrope)
+        holdout = StatisticsCollector(model, layout, **moment_of)
         holdout.run(corpus.holdout, progress=progress, description="held-out text")
     say(f"statistics collected in {time.perf_counter() - started:.1f} s")
 
@@ -186,6 +210,7 @@ def calibrate(
         "model": model_metadata(layout),
         "rope": layout.rope.to_metadata(),
         "wrope_distance": config.wrope_distance,
+        **({"wrope_bins": bins} if config.bins > 1 else {}),
         "num_centroids": num_centroids,
         "num_subspaces": num_subspaces,
         "calibration": {

@@ -39,13 +39,19 @@ class StatisticsCollector:
         model: torch.nn.Module,
         layout: ModelLayout,
         *,
-        wrope_distance: int,
+        wrope_distance: int | list[int],
+        weights: list[float] | None = None,
         keep_keys: bool = True,
         wrope: bool = True,
     ):
         self.model = model
         self.layout = layout
-        self.wrope_distance = wrope_distance
+        # One distance b, or the distances of WRoPE bins with the share of tokens in each: the
+        # moment is then the mixture sum_j weights[j] q_w(b_j)^T q_w(b_j), what binned scoring sees.
+        self.wrope_distances = [wrope_distance] if isinstance(wrope_distance, int) else list(wrope_distance)
+        self.weights = [1.0] if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.wrope_distances) or abs(sum(self.weights) - 1) > 1e-9:
+            raise ValueError("weights must give one share per WRoPE distance, summing to 1")
         self.wrope = wrope  # False: post-RoPE keys and queries at their own positions (ablation)
         self.keep_keys = keep_keys
         self.keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layout.layers}
@@ -96,15 +102,19 @@ class StatisticsCollector:
             queries = self._heads(attn, output, "q_norm", layout.num_q_heads, layout.head_dim)
             batch, _, tokens, head_dim = queries.shape
             # WRoPE: every query is scored as if its keys sat b positions behind it.
-            positions = (
-                torch.full((batch, tokens), self.wrope_distance, dtype=torch.long, device=queries.device)
-                if self.wrope
-                else self._own_positions(queries)
-            )
-            q_w = a2ats_core.rotary(queries, positions, layout.rope.inv_freq.to(queries.device).float())
-            q_w = q_w * layout.rope.attention_scaling
-            grouped = q_w.view(batch, layout.num_kv_heads, layout.group_size, tokens, head_dim)
-            moment = torch.einsum("bgjtd,bgjte->gde", grouped, grouped).double()
+            inv_freq = layout.rope.inv_freq.to(queries.device).float()
+            shares = zip(self.wrope_distances, self.weights) if self.wrope else [(None, 1.0)]
+            moment = None
+            for distance, weight in shares:
+                positions = (
+                    torch.full((batch, tokens), distance, dtype=torch.long, device=queries.device)
+                    if distance is not None
+                    else self._own_positions(queries)
+                )
+                q_w = a2ats_core.rotary(queries, positions, inv_freq) * layout.rope.attention_scaling
+                grouped = q_w.view(batch, layout.num_kv_heads, layout.group_size, tokens, head_dim)
+                part = torch.einsum("bgjtd,bgjte->gde", grouped, grouped).double() * weight
+                moment = part if moment is None else moment + part
             if layer in self.query_moment:
                 self.query_moment[layer] += moment
             else:

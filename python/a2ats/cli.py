@@ -361,6 +361,12 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         type=int_range(0),
         help=f"WRoPE distance b far tokens are scored at (default: {default.wrope_distance})",
     )
+    parser.add_argument(
+        "--bins",
+        type=int_range(1, 64),
+        help="fit the query moment for N WRoPE distance bins, log-spaced from a 64-token window to the "
+        "model's context (stored in the codebook; A2ATSCache then scores with them); default 1",
+    )
     parser.add_argument("--max-iter", type=int_range(1), help="Lloyd iteration cap (default: the preset's)")
     parser.add_argument(
         "--tol",
@@ -406,6 +412,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             "holdout_tokens",
             "chunk_len",
             "wrope_distance",
+            "bins",
             "max_iter",
             "tol",
             "seed",
@@ -472,6 +479,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
 MIN_CONTEXT = 256
 
 
+BINS_HELP = (
+    "WRoPE distance bins: 1 scores every far token at the codebook's distance b; N > 1 scores N bins, "
+    "log-spaced from the window to the context, each at its own distance"
+)
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from .presets import PRESETS
 
@@ -501,6 +514,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--window", type=int_range(1), default=64, help="most recent tokens always read (the current one included)"
     )
     parser.add_argument("--sink", type=int_range(0), default=8, help="first tokens always read")
+    parser.add_argument("--bins", type=int_range(1, 64), default=None, help=BINS_HELP + " (default: the codebook's)")
     parser.add_argument("--max-new-tokens", type=int_range(1), default=12, help="answer tokens generated")
     parser.add_argument("--seed", type=int_range(0), default=0, help="which facts and question")
 
@@ -534,6 +548,7 @@ def run_demo(args: argparse.Namespace) -> int:
         topk=args.topk,
         window=args.window,
         sink=args.sink,
+        bins=args.bins,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
@@ -611,6 +626,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", type=int_range(0), default=8, help="first tokens always read")
     parser.add_argument("--window", type=int_range(1), default=64, help="most recent tokens always read")
     parser.add_argument(
+        "--bins",
+        nargs="+",
+        type=int_range(1, 64),
+        default=[None],
+        metavar="N",
+        help=BINS_HELP + "; several values compare them (a2ats-Nbins), the ablations run with 1 "
+        "(default: the codebook's)",
+    )
+    parser.add_argument(
         "--codebook",
         default=None,
         metavar="FILE",
@@ -686,10 +710,13 @@ def run_eval(args: argparse.Namespace) -> int:
                 codebook = load_or_calibrate(
                     model, tokenizer, args.preset, ablation=ABLATION_OF[name], progress=not args.quiet
                 )
-            selector = A2ATS(codebook)
+            capacity = facts.max_positions or max(args.lengths) + EVAL_ANSWER_TOKENS
+            for bins in args.bins if name == "a2ats" else [None]:
+                selector = A2ATS(codebook, bins=bins, window=args.window, capacity=capacity)
+                methods.append((selector, budgets))
         else:
             selector = factories[name]()
-        methods.append((selector, budgets[:1] if selector.reads_all else budgets))
+            methods.append((selector, budgets[:1] if selector.reads_all else budgets))
     print(
         f"model {model.a2ats_model_name}: tasks {', '.join(tasks)}; lengths {' '.join(map(str, args.lengths))}; "
         f"topk {', '.join(b.label for b in budgets)} (+ {args.sink} sink, {args.window} window); "

@@ -193,6 +193,26 @@ class Codebook:
         return int(self.metadata["wrope_distance"])
 
     @property
+    def bins(self) -> tuple[list[int], list[int]]:
+        """``(wrope_distances, bin_edges)`` the query moment was fitted for (calibrate(bins=N));
+        one distance b and no edges for a codebook without bins, older files included."""
+        bins = self.metadata.get("wrope_bins")
+        if not bins:
+            return [self.wrope_distance], []
+        return [int(d) for d in bins["distances"]], [int(e) for e in bins["edges"]]
+
+    def scoring_bins(
+        self, bins=None, *, window: int, capacity: int, wrope_distance: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """``(wrope_distances, bin_edges)`` to score with: :attr:`bins` when neither ``bins`` nor
+        ``wrope_distance`` is given, else :func:`wrope_bins` of ``bins`` (1 when None) around
+        ``wrope_distance`` (the codebook's b when None). Raises ValueError naming bins."""
+        if bins is None and wrope_distance is None:
+            return self.bins
+        distance = self.wrope_distance if wrope_distance is None else wrope_distance
+        return wrope_bins(1 if bins is None else bins, window=window, capacity=capacity, distance=distance)
+
+    @property
     def ablation(self) -> str | None:
         """None for an A²ATS codebook; "no-wrope" or "no-query-awareness" for the ablations
         ``a2ats eval`` compares (fitted on post-RoPE keys, or with L = I)."""
@@ -277,6 +297,21 @@ class Codebook:
                 f"wrope_distance (the WRoPE distance b) must be an int in [0, "
                 f"{MAX_WROPE_DISTANCE}], found {wrope_distance!r}"
             )
+        bins = meta.get("wrope_bins")
+        if bins is not None:
+            try:
+                distances, edges = [int(d) for d in bins["distances"]], [int(e) for e in bins["edges"]]
+            except (KeyError, TypeError, ValueError) as error:
+                raise CodebookError(f"wrope_bins metadata is incomplete: {error!r}") from None
+            if (
+                len(distances) != len(edges) + 1
+                or any(b <= a for a, b in zip(edges, edges[1:]))
+                or min(edges, default=1) < 1
+            ):
+                raise CodebookError(
+                    f"wrope_bins: {len(distances)} distances need {len(distances) - 1} ascending edges >= 1, "
+                    f"found {edges}"
+                )
         if tuple(self.inv_freq.shape) != (rotary_dim // 2,):
             raise CodebookError(f"rope.inv_freq: expected ({rotary_dim // 2},), found {tuple(self.inv_freq.shape)}")
 
@@ -310,16 +345,21 @@ class Codebook:
         return self.encode(layer, k_pre)
 
     def wrope_dual_queries(
-        self, layer: int, query: torch.Tensor, positions: torch.Tensor, wrope_distance: int
+        self, layer: int, query: torch.Tensor, positions: torch.Tensor, wrope_distances: int | list[int]
     ) -> torch.Tensor:
-        """Scoring queries (B, Hq, D) f32 for post-RoPE queries (B, Hq, D) at positions (B,): moved
-        to the WRoPE distance b, R(b - m) q, then into the dual space of their KV head."""
+        """Scoring queries for post-RoPE queries (B, Hq, D) at positions (B,): moved to each WRoPE
+        distance b_j, R(b_j - m) q, then into the dual space of their KV head. One distance (an
+        int or a list of one) gives (B, Hq, D) f32; NB > 1 distances (the bins of
+        :func:`wrope_bins`) give (B, Hq, NB, D) f32, what ``lut_scores`` takes with bin_edges."""
+        distances = [wrope_distances] if isinstance(wrope_distances, int) else list(wrope_distances)
+        num_bins = len(distances)
+        rotate_by = torch.tensor(distances, device=query.device)[None] - positions.to(query.device)[:, None]
         q_w = a2ats_core.rotary(
-            query[:, :, None],
-            (wrope_distance - positions[:, None]).to(torch.int64),
+            query[:, :, None].expand(-1, -1, num_bins, -1).contiguous(),
+            rotate_by.to(torch.int64),
             self.inv_freq.to(query.device).float(),
         )
-        return self.dual_queries(layer, q_w[:, :, 0]).contiguous()
+        return self.dual_queries(layer, q_w[:, :, 0] if num_bins == 1 else q_w).contiguous()
 
     def reconstruct_keys(self, layer: int, codes: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys ``ĉ L⁻¹`` (B, Hkv, T, D) f32 the codes (B, Hkv, T, M) stand for."""

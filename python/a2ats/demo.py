@@ -116,7 +116,7 @@ def load_or_calibrate(
     from .calibration import calibrate
     from .codebook import Codebook, CodebookError
     from .models import describe_model
-    from .presets import PRESETS, resolve_settings
+    from .presets import ADDED_SETTINGS, PRESETS, resolve_settings
 
     if preset is None:
         preset = default_preset(model)
@@ -134,7 +134,9 @@ def load_or_calibrate(
             # A preset whose settings changed since the file was written gets a new codebook.
             made_with = codebook.metadata.get("calibration", {}).get("settings", {})
             wanted = asdict(resolve_settings(preset, **ABLATIONS.get(ablation, {})))
-            changed = sorted(name for name, value in wanted.items() if made_with.get(name) != value)
+            changed = sorted(
+                name for name, value in wanted.items() if made_with.get(name, ADDED_SETTINGS.get(name)) != value
+            )
             if changed:
                 raise CodebookError(f"it was made with other {preset!r} preset settings ({', '.join(changed)})")
             log(f"codebook: {path} (cached)")
@@ -260,11 +262,14 @@ def run_demo(
     topk: float | int = 0.03,
     window: int = 64,
     sink: int = 8,
+    bins: int | None = None,
     max_new_tokens: int = 12,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Answer one needle prompt densely and with A²ATS; print and return the figures."""
+    """Answer one needle prompt densely and with A²ATS; print and return the figures.
+    ``bins``: WRoPE distance bins (:class:`~a2ats.A2ATSConfig`; None: the codebook's), log-spaced
+    up to the prompt's end."""
     from transformers import DynamicCache
 
     from .cache import A2ATSCache, A2ATSConfig, attention_timer
@@ -273,7 +278,7 @@ def run_demo(
     layout = describe_model(model)
     prompt = needle_prompt(tokenizer, num_tokens, seed=seed)
     length = prompt.input_ids.shape[1]
-    config = A2ATSConfig(topk=topk, window=window, sink=sink, capacity=length + max_new_tokens)
+    config = A2ATSConfig(topk=topk, window=window, sink=sink, bins=bins, capacity=length + max_new_tokens)
     cache = A2ATSCache(model, codebook, config)  # also routes dense attention through the timer
     cache.time_attention = True
     facts = ", ".join(f"{colour} {number}" for colour, number in prompt.facts.items())

@@ -30,6 +30,9 @@ class CalibrationSettings:
     holdout_tokens: int = 8192
     chunk_len: int = 2048
     wrope_distance: int = 2048
+    # WRoPE distance bins the query moment H is fitted for (1: every query at wrope_distance; N:
+    # the bins a2ats.codebook.wrope_bins lays out from a 64-token window to the model's context).
+    bins: int = 1
     max_iter: int = 300
     tol: float = 1e-4
     seed: int = 0
@@ -63,6 +66,8 @@ class CalibrationSettings:
             raise ValueError(f"chunk_len must be >= 2, got {self.chunk_len}")
         if self.wrope_distance < 0:
             raise ValueError(f"wrope_distance (b) must be >= 0, got {self.wrope_distance}")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or not 1 <= self.bins <= 64:
+            raise ValueError(f"bins must be an int in [1, 64], got {self.bins!r}")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
         if not self.tol >= 0:
@@ -85,6 +90,11 @@ PRESETS: dict[str, CalibrationSettings] = {
         num_centroids=1024, num_tokens=16384, holdout_tokens=2048, chunk_len=1024, max_iter=100
     ),
 }
+
+
+# Settings added after codebooks were first written, with the value older files were made with:
+# a cached codebook without them still matches its preset.
+ADDED_SETTINGS = {"bins": 1}
 
 
 def resolve_settings(preset: str = "default", **overrides: Any) -> CalibrationSettings:

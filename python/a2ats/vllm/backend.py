@@ -63,7 +63,7 @@ def runtime() -> RankRuntime | None:
             get_tensor_model_parallel_world_size(),
         )
         num_layers = model_config.hf_config.get_text_config().num_hidden_layers
-        _RUNTIME = RankRuntime(settings, codebook, num_layers, model_config.dtype)
+        _RUNTIME = RankRuntime(settings, codebook, num_layers, model_config.dtype, model_config.max_model_len)
     return _RUNTIME
 
 

@@ -143,10 +143,19 @@ class StepRequests:
 class RankRuntime:
     """A²ATS state of one engine process: its codebook slice, host store and budget."""
 
-    def __init__(self, settings: VllmSettings, codebook: Codebook, num_layers: int, dtype: torch.dtype):
+    def __init__(
+        self, settings: VllmSettings, codebook: Codebook, num_layers: int, dtype: torch.dtype, max_model_len: int
+    ):
         self.settings = settings
         self.config = settings.attention_config()
         self.codebook = codebook
+        try:
+            self.wrope_distances, edges = codebook.scoring_bins(
+                self.config.bins, window=self.config.window, capacity=max_model_len
+            )
+        except ValueError as error:
+            raise A2ATSVllmConfigError(f'additional_config["a2ats"]: {error} (max_model_len {max_model_len})') from None
+        self.bin_edges = torch.tensor(edges, dtype=torch.int32) if edges else None
         self.num_layers = num_layers
         self.dtype = dtype
         self.store: a2ats_core.KVStore | None = None
@@ -244,11 +253,16 @@ class RankRuntime:
         lengths = step.seq_lens[requests]
         blocks = step.block_table[requests, : (int(lengths.max()) + bs - 1) // bs]  # (N, nb)
         n = blocks.shape[0]
-        q_dual = cb.wrope_dual_queries(layer, query, lengths - 1, cb.wrope_distance)
+        q_dual = cb.wrope_dual_queries(layer, query, lengths - 1, self.wrope_distances)
         lengths32 = lengths.to(torch.int32)
         # Scored straight from the paged cache (num_blocks, Hkv, bs, M) through the block table.
         scores = a2ats_core.lut_scores(
-            q_dual, cb.centroids[layer], kv_cache, lengths32, block_table=blocks.to(torch.int32)
+            q_dual,
+            cb.centroids[layer],
+            kv_cache,
+            lengths32,
+            bin_edges=self.bin_edges,
+            block_table=blocks.to(torch.int32),
         )
         if cfg.budget_per == "kv_head":
             scores = a2ats_core.group_scores(

@@ -24,7 +24,8 @@ class VllmSettings:
     """What ``additional_config={"a2ats": {...}}`` asks for.
 
     codebook: path of the model's codebook file (``a2ats calibrate``).
-    topk, sink, window, budget_per: as in :class:`a2ats.A2ATSConfig`.
+    topk, sink, window, budget_per, bins: as in :class:`a2ats.A2ATSConfig` (bins None: the
+        codebook's; N bins are log-spaced from the window to the engine's max_model_len).
     host_memory_gb: the most the host K/V store of one engine process may take; the engine's
         block count must fit it (``python -m a2ats.vllm size`` prints the matching
         ``num_gpu_blocks_override``).
@@ -36,6 +37,7 @@ class VllmSettings:
     sink: int = 8
     window: int = 64
     budget_per: str = "query_head"
+    bins: int | tuple[int, ...] | None = None
     host_memory_gb: float = 8.0
     threads: int = 0
 
@@ -44,7 +46,12 @@ class VllmSettings:
         from ..cache import A2ATSConfig
 
         return A2ATSConfig(
-            topk=self.topk, sink=self.sink, window=self.window, budget_per=self.budget_per, threads=self.threads
+            topk=self.topk,
+            sink=self.sink,
+            window=self.window,
+            budget_per=self.budget_per,
+            bins=self.bins,
+            threads=self.threads,
         )
 
     @property
@@ -52,7 +59,7 @@ class VllmSettings:
         return int(self.host_memory_gb * GiB)
 
 
-_FIELDS = ("codebook", "topk", "sink", "window", "budget_per", "host_memory_gb", "threads")
+_FIELDS = ("codebook", "topk", "sink", "window", "budget_per", "bins", "host_memory_gb", "threads")
 
 
 def parse_settings(additional_config: Mapping[str, Any] | None) -> VllmSettings | None:
@@ -77,7 +84,10 @@ def parse_settings(additional_config: Mapping[str, Any] | None) -> VllmSettings 
     host = entry.get("host_memory_gb", VllmSettings.host_memory_gb)
     if isinstance(host, bool) or not isinstance(host, (int, float)) or not math.isfinite(host) or host <= 0:
         raise A2ATSVllmConfigError(f'{where}["host_memory_gb"] must be a positive number, got {host!r}')
-    settings = VllmSettings(**{**dict(entry), "codebook": os.fspath(codebook), "host_memory_gb": float(host)})
+    fields = {**dict(entry), "codebook": os.fspath(codebook), "host_memory_gb": float(host)}
+    if isinstance(fields.get("bins"), list):  # JSON gives lists; the settings stay hashable
+        fields["bins"] = tuple(fields["bins"])
+    settings = VllmSettings(**fields)
     try:
         settings.attention_config()
     except (TypeError, ValueError) as error:

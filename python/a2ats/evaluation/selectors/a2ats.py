@@ -16,13 +16,34 @@ from .base import Selector
 
 
 class A2ATS(Selector):
-    def __init__(self, codebook, wrope_distance: int | None = None):
+    """``bins``: WRoPE distance bins as :class:`a2ats.A2ATSConfig` takes them (None: the
+    codebook's, ``Codebook.bins``; 1: the paper's one distance b), laid out by
+    :func:`a2ats.codebook.wrope_bins` for ``window`` and ``capacity`` (the model's context); a
+    binned selector is named like ``a2ats-8bins``."""
+
+    def __init__(
+        self,
+        codebook,
+        wrope_distance: int | None = None,
+        *,
+        bins: int | tuple[int, ...] | None = None,
+        window: int = 64,
+        capacity: int = 8192,
+    ):
         self.codebook = codebook
         self.name = {None: "a2ats", "no-wrope": "a2ats-no-wrope", "no-query-awareness": "a2ats-no-qa"}[
             codebook.ablation
         ]
         self.wrope = codebook.ablation != "no-wrope"
         self.wrope_distance = int(wrope_distance or codebook.wrope_distance)
+        self.wrope_distances, edges = codebook.scoring_bins(
+            bins, window=window, capacity=capacity, wrope_distance=wrope_distance
+        )
+        self.bin_edges = torch.tensor(edges, dtype=torch.int32) if edges else None
+        if edges:
+            if not self.wrope:
+                raise ValueError("bins: the no-wrope ablation scores keys at their own positions; it has no bins")
+            self.name += f"-{len(self.wrope_distances)}bins"
         self.codes: dict[int, torch.Tensor] = {}
 
     def reset(self):
@@ -43,9 +64,9 @@ class A2ATS(Selector):
     def scores(self, layer, query, keys, position):
         book = self.codebook
         if self.wrope:
-            q_dual = book.wrope_dual_queries(layer, query[None], torch.tensor([position]), self.wrope_distance)
+            q_dual = book.wrope_dual_queries(layer, query[None], torch.tensor([position]), self.wrope_distances)
         else:
             q_dual = book.dual_queries(layer, query[None]).contiguous()
         codes = self.codes[layer][None]
         lengths = torch.tensor([codes.shape[2]], dtype=torch.int32)
-        return a2ats_core.lut_scores(q_dual, book.centroids[layer], codes, lengths)[0]
+        return a2ats_core.lut_scores(q_dual, book.centroids[layer], codes, lengths, bin_edges=self.bin_edges)[0]
