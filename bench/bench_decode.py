@@ -159,6 +159,17 @@ def read_bandwidth(device: torch.device) -> float:
     return big.numel() * 4 / best
 
 
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    """One CSV row per measured configuration (the keys of the first row as columns)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
 def native_calls_per_layer(layers: int) -> float:
     """Native calls a retrieval layer makes per decode step: the Pipeline's decode, plus the
     step's one plan() shared by all layers (CPU and CUDA alike)."""
@@ -282,13 +293,7 @@ def main(argv=None) -> int:
                 row["machine_read_GBps"] = bandwidth / 1e9
         del model
     if rows:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+        write_csv(rows, args.csv)
     return 0
 
 

@@ -25,7 +25,6 @@ a float32 safetensors folder under the a2ats cache (once) and uses the demo's ca
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    from bench_decode import read_bandwidth
+    from bench_decode import read_bandwidth, write_csv
 
     if args.model == "smollm2":
         model_dir, codebook = smollm2_folder()
@@ -275,13 +274,7 @@ def main(argv=None) -> int:
             f"{row['a2ats_GBps'] * 1e9 / bandwidth:>6.1%} | {read_share:.1%}",
             flush=True,
         )
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_csv(rows, args.csv)
     return 0
 
 
