@@ -279,16 +279,33 @@ def test_eval_says_which_codebooks_it_calibrates_first(smollm2, cached_facts, ca
 def test_eval_compares_bin_counts_and_reports_far_recall(
     smollm2, small_codebook, cached_facts, capsys, monkeypatch, tmp_path
 ):
-    """--bins 1 4: one A²ATS selector per count, in the table with the far recall."""
+    """--bins 1 4: one A²ATS selector per count, in the table with the far recall; --budget-per
+    with both: each budget per query head and per KV head, the latter at equal rows read."""
     monkeypatch.setattr(cli, "_load_model", lambda args, device: smollm2)
     path = tmp_path / "smollm2.a2ats.safetensors"
     small_codebook.save(path)
     argv = ["eval", "-q", "--tasks", "niah_single_number", "--lengths", "512", "--topk", "0.03"]
     argv += ["--methods", "oracle", "a2ats", "--bins", "1", "4", "--codebook", str(path), "-o", str(tmp_path / "out")]
+    argv += ["--budget-per", "query_head", "kv_head"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "far recall" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("oracle", "a2ats"))}
-    assert set(rows) == {"oracle", "a2ats", "a2ats-4bins"}, out
-    far_recall = {name: float(row[4]) for name, row in rows.items()}
-    assert all(0 < value <= far_recall["oracle"] + 1e-6 for value in far_recall.values()), out
+    rows = {
+        (line.split()[0], line.split()[1]): line.split()
+        for line in out.splitlines()
+        if line.startswith(("oracle", "a2ats"))
+    }
+    names = {"oracle", "a2ats", "a2ats-4bins"}
+    assert set(rows) == {(name, budget) for name in names for budget in ("3.0%", "3.0%/kv")}, out
+    far_recall = {key: float(row[4]) for key, row in rows.items()}
+    for (name, budget), value in far_recall.items():
+        assert 0 < value <= far_recall[("oracle", budget)] + 1e-6, out
+    rows_read = {key: float(row[5].rstrip("%")) for key, row in rows.items()}
+    assert len({rows_read[(name, "3.0%/kv")] for name in names}) == 1, out  # equal rows read
+    assert all(rows_read[(name, "3.0%/kv")] < rows_read[(name, "3.0%")] for name in names), out
+
+
+def test_eval_budget_per_choices_are_the_codebooks():
+    from a2ats.codebook import BUDGET_PER
+
+    assert cli.BUDGET_PER == BUDGET_PER

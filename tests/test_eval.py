@@ -98,6 +98,37 @@ def test_budget_accounting_is_the_same_for_every_selector(selector, length):
         assert (middle == 0).all()
 
 
+@pytest.mark.parametrize("selector", [Oracle(), Quest()], ids=lambda s: s.name)
+@pytest.mark.parametrize("length", [5, 60, 300])
+def test_kv_head_budget_reads_exactly_the_budget(selector, length):
+    keys = _keys(length=length, seed=1)
+    query = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))  # G = 3
+    budget = Budget(0.05, sink=4, window=16, per="kv_head")
+    assert budget.label == "5.0%/kv"
+    mask = selected_rows(selector, budget, 0, query, keys, length - 1)
+    assert mask[:, : min(4, length)].all() and mask[:, max(0, length - 16) :].all()
+    lo, hi = min(4, length), max(4, length - 16)
+    k = min(int(0.05 * length), hi - lo)
+    assert (mask[:, lo:hi].sum(1) == k).all()  # exactly k per KV head, not up to G * k
+    # Independent reference: per token, the max over the G heads of each head's log softmax.
+    if k:
+        far = selector.scores(0, query, keys, length - 1)[:, lo:hi].double()
+        combined = torch.log_softmax(far, -1).view(2, 3, -1).amax(1)
+        expected = torch.zeros_like(mask[:, lo:hi])
+        expected.scatter_(1, combined.topk(k, -1).indices, True)
+        if selector.name == "oracle":  # ties are only possible in Quest's page bounds
+            assert torch.equal(mask[:, lo:hi], expected)
+        else:
+            chosen = combined.masked_fill(~mask[:, lo:hi], float("inf")).amin(1)
+            left = combined.masked_fill(mask[:, lo:hi], float("-inf")).amax(1)
+            assert (chosen >= left).all()  # nothing left out scores above what was taken
+
+
+def test_budget_refuses_an_unknown_per():
+    with pytest.raises(ValueError, match="per must be one of query_head, kv_head"):
+        Budget(0.03, per="token")
+
+
 def test_oracle_selects_the_true_top_keys():
     keys = torch.zeros(1, 100, 4)
     keys[0, 50, 0] = 5.0

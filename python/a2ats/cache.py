@@ -43,7 +43,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import a2ats_core
 
-from .codebook import Codebook, budget_tokens, wrope_bins
+from .codebook import BUDGET_PER, Codebook, budget_tokens, wrope_bins
 from .models import decoder_layers, describe_model
 
 __all__ = ["A2ATSConfig", "A2ATSCache", "A2ATSLayer", "ATTENTION_NAME", "register_attention", "attention_timer"]
@@ -88,8 +88,8 @@ class A2ATSConfig:
             raise ValueError(f"topk as a share must be in (0, 1], got {self.topk}")
         if isinstance(self.topk, int) and self.topk < 0:
             raise ValueError(f"topk as a count must be >= 0, got {self.topk}")
-        if self.budget_per not in ("query_head", "kv_head"):
-            raise ValueError(f'budget_per must be "query_head" or "kv_head", got {self.budget_per!r}')
+        if self.budget_per not in BUDGET_PER:
+            raise ValueError(f"budget_per must be one of {', '.join(BUDGET_PER)}, got {self.budget_per!r}")
         for name, low in (("window", 1), ("sink", 0), ("threads", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

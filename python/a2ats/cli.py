@@ -561,6 +561,8 @@ def run_demo(args: argparse.Namespace) -> int:
 QUICK = dict(lengths=[2048], topk=[0.015, 0.03, 0.06], samples=1)
 DEFAULTS = dict(lengths=[4096], topk=[0.015, 0.03, 0.06], samples=1)
 METHODS = ("dense", "streaming", "oracle", "quest", "pqcache", "a2ats", "a2ats-no-wrope", "a2ats-no-qa")
+# a2ats.codebook.BUDGET_PER, spelled out so that --help does not import torch (a test checks both).
+BUDGET_PER = ("query_head", "kv_head")
 ABLATION_OF = {"a2ats": None, "a2ats-no-wrope": "no-wrope", "a2ats-no-qa": "no-query-awareness"}
 
 
@@ -623,6 +625,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default="repeat",
         help="filler text: RULER's repeated sentences or CPython's documentation",
     )
+    parser.add_argument(
+        "--budget-per",
+        nargs="+",
+        choices=BUDGET_PER,
+        default=[BUDGET_PER[0]],
+        metavar="PER",
+        help="who takes each budget: query_head (the paper's: a KV head reads the union of its "
+        "heads' picks, up to G times the budget) or kv_head (each KV head takes the budget from the "
+        "max of its heads' log-softmax scores, so every method reads the same rows); both compare "
+        "them (default: query_head)",
+    )
     parser.add_argument("--sink", type=int_range(0), default=8, help="first tokens always read")
     parser.add_argument("--window", type=int_range(1), default=64, help="most recent tokens always read")
     parser.add_argument(
@@ -680,7 +693,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if facts.max_positions is not None:
         _check_eval_prompts(args, facts, tasks)
     model, tokenizer = _load_model(args, "cpu")
-    budgets = [Budget(topk, sink=args.sink, window=args.window) for topk in args.topk]
+    budgets = [
+        Budget(topk, sink=args.sink, window=args.window, per=per)
+        for per in dict.fromkeys(args.budget_per)
+        for topk in args.topk
+    ]
     to_calibrate = [
         name
         for name in args.methods

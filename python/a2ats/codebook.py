@@ -51,6 +51,10 @@ MAX_CENTROIDS = 1 << 15
 MAX_WROPE_DISTANCE = 1 << 24  # WRoPE distances beyond any model's context
 
 
+# Who takes a budget: each query head (the paper's; a KV head reads its heads' union) or each KV head.
+BUDGET_PER = ("query_head", "kv_head")
+
+
 def budget_tokens(topk: float | int, length: int) -> int:
     """The budget rule: tokens each query head selects at context ``length``. A float topk is a
     share of the length (``int(topk * length)``, the paper's ratio), an int an absolute count."""

@@ -6,8 +6,10 @@ Every method decodes through the same attention function (registered as ``"a2ats
 each step and retrieval layer it computes the true attention probabilities over the whole cache
 (for the recall), asks the selector for scores, turns them into rows with
 ``a2ats_core.select_topk`` (the shared budget rule, see :mod:`.selectors.base`) and attends
-exactly over those rows. Prompts are prefilled once, densely, and the cache is copied for each
-run, so every method answers from identical prompt states. Batch 1.
+exactly over those rows. A budget counts tokens per query head (the paper's: a KV head reads the
+union of its G heads' picks) or per KV head (``a2ats_core.group_scores`` first: rows read equal
+the budget, so methods compare at equal rows read). Prompts are prefilled once, densely, and the
+cache is copied for each run, so every method answers from identical prompt states. Batch 1.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import a2ats_core
 
-from ..codebook import budget_tokens
+from ..codebook import BUDGET_PER, budget_tokens
 from ..compat import cache_kwargs
 from ..models import describe_model
 from .selectors import Selector
@@ -38,18 +40,26 @@ ATTENTION_NAME = "a2ats_eval"
 
 @dataclass(frozen=True)
 class Budget:
-    """Tokens each query head selects: ``topk`` a share of the length (float) or a count (int)."""
+    """Tokens selected per step: ``topk`` a share of the length (float) or a count (int), taken
+    by each query head (``per="query_head"``, the paper's) or by each KV head from the max of its
+    heads' log-softmax scores (``per="kv_head"``, as ``A2ATSConfig(budget_per="kv_head")``)."""
 
     topk: float | int
     sink: int = 8
     window: int = 64
+    per: str = "query_head"
+
+    def __post_init__(self) -> None:
+        if self.per not in BUDGET_PER:
+            raise ValueError(f"per must be one of {', '.join(BUDGET_PER)}, got {self.per!r}")
 
     def tokens(self, length: int) -> int:
         return budget_tokens(self.topk, length)
 
     @property
     def label(self) -> str:
-        return f"{self.topk:.1%}" if isinstance(self.topk, float) else str(self.topk)
+        share = f"{self.topk:.1%}" if isinstance(self.topk, float) else str(self.topk)
+        return share + ("/kv" if self.per == "kv_head" else "")
 
 
 @dataclass
@@ -96,8 +106,12 @@ def selected_rows(
     else:
         scores, k = torch.zeros(query.shape[0], length), 0
     lengths = torch.tensor([length], dtype=torch.int32)
+    scores = scores.float()[None].contiguous()
+    if budget.per == "kv_head":
+        scores = a2ats_core.group_scores(scores, lengths, group_size=group, sink=budget.sink, window=budget.window)
+        group = 1
     indices, counts = a2ats_core.select_topk(
-        scores.float()[None].contiguous(), k, lengths, group_size=group, sink=budget.sink, window=budget.window
+        scores, k, lengths, group_size=group, sink=budget.sink, window=budget.window
     )
     mask = torch.zeros(num_kv, length + 1, dtype=torch.bool)
     valid = torch.arange(indices.shape[-1])[None] < counts[0][:, None]

@@ -82,18 +82,18 @@ def write_results(results: Sequence[RunResult], directory: str | Path) -> list[P
     for metric in ("accuracy", "recall", "far_recall"):
         figure, axis = plt.subplots(figsize=(6, 4))
         for method in sorted({row["method"] for row in summary}):
-            points = [
-                (float(row["budget"].rstrip("%")), row[metric])
-                for row in summary
-                if row["method"] == method and row["budget"].endswith("%")
-            ]
             dense = [row[metric] for row in summary if row["method"] == method and row["budget"] == "all"]
-            if points:
-                points.sort()
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-            elif dense:
+            if dense:
                 axis.axhline(dense[0], linestyle="--", color="grey", label=method)
-        axis.set_xlabel("budget (% of tokens per query head)")
+            for suffix, label in (("%", method), ("%/kv", f"{method} per KV head")):
+                points = sorted(
+                    (float(row["budget"][: -len(suffix)]), row[metric])
+                    for row in summary
+                    if row["method"] == method and row["budget"].endswith(suffix)
+                )
+                if points:
+                    axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axis.set_xlabel("budget (% of tokens per query head, or per KV head)")
         axis.set_ylabel(metric)
         axis.legend()
         figure.tight_layout()
