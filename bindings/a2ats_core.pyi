@@ -395,3 +395,82 @@ class Pipeline:
     @property
     def budget_per(self) -> str:
         """ "query_head" or "kv_head" (see __init__)."""
+
+class PagedPipeline:
+    """The A²ATS decode step over a serving engine's paged cache, one native call per layer (CPU).
+
+    `store` is a slot-indexed KVStore (batch 1, capacity = the engine's slots) whose rows the
+    engine writes with write_slots; it stays an ordinary store. The codes are the engine's: every
+    call takes codes (num_blocks, Hkv, block_size, M) int16, the paged cache of the layer, where
+    token t of a request lies at slot block_table[t // block_size] * block_size + t % block_size,
+    as its K/V rows do in the store. Every method holds the store's lock for the whole call.
+    """
+
+    def __init__(
+        self,
+        store: KVStore,
+        *,
+        num_q_heads: _Int,
+        inv_freq: _DLPackArray,
+        chol: _DLPackArray,
+        chol_inv: _DLPackArray,
+        centroids: _DLPackArray,
+        sink: _Int,
+        window: _Int,
+        wrope_distances: Sequence[_Int],
+        bin_edges: Sequence[_Int] = (),
+        interleaved: bool = False,
+        budget_per: str = "query_head",
+    ) -> None:
+        """The codebook as Pipeline takes it. ValueError for a store of batch > 1, or wrong shapes
+        and values."""
+
+    def encode(
+        self, layer: _Int, k: _DLPackArray, positions: _DLPackArray, slots: _DLPackArray, codes: _DLPackArray
+    ) -> None:
+        """Encode keys k (n, Hkv, D) of the store's dtype, post-RoPE at positions (n,) int64
+        (un-rotated, whitened, nearest centroid), into `codes` at slots (n,) int64; a negative
+        slot skips its key. Checked first: a refused call writes no code."""
+
+    def decode(
+        self,
+        layer: _Int,
+        q: _A,
+        codes: _DLPackArray,
+        lengths: _DLPackArray,
+        block_table: _DLPackArray,
+        k: _DLPackArray,
+        *,
+        scale: _Float,
+        out: _A | None = None,
+    ) -> _A:
+        """One decode step of `layer` for N requests -> out (N, Hq, D) of the store's dtype.
+
+        q (N, Hq, D) post-RoPE at position lengths[i] - 1; lengths (N,) int32 tokens in context,
+        the new one included (its row already in the store, its code encoded); block_table
+        (N, max_blocks) int32 contiguous; k (N,) int32 the middle rows each request selects per
+        query head (per KV head with budget_per="kv_head"). Scores every context token from the
+        paged codes with the WRoPE dual query, selects the top k plus the sink and window rows,
+        and attends exactly over those slots of the store, softmax in float32.
+        """
+
+    def last_selection(self) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+        """(indices (N, Hkv, Kmax) int32, counts (N, Hkv) int32) the last decode call attended
+        over, as token indices of each request (not slots; numpy copies)."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters: decode_calls, rows_read, rows_fetched, rows_cached."""
+
+    @property
+    def store(self) -> KVStore:
+        """The slot-indexed KVStore the pipeline reads."""
+
+    @property
+    def num_bins(self) -> int:
+        """WRoPE distance bins (len(wrope_distances))."""
+
+    @property
+    def num_q_heads(self) -> int: ...
+    @property
+    def budget_per(self) -> str:
+        """ "query_head" or "kv_head"."""

@@ -2,6 +2,8 @@
 // (cpp/include/a2ats/pipeline.h; cuda/a2ats_cuda.h for the CudaPipeline).
 #include "a2ats/pipeline.h"
 
+#include "a2ats/paged_pipeline.h"
+
 #include <pybind11/stl.h>
 
 #include <cmath>
@@ -45,6 +47,46 @@ Device parse_pipeline_device(py::handle obj) {
 #endif
 }
 
+// The shape and codebook of a Pipeline or PagedPipeline over `s`, from the Python arguments.
+// Sizes and values (num_q_heads, C, inv_freq, sink, window, WRoPE distances, bins) are the native
+// constructors' own checks, raised as ValueError; here only what they cannot see: the arrays.
+std::pair<PipelineShape, PipelineCodebook> parse_setup(const KVStore& s, int64_t num_q_heads, py::handle inv_freq_obj,
+                                                       py::handle chol_obj, py::handle chol_inv_obj,
+                                                       py::handle centroids_obj, int64_t sink, int64_t window,
+                                                       std::vector<int64_t> wrope_distances,
+                                                       std::vector<int32_t> bin_edges, bool interleaved,
+                                                       const std::string& budget_per) {
+  const int64_t L = s.num_layers(), Hkv = s.num_kv_heads(), D = s.head_dim();
+  TensorArg inv_freq(inv_freq_obj, "inv_freq"), chol(chol_obj, "chol"), chol_inv(chol_inv_obj, "chol_inv"),
+      centroids(centroids_obj, "centroids");
+  for (const TensorArg* t : {&inv_freq, &chol, &chol_inv, &centroids})
+    t->expect_dtype({DType::kFloat32}).expect_contiguous().expect_cpu("the pipeline copies the codebook");
+  inv_freq.expect_ndim(1);
+  chol.expect_shape({L, Hkv, D, D}, "(num_layers, num_kv_heads, head_dim, head_dim) of the store");
+  chol_inv.expect_shape({L, Hkv, D, D}, "the shape of chol");
+  centroids.expect_ndim(5)
+      .expect_size(0, L, "num_layers of the store")
+      .expect_size(1, Hkv, "num_kv_heads of the store");
+  const int64_t M = centroids.size(2), C = centroids.size(3);
+  if (M < 1 || centroids.size(4) * M != D)
+    throw_value("centroids must be (num_layers, num_kv_heads, M, C, head_dim / M), got " + centroids.shape_str());
+  const auto copy = [](const TensorArg& t) { return std::vector<float>(t.data<float>(), t.data<float>() + t.numel()); };
+  PipelineShape shape;
+  shape.num_q_heads = num_q_heads;
+  shape.rotary_dim = 2 * inv_freq.size(0);
+  shape.interleaved = interleaved;
+  if (budget_per != "query_head" && budget_per != "kv_head")
+    throw_value("budget_per must be \"query_head\" or \"kv_head\", got \"" + budget_per + "\"");
+  shape.budget_per_kv_head = budget_per == "kv_head";
+  shape.num_subspaces = M;
+  shape.num_centroids = C;
+  shape.sink = sink;
+  shape.window = window;
+  PipelineCodebook book{
+      copy(chol), copy(chol_inv), copy(centroids), copy(inv_freq), std::move(wrope_distances), std::move(bin_edges)};
+  return {shape, std::move(book)};
+}
+
 // Python-facing Pipeline: validates every array, then runs the step with the store's lock held
 // and the GIL released. One class for both devices, as the ops: the CPU Pipeline or, with
 // device="cuda...", the CudaPipeline.
@@ -58,38 +100,8 @@ class PyPipeline {
         py_store_(store_obj_.cast<PyKVStore&>()),
         device_(parse_pipeline_device(device_obj)) {
     KVStore& s = py_store_.store();
-    const int64_t L = s.num_layers(), Hkv = s.num_kv_heads(), D = s.head_dim();
-    TensorArg inv_freq(inv_freq_obj, "inv_freq"), chol(chol_obj, "chol"), chol_inv(chol_inv_obj, "chol_inv"),
-        centroids(centroids_obj, "centroids");
-    for (const TensorArg* t : {&inv_freq, &chol, &chol_inv, &centroids})
-      t->expect_dtype({DType::kFloat32}).expect_contiguous().expect_cpu("the pipeline copies the codebook");
-    inv_freq.expect_ndim(1);
-    chol.expect_shape({L, Hkv, D, D}, "(num_layers, num_kv_heads, head_dim, head_dim) of the store");
-    chol_inv.expect_shape({L, Hkv, D, D}, "the shape of chol");
-    centroids.expect_ndim(5)
-        .expect_size(0, L, "num_layers of the store")
-        .expect_size(1, Hkv, "num_kv_heads of the store");
-    const int64_t M = centroids.size(2), C = centroids.size(3);  // C checked by the Pipeline
-    if (M < 1 || centroids.size(4) * M != D)
-      throw_value("centroids must be (num_layers, num_kv_heads, M, C, head_dim / M), got " + centroids.shape_str());
-    // Sizes and values (num_q_heads, C, inv_freq, sink, window, WRoPE distances, bins) are the
-    // Pipeline's own checks, raised as ValueError below; here only what it cannot see: the arrays.
-    const auto copy = [](const TensorArg& t) {
-      return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
-    };
-    PipelineShape shape;
-    shape.num_q_heads = num_q_heads;
-    shape.rotary_dim = 2 * inv_freq.size(0);
-    shape.interleaved = interleaved;
-    if (budget_per != "query_head" && budget_per != "kv_head")
-      throw_value("budget_per must be \"query_head\" or \"kv_head\", got \"" + budget_per + "\"");
-    shape.budget_per_kv_head = budget_per == "kv_head";
-    shape.num_subspaces = M;
-    shape.num_centroids = C;
-    shape.sink = sink;
-    shape.window = window;
-    PipelineCodebook book{
-        copy(chol), copy(chol_inv), copy(centroids), copy(inv_freq), std::move(wrope_distances), std::move(bin_edges)};
+    auto [shape, book] = parse_setup(s, num_q_heads, inv_freq_obj, chol_obj, chol_inv_obj, centroids_obj, sink, window,
+                                     std::move(wrope_distances), std::move(bin_edges), interleaved, budget_per);
     auto lock = py_store_.acquire();
     py_store_.set_owned();  // first: refuses a store another Pipeline has
     try {
@@ -296,6 +308,124 @@ class PyPipeline {
 #endif
 };
 
+// Python-facing PagedPipeline (CPU): validates every array, then runs with the store's lock held
+// and the GIL released. The store stays an ordinary slot-indexed store (the engine writes its rows
+// with write_slots); the codes are the engine's paged cache, passed to every call.
+class PyPagedPipeline {
+ public:
+  PyPagedPipeline(py::object store_obj, int64_t num_q_heads, py::handle inv_freq_obj, py::handle chol_obj,
+                  py::handle chol_inv_obj, py::handle centroids_obj, int64_t sink, int64_t window,
+                  std::vector<int64_t> wrope_distances, std::vector<int32_t> bin_edges, bool interleaved,
+                  const std::string& budget_per)
+      : store_obj_(std::move(store_obj)), py_store_(store_obj_.cast<PyKVStore&>()) {
+    KVStore& s = py_store_.store();
+    auto [shape, book] = parse_setup(s, num_q_heads, inv_freq_obj, chol_obj, chol_inv_obj, centroids_obj, sink, window,
+                                     std::move(wrope_distances), std::move(bin_edges), interleaved, budget_per);
+    auto lock = py_store_.acquire();
+    try {
+      pipeline_ = std::make_unique<PagedPipeline>(s, shape, std::move(book));
+    } catch (const std::invalid_argument& e) {
+      throw_value(e.what());
+    }
+  }
+
+  void encode(int64_t layer, py::handle k_obj, py::handle positions_obj, py::handle slots_obj, py::handle codes_obj) {
+    const KVStore& s = py_store_.store();
+    TensorArg k(k_obj, "k"), positions(positions_obj, "positions"), slots(slots_obj, "slots");
+    const int64_t n = k.ndim() == 3 ? k.size(0) : 0;
+    check_rows(k, {n, s.num_kv_heads(), s.head_dim()}, "(new tokens, num_kv_heads, head_dim) of the store");
+    for (TensorArg* t : {&positions, &slots})
+      t->expect_dtype({DType::kInt64})
+          .expect_shape({n}, "one per row of k")
+          .expect_contiguous()
+          .expect_cpu("the PagedPipeline runs on the CPU");
+    TensorArg codes(codes_obj, "codes");
+    const PagedCodes paged = check_codes(codes);
+    const ConstRows rows{k.data(), {k.stride(0), k.stride(1), 0}};
+    auto lock = py_store_.acquire();
+    run_on_cpu([&] { pipeline_->encode(layer, rows, n, positions.data<int64_t>(), slots.data<int64_t>(), paged); });
+  }
+
+  py::object decode(int64_t layer, py::handle q_obj, py::handle codes_obj, py::handle lengths_obj,
+                    py::handle block_table_obj, py::handle k_obj, double scale, py::handle out_obj) {
+    const KVStore& s = py_store_.store();
+    const int64_t Hq = pipeline_->shape().num_q_heads, D = s.head_dim();
+    TensorArg q(q_obj, "q"), codes(codes_obj, "codes"), lengths(lengths_obj, "lengths"),
+        block_table(block_table_obj, "block_table"), k(k_obj, "k");
+    const int64_t n = q.ndim() == 3 ? q.size(0) : 0;
+    check_rows(q, {n, Hq, D}, "(requests, num_q_heads, head_dim) of the pipeline");
+    const PagedCodes paged = check_codes(codes);
+    for (TensorArg* t : {&lengths, &k})
+      t->expect_dtype({DType::kInt32})
+          .expect_shape({n}, "one per request")
+          .expect_contiguous()
+          .expect_cpu("the PagedPipeline runs on the CPU");
+    block_table.expect_dtype({DType::kInt32}).expect_ndim(2).expect_size(0, n, "one row per request");
+    block_table.expect_contiguous().expect_cpu("the PagedPipeline runs on the CPU");
+    if (!std::isfinite(scale)) throw_value("scale must be finite, got " + std::to_string(scale));
+    Output out(out_obj, "out", q, {n, Hq, D}, s.dtype());
+    out.disjoint_from({&q, &codes, &lengths, &block_table, &k});
+    const int64_t out_stride[2] = {out.view.stride(0), out.view.stride(1)};
+    PagedRequests requests;
+    requests.num_requests = n;
+    requests.lengths = lengths.data<int32_t>();
+    requests.block_table = block_table.data<int32_t>();
+    requests.table_stride = block_table.size(1);
+    requests.k = k.data<int32_t>();
+    const ConstRows q_rows{q.data(), {q.stride(0), q.stride(1), 0}};
+    auto lock = py_store_.acquire();
+    run_on_cpu([&] { pipeline_->decode(layer, q_rows, requests, paged, float(scale), out.view.data(), out_stride); });
+    return out.object;
+  }
+
+  py::tuple last_selection() {
+    auto lock = py_store_.acquire();
+    const int64_t n = pipeline_->last_num_requests(), kmax = pipeline_->last_max_selected();
+    const int64_t Hkv = py_store_.store().num_kv_heads();
+    py::array_t<int32_t> indices({n, Hkv, kmax}), counts({n, Hkv});
+    std::copy_n(pipeline_->last_indices(), indices.size(), indices.mutable_data());
+    std::copy_n(pipeline_->last_counts(), counts.size(), counts.mutable_data());
+    return py::make_tuple(indices, counts);
+  }
+
+  py::dict stats() {
+    auto lock = py_store_.acquire();
+    const PipelineStats& st = pipeline_->stats();
+    py::dict d;
+    d["decode_calls"] = st.decode_calls;
+    d["rows_read"] = st.rows_read;
+    d["rows_fetched"] = st.rows_fetched;
+    d["rows_cached"] = st.rows_cached;
+    return d;
+  }
+
+  py::object store() const { return store_obj_; }
+  const PagedPipeline& pipeline() const { return *pipeline_; }
+
+ private:
+  void check_rows(const TensorArg& t, const std::vector<int64_t>& shape, const std::string& what) const {
+    t.expect_dtype({py_store_.store().dtype()}).expect_shape(shape, what).expect_last_dim_contiguous();
+    t.expect_cpu("the PagedPipeline runs on the CPU");
+  }
+  PagedCodes check_codes(const TensorArg& codes) const {
+    const KVStore& s = py_store_.store();
+    codes.expect_dtype({DType::kInt16}).expect_ndim(4).expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
+    codes.expect_size(3, pipeline_->shape().num_subspaces, "M of the codebook").expect_last_dim_contiguous();
+    codes.expect_cpu("the PagedPipeline runs on the CPU");
+    PagedCodes paged;
+    paged.data = codes.data<int16_t>();
+    paged.num_blocks = codes.size(0);
+    paged.block_size = codes.size(2);
+    paged.stride[0] = codes.stride(0);
+    paged.stride[1] = codes.stride(1);
+    paged.stride[2] = codes.stride(2);
+    return paged;
+  }
+  py::object store_obj_;  // keeps the store alive
+  PyKVStore& py_store_;
+  std::unique_ptr<PagedPipeline> pipeline_;
+};
+
 }  // namespace
 
 void bind_pipeline(py::module_& m) {
@@ -361,6 +491,49 @@ CUDA only the middle rows (Kmax = G * k): the sink and window rows are resident 
             return std::string(p.base().shape().budget_per_kv_head ? "kv_head" : "query_head");
           },
           "\"query_head\" or \"kv_head\" (see the class docstring).");
+
+  py::class_<PyPagedPipeline>(
+      m, "PagedPipeline",
+      R"doc(The A²ATS decode step over a serving engine's paged cache, one native call per layer (CPU).
+
+PagedPipeline(store, *, num_q_heads, inv_freq, chol, chol_inv, centroids, sink, window, wrope_distances,
+bin_edges=(), interleaved=False, budget_per="query_head") takes the codebook as Pipeline does. `store` is
+a slot-indexed KVStore (batch 1, capacity = the engine's slots) whose rows the engine writes with
+write_slots; it stays an ordinary store. The codes are the engine's: every call takes codes
+(num_blocks, Hkv, block_size, M) int16, the paged cache of the layer, where token t of a request lies
+at slot block_table[t // block_size] * block_size + t % block_size, as its K/V rows do in the store.)doc")
+      .def(py::init<py::object, int64_t, py::handle, py::handle, py::handle, py::handle, int64_t, int64_t,
+                    std::vector<int64_t>, std::vector<int32_t>, bool, const std::string&>(),
+           py::arg("store"), py::kw_only(), py::arg("num_q_heads"), py::arg("inv_freq"), py::arg("chol"),
+           py::arg("chol_inv"), py::arg("centroids"), py::arg("sink"), py::arg("window"), py::arg("wrope_distances"),
+           py::arg("bin_edges") = std::vector<int32_t>{}, py::arg("interleaved") = false,
+           py::arg("budget_per") = "query_head")
+      .def("encode", &PyPagedPipeline::encode, py::arg("layer"), py::arg("k"), py::arg("positions"), py::arg("slots"),
+           py::arg("codes"),
+           R"doc(Encode keys k (n, Hkv, D), post-RoPE at positions (n,) int64 (un-rotated, whitened, nearest
+centroid), into `codes` at slots (n,) int64; a negative slot skips its key.)doc")
+      .def("decode", &PyPagedPipeline::decode, py::arg("layer"), py::arg("q"), py::arg("codes"), py::arg("lengths"),
+           py::arg("block_table"), py::arg("k"), py::kw_only(), py::arg("scale"), py::arg("out") = py::none(),
+           R"doc(One decode step of `layer` for N requests → out (N, Hq, D) of the store's dtype.
+
+q (N, Hq, D) post-RoPE at position lengths[i] - 1; lengths (N,) int32 tokens in context, the new one
+included (its K/V already written to the store, its code encoded); block_table (N, max_blocks) int32;
+k (N,) int32 the middle rows each request selects per query head (per KV head with
+budget_per="kv_head"). Scores every context token from the paged codes with the WRoPE dual query,
+selects the top k plus the sink and window rows, and attends exactly over those slots of the store.)doc")
+      .def("last_selection", &PyPagedPipeline::last_selection,
+           R"doc((indices (N, Hkv, Kmax) int32, counts (N, Hkv) int32) the last decode call attended over, as token
+indices of each request (not slots; copies).)doc")
+      .def("stats", &PyPagedPipeline::stats, "Counters: decode_calls, rows_read, rows_fetched, rows_cached.")
+      .def_property_readonly("store", &PyPagedPipeline::store)
+      .def_property_readonly("num_bins", [](const PyPagedPipeline& p) { return p.pipeline().num_bins(); })
+      .def_property_readonly("num_q_heads", [](const PyPagedPipeline& p) { return p.pipeline().shape().num_q_heads; })
+      .def_property_readonly(
+          "budget_per",
+          [](const PyPagedPipeline& p) {
+            return std::string(p.pipeline().shape().budget_per_kv_head ? "kv_head" : "query_head");
+          },
+          "\"query_head\" or \"kv_head\".");
 }
 
 }  // namespace a2ats::bind

@@ -1,6 +1,7 @@
 """Helpers shared by the native-kernel tests (test_rotary.py, test_vq_encode.py,
-test_lut_scores.py, test_select_topk.py): dtypes, raw-bit views, device sync, strided layouts,
-and the checkers of vq_encode codes and lut_scores scores against a2ats.reference.
+test_lut_scores.py, test_select_topk.py, test_pipeline.py, test_paged_pipeline.py): dtypes,
+raw-bit views, device sync, strided layouts, the checkers of vq_encode codes and lut_scores
+scores against a2ats.reference, and the decode step written as the reference ops in sequence.
 
 Not a test module: the tests import it as ``from kernel_helpers import ...``, the way they
 import ``tiny_models`` (pytest puts tests/ on sys.path).
@@ -85,3 +86,105 @@ def check_scores(out: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
         assert torch.isfinite(out[b, :, :length]).all()
         assert (out[b, :, length:] == float("-inf")).all(), "scores at and past the length must be -inf"
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def random_codebook(L, Hkv, D, M, C, generator):
+    """chol: lower-triangular with a positive diagonal, chol_inv its inverse; random centroids."""
+    a = torch.randn(L, Hkv, D, D, generator=generator) / D**0.5
+    chol = torch.linalg.cholesky(a @ a.transpose(-1, -2) + 0.5 * torch.eye(D))
+    chol_inv = torch.linalg.inv(chol)
+    centroids = torch.randn(L, Hkv, M, C, D // M, generator=generator)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    return chol.contiguous(), chol_inv.contiguous(), centroids.contiguous(), inv_freq
+
+
+class ReferencePipeline:
+    """The decode step written as the reference ops in sequence, on a dense copy of the rows."""
+
+    def __init__(
+        self, L, B, Hq, Hkv, D, capacity, dtype, book, sink, window, distances, edges, budget_per="query_head"
+    ):
+        self.chol, self.chol_inv, self.centroids, self.inv_freq = book
+        self.budget_per = budget_per
+        self.L, self.B, self.Hq, self.Hkv, self.D = L, B, Hq, Hkv, D
+        self.sink, self.window, self.distances, self.edges = sink, window, distances, edges
+        self.k = torch.zeros(L, B, Hkv, capacity, D, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.codes = torch.zeros(L, B, Hkv, capacity, self.centroids.shape[2], dtype=torch.int16)
+        self.lengths = torch.zeros(L, B, dtype=torch.int32)
+
+    def encode(self, layer, keys, positions):
+        k_pre = reference.rotary(keys.float(), -positions, self.inv_freq)
+        return reference.vq_encode(torch.matmul(k_pre, self.chol[layer]), self.centroids[layer])
+
+    def append(self, layer, keys, values, positions, counts):
+        codes = self.encode(layer, keys, positions)
+        for b, n in enumerate(counts):
+            start = int(self.lengths[layer, b])
+            self.k[layer, b, :, start : start + n] = keys[b, :, :n]
+            self.v[layer, b, :, start : start + n] = values[b, :, :n]
+            self.codes[layer, b, :, start : start + n] = codes[b, :, :n]
+            self.lengths[layer, b] += n
+
+    def decode(self, layer, q, keys, values, positions, k, scale, codes=None, selection=None):
+        """Output (B, Hq, D). `codes` (the pipeline's) replaces the reference's own when given;
+        `selection` (the pipeline's indices, counts) is checked to be a top-k selection of the
+        reference scores, up to ties (few centroids make many equal scores), and then used."""
+        self.append(layer, keys, values, positions[:, None], [1] * self.B)
+        lengths = self.lengths[layer]
+        group = self.Hq // self.Hkv
+        nb = len(self.distances)
+        q32 = q.float()
+        rotate = torch.tensor(self.distances)[None, :] - positions[:, None]  # (B, NB)
+        q_w = reference.rotary(q32[:, :, None].expand(-1, -1, nb, -1), rotate, self.inv_freq)
+        dual = self.chol_inv[layer].repeat_interleave(group, 0)  # (Hq, D, D): q' = L^-1 q_w
+        q_dual = torch.einsum("bhjd,hed->bhje", q_w, dual)
+        if nb == 1:
+            q_dual = q_dual[:, :, 0]
+        used = self.codes[layer] if codes is None else codes
+        scores = reference.lut_scores(
+            q_dual.contiguous(),
+            self.centroids[layer],
+            used,
+            lengths,
+            bin_edges=torch.tensor(self.edges, dtype=torch.int32) if nb > 1 else None,
+        )
+        if self.budget_per == "kv_head":  # one row per KV head, then k of it
+            scores = reference.group_scores(scores, lengths, group_size=group, sink=self.sink, window=self.window)
+            group = 1
+        if selection is None:
+            indices, counts = reference.select_topk(
+                scores, k, lengths, group_size=group, sink=self.sink, window=self.window
+            )
+        else:
+            indices, counts = selection
+            self.check_selection(scores, k, lengths, indices, counts, group)
+        rows_k = reference.gather(self.k[layer], indices, counts)
+        rows_v = reference.gather(self.v[layer], indices, counts)
+        valid = torch.arange(indices.shape[2])[None, None] < counts[..., None]
+        out, _ = reference.attend(q32, rows_k, rows_v, valid, scale=scale)
+        return out.to(q.dtype), counts
+
+    def check_selection(self, scores, k, lengths, indices, counts, group, eps=1e-5):
+        for b in range(self.B):
+            n = int(lengths[b])
+            lo, hi = self.sink, n - self.window
+            for g in range(self.Hkv):
+                chosen = set(indices[b, g, : int(counts[b, g])].tolist())
+                always = set(range(min(self.sink, n))) | set(range(max(hi, 0), n))
+                assert always <= chosen, f"row {b}, KV head {g}: sink or window rows missing"
+                middle = chosen - always
+                assert all(lo <= t < hi for t in middle) and len(middle) <= group * k
+                if hi <= lo:
+                    assert not middle
+                    continue
+                head_scores = scores[b, g * group : (g + 1) * group, lo:hi]  # (G, candidates)
+                take = min(k, hi - lo)
+                if take == 0:
+                    assert not middle
+                    continue
+                threshold = head_scores.topk(take, dim=-1).values[:, -1:]  # (G, 1): k-th best per head
+                must = ((head_scores > threshold + eps).any(0).nonzero().flatten() + lo).tolist()
+                may = ((head_scores >= threshold - eps).any(0).nonzero().flatten() + lo).tolist()
+                assert set(must) <= middle <= set(may), f"row {b}, KV head {g}: not a top-{k} selection"
+                assert len(middle) >= take

@@ -10,56 +10,11 @@
 #include "a2ats/thread_pool.h"
 #include "a2ats/topk.h"
 #include "a2ats/vq.h"
+#include "pipeline_steps.h"
 
 namespace a2ats {
-namespace {
+namespace steps {
 
-// Bound on sink, window, k and the rows selected per KV head: far past any real budget, and
-// small enough that no product of them overflows.
-constexpr int64_t kMaxSelected = int64_t(1) << 30;
-constexpr int64_t kMaxQHeads = int64_t(1) << 16;
-
-template <typename T>
-void rows_to_f32(const T* src, const int64_t stride[3], int64_t n0, int64_t n1, int64_t n2, int64_t d, float* dst) {
-  for (int64_t i = 0; i < n0; ++i)
-    for (int64_t j = 0; j < n1; ++j)
-      for (int64_t t = 0; t < n2; ++t) {
-        const T* row = src + i * stride[0] + j * stride[1] + t * stride[2];
-        float* to = dst + ((i * n1 + j) * n2 + t) * d;
-        for (int64_t e = 0; e < d; ++e) to[e] = to_float(row[e]);
-      }
-}
-
-// dst (n0, n1, n2, d) f32 contiguous from strided rows of `dtype`.
-void to_f32(const ConstRows& src, DType dtype, int64_t n0, int64_t n1, int64_t n2, int64_t d, float* dst) {
-  switch (dtype) {
-    case DType::kFloat32:
-      rows_to_f32(static_cast<const float*>(src.data), src.stride, n0, n1, n2, d, dst);
-      break;
-    case DType::kFloat16:
-      rows_to_f32(static_cast<const half_t*>(src.data), src.stride, n0, n1, n2, d, dst);
-      break;
-    case DType::kBFloat16:
-      rows_to_f32(static_cast<const bfloat16_t*>(src.data), src.stride, n0, n1, n2, d, dst);
-      break;
-    default:
-      throw std::invalid_argument("rows must be float32, float16 or bfloat16");
-  }
-}
-
-template <typename T>
-void f32_to_rows(const float* src, int64_t n0, int64_t n1, int64_t d, T* dst, const int64_t stride[2]) {
-  for (int64_t i = 0; i < n0; ++i)
-    for (int64_t j = 0; j < n1; ++j) {
-      T* row = dst + i * stride[0] + j * stride[1];
-      const float* from = src + (i * n1 + j) * d;
-      for (int64_t e = 0; e < d; ++e) row[e] = from_float<T>(from[e]);
-    }
-}
-
-// y[r] = x[r] @ M[g(r)] (transposed = false: y[e] = sum_d x[d] M[d, e]) or M[g(r)] @ x[r]
-// (transposed = true: y[e] = sum_d M[e, d] x[d]) for rows r of D floats; rows_per_matrix
-// consecutive rows share one (D, D) matrix, matrices cycle every num_matrices groups.
 void rows_times_matrix(const float* x, const float* matrices, int64_t num_rows, int64_t rows_per_matrix,
                        int64_t num_matrices, int64_t d, bool transposed, float* y) {
   ThreadPool::global().parallel_for(
@@ -94,15 +49,7 @@ void rows_times_matrix(const float* x, const float* matrices, int64_t num_rows, 
       ThreadPool::min_chunk_for(2 * d * d));
 }
 
-template <typename T>
-void grow(std::vector<T>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
-}
-
-}  // namespace
-
-PipelineBase::PipelineBase(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
-    : store_(store), shape_(shape), codebook_(std::move(codebook)) {
+void check_setup(const KVStore& store, const PipelineShape& shape, const PipelineCodebook& codebook) {
   const int64_t L = store.num_layers(), Hkv = store.num_kv_heads(), D = store.head_dim();
   const int64_t M = shape.num_subspaces, C = shape.num_centroids;
   const auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
@@ -122,19 +69,156 @@ PipelineBase::PipelineBase(KVStore& store, const PipelineShape& shape, PipelineC
   if (shape.sink < 0 || shape.window < 1 || shape.sink > kMaxSelected || shape.window > kMaxSelected)
     fail("sink must be in [0, 2^30] and window in [1, 2^30], got sink = " + std::to_string(shape.sink) +
          ", window = " + std::to_string(shape.window));
-  const int64_t nb = int64_t(codebook_.wrope_distances.size());
+  const int64_t nb = int64_t(codebook.wrope_distances.size());
   if (nb < 1) fail("wrope_distances must hold at least one distance");
-  for (const int64_t d : codebook_.wrope_distances)
+  for (const int64_t d : codebook.wrope_distances)
     if (d < 0 || d > (int64_t(1) << 40)) fail("wrope_distances must be in [0, 2^40], got " + std::to_string(d));
-  if (int64_t(codebook_.bin_edges.size()) != nb - 1)
+  if (int64_t(codebook.bin_edges.size()) != nb - 1)
     fail("bin_edges must hold len(wrope_distances) - 1 = " + std::to_string(nb - 1) + " edges, got " +
-         std::to_string(codebook_.bin_edges.size()));
-  for (size_t j = 1; j < codebook_.bin_edges.size(); ++j)
-    if (codebook_.bin_edges[j] < codebook_.bin_edges[j - 1]) fail("bin_edges must be ascending");
-  if (int64_t(codebook_.chol.size()) != L * Hkv * D * D || codebook_.chol_inv.size() != codebook_.chol.size() ||
-      int64_t(codebook_.centroids.size()) != L * Hkv * C * D ||
-      int64_t(codebook_.inv_freq.size()) * 2 != shape.rotary_dim)
+         std::to_string(codebook.bin_edges.size()));
+  for (size_t j = 1; j < codebook.bin_edges.size(); ++j)
+    if (codebook.bin_edges[j] < codebook.bin_edges[j - 1]) fail("bin_edges must be ascending");
+  if (int64_t(codebook.chol.size()) != L * Hkv * D * D || codebook.chol_inv.size() != codebook.chol.size() ||
+      int64_t(codebook.centroids.size()) != L * Hkv * C * D ||
+      int64_t(codebook.inv_freq.size()) * 2 != shape.rotary_dim)
     fail("codebook arrays do not match the store's layers, heads and head_dim");
+}
+
+RotaryParams key_rotation(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t num_new,
+                          int64_t head_dim) {
+  const int64_t Hkv = num_kv_heads, D = head_dim;
+  RotaryParams rp;
+  rp.batch = batch;
+  rp.num_heads = Hkv;
+  rp.num_tokens = num_new;
+  rp.head_dim = D;
+  rp.rotary_dim = shape.rotary_dim;
+  rp.interleaved = shape.interleaved;
+  rp.dtype = DType::kFloat32;
+  rp.pos_dtype = DType::kInt64;
+  rp.x_stride[0] = rp.out_stride[0] = Hkv * num_new * D;
+  rp.x_stride[1] = rp.out_stride[1] = num_new * D;
+  rp.x_stride[2] = rp.out_stride[2] = D;
+  rp.pos_stride[0] = num_new;
+  rp.pos_stride[1] = 1;
+  return rp;
+}
+
+RotaryParams query_rotation(const PipelineShape& shape, int64_t batch, int64_t head_dim, int64_t num_bins) {
+  const int64_t Hq = shape.num_q_heads, D = head_dim, NB = num_bins;
+  RotaryParams rp;
+  rp.batch = batch;
+  rp.num_heads = Hq;
+  rp.num_tokens = NB;
+  rp.head_dim = D;
+  rp.rotary_dim = shape.rotary_dim;
+  rp.interleaved = shape.interleaved;
+  rp.dtype = DType::kFloat32;
+  rp.pos_dtype = DType::kInt64;
+  rp.x_stride[0] = Hq * D;
+  rp.x_stride[1] = D;
+  rp.x_stride[2] = 0;  // one query, NB rotations
+  rp.out_stride[0] = Hq * NB * D;
+  rp.out_stride[1] = NB * D;
+  rp.out_stride[2] = D;
+  rp.pos_stride[0] = NB;
+  rp.pos_stride[1] = 1;
+  return rp;
+}
+
+VQEncodeParams key_encoding(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t num_new,
+                            int64_t head_dim) {
+  const int64_t Hkv = num_kv_heads, D = head_dim, M = shape.num_subspaces;
+  VQEncodeParams ep;
+  ep.batch = batch;
+  ep.num_kv_heads = Hkv;
+  ep.num_tokens = num_new;
+  ep.head_dim = D;
+  ep.num_subspaces = M;
+  ep.num_centroids = shape.num_centroids;
+  ep.dtype = DType::kFloat32;
+  ep.x_stride[0] = Hkv * num_new * D;
+  ep.x_stride[1] = num_new * D;
+  ep.x_stride[2] = D;
+  ep.codes_stride[0] = Hkv * num_new * M;
+  ep.codes_stride[1] = num_new * M;
+  ep.codes_stride[2] = M;
+  return ep;
+}
+
+LutScoresParams scoring(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t head_dim,
+                        int64_t capacity, int64_t num_bins) {
+  const int64_t Hkv = num_kv_heads, D = head_dim, M = shape.num_subspaces, Hq = shape.num_q_heads, NB = num_bins;
+  LutScoresParams lp;
+  lp.batch = batch;
+  lp.num_q_heads = Hq;
+  lp.num_kv_heads = Hkv;
+  lp.head_dim = D;
+  lp.num_subspaces = M;
+  lp.num_centroids = shape.num_centroids;
+  lp.capacity = capacity;
+  lp.num_bins = NB;
+  lp.q_stride[0] = Hq * NB * D;
+  lp.q_stride[1] = NB * D;
+  lp.q_stride[2] = D;
+  lp.codes_stride[0] = Hkv * capacity * M;
+  lp.codes_stride[1] = capacity * M;
+  lp.codes_stride[2] = M;
+  lp.scores_stride[0] = Hq * capacity;
+  lp.scores_stride[1] = capacity;
+  return lp;
+}
+
+GroupScoresParams grouping(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t capacity) {
+  const int64_t Hkv = num_kv_heads, Hq = shape.num_q_heads;
+  GroupScoresParams gp;
+  gp.batch = batch;
+  gp.num_q_heads = Hq;
+  gp.group_size = Hq / Hkv;
+  gp.capacity = capacity;
+  gp.sink = shape.sink;
+  gp.window = shape.window;
+  gp.scores_stride[0] = Hq * capacity;
+  gp.scores_stride[1] = capacity;
+  gp.out_stride[0] = Hkv * capacity;
+  gp.out_stride[1] = capacity;
+  return gp;
+}
+
+SelectTopkParams selection(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t capacity, int64_t k,
+                           int64_t max_selected, bool add_resident) {
+  const int64_t Hkv = num_kv_heads;
+  // Per KV head, the selection runs on the grouped rows: one "query head" per KV head.
+  const int64_t Hq = shape.budget_per_kv_head ? Hkv : shape.num_q_heads;
+  SelectTopkParams sp;
+  sp.batch = batch;
+  sp.num_q_heads = Hq;
+  sp.group_size = Hq / Hkv;
+  sp.capacity = capacity;
+  sp.k = k;
+  sp.sink = shape.sink;
+  sp.window = shape.window;
+  sp.max_selected = max_selected;
+  sp.add_resident = add_resident;
+  sp.scores_stride[0] = Hq * capacity;
+  sp.scores_stride[1] = capacity;
+  sp.indices_stride[0] = Hkv * max_selected;
+  sp.indices_stride[1] = max_selected;
+  sp.counts_stride[0] = Hkv;
+  sp.counts_stride[1] = 1;
+  return sp;
+}
+
+}  // namespace steps
+
+using steps::grow;
+using steps::kMaxSelected;
+
+PipelineBase::PipelineBase(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
+    : store_(store), shape_(shape), codebook_(std::move(codebook)) {
+  steps::check_setup(store, shape_, codebook_);
+  const int64_t L = store.num_layers(), Hkv = store.num_kv_heads(), M = shape.num_subspaces;
+  const auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
   // Codes exist for exactly the store's rows: rows stored before the pipeline have none.
   for (int64_t layer = 0; layer < L; ++layer)
     for (int64_t b = 0; b < store.batch(); ++b)
@@ -218,125 +302,29 @@ void PipelineBase::count_step(const int32_t* selected, bool include_resident) {
 }
 
 RotaryParams PipelineBase::key_rotation(int64_t num_new) const {
-  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim();
-  RotaryParams rp;
-  rp.batch = B;
-  rp.num_heads = Hkv;
-  rp.num_tokens = num_new;
-  rp.head_dim = D;
-  rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved;
-  rp.dtype = DType::kFloat32;
-  rp.pos_dtype = DType::kInt64;
-  rp.x_stride[0] = rp.out_stride[0] = Hkv * num_new * D;
-  rp.x_stride[1] = rp.out_stride[1] = num_new * D;
-  rp.x_stride[2] = rp.out_stride[2] = D;
-  rp.pos_stride[0] = num_new;
-  rp.pos_stride[1] = 1;
-  return rp;
+  return steps::key_rotation(shape_, store_.batch(), store_.num_kv_heads(), num_new, store_.head_dim());
 }
 
 RotaryParams PipelineBase::query_rotation() const {
-  const int64_t B = store_.batch(), Hq = shape_.num_q_heads, D = store_.head_dim(), NB = num_bins();
-  RotaryParams rp;
-  rp.batch = B;
-  rp.num_heads = Hq;
-  rp.num_tokens = NB;
-  rp.head_dim = D;
-  rp.rotary_dim = shape_.rotary_dim;
-  rp.interleaved = shape_.interleaved;
-  rp.dtype = DType::kFloat32;
-  rp.pos_dtype = DType::kInt64;
-  rp.x_stride[0] = Hq * D;
-  rp.x_stride[1] = D;
-  rp.x_stride[2] = 0;  // one query, NB rotations
-  rp.out_stride[0] = Hq * NB * D;
-  rp.out_stride[1] = NB * D;
-  rp.out_stride[2] = D;
-  rp.pos_stride[0] = NB;
-  rp.pos_stride[1] = 1;
-  return rp;
+  return steps::query_rotation(shape_, store_.batch(), store_.head_dim(), num_bins());
 }
 
 VQEncodeParams PipelineBase::key_encoding(int64_t num_new) const {
-  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces;
-  VQEncodeParams ep;
-  ep.batch = B;
-  ep.num_kv_heads = Hkv;
-  ep.num_tokens = num_new;
-  ep.head_dim = D;
-  ep.num_subspaces = M;
-  ep.num_centroids = shape_.num_centroids;
-  ep.dtype = DType::kFloat32;
-  ep.x_stride[0] = Hkv * num_new * D;
-  ep.x_stride[1] = num_new * D;
-  ep.x_stride[2] = D;
-  ep.codes_stride[0] = Hkv * num_new * M;
-  ep.codes_stride[1] = num_new * M;
-  ep.codes_stride[2] = M;
-  return ep;
+  return steps::key_encoding(shape_, store_.batch(), store_.num_kv_heads(), num_new, store_.head_dim());
 }
 
 LutScoresParams PipelineBase::scoring() const {
-  const int64_t B = store_.batch(), Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces;
-  const int64_t Hq = shape_.num_q_heads, NB = num_bins(), capacity = store_.capacity();
-  LutScoresParams lp;
-  lp.batch = B;
-  lp.num_q_heads = Hq;
-  lp.num_kv_heads = Hkv;
-  lp.head_dim = D;
-  lp.num_subspaces = M;
-  lp.num_centroids = shape_.num_centroids;
-  lp.capacity = capacity;
-  lp.num_bins = NB;
-  lp.q_stride[0] = Hq * NB * D;
-  lp.q_stride[1] = NB * D;
-  lp.q_stride[2] = D;
-  lp.codes_stride[0] = Hkv * capacity * M;
-  lp.codes_stride[1] = capacity * M;
-  lp.codes_stride[2] = M;
-  lp.scores_stride[0] = Hq * capacity;
-  lp.scores_stride[1] = capacity;
-  return lp;
+  return steps::scoring(shape_, store_.batch(), store_.num_kv_heads(), store_.head_dim(), store_.capacity(),
+                        num_bins());
 }
 
 GroupScoresParams PipelineBase::grouping() const {
-  const int64_t Hkv = store_.num_kv_heads(), Hq = shape_.num_q_heads, capacity = store_.capacity();
-  GroupScoresParams gp;
-  gp.batch = store_.batch();
-  gp.num_q_heads = Hq;
-  gp.group_size = group_size();
-  gp.capacity = capacity;
-  gp.sink = shape_.sink;
-  gp.window = shape_.window;
-  gp.scores_stride[0] = Hq * capacity;
-  gp.scores_stride[1] = capacity;
-  gp.out_stride[0] = Hkv * capacity;
-  gp.out_stride[1] = capacity;
-  return gp;
+  return steps::grouping(shape_, store_.batch(), store_.num_kv_heads(), store_.capacity());
 }
 
 SelectTopkParams PipelineBase::selection(int64_t max_selected, bool add_resident) const {
-  const int64_t Hkv = store_.num_kv_heads(), capacity = store_.capacity();
-  // Per KV head, the selection runs on the grouped rows: one "query head" per KV head.
-  const int64_t Hq = shape_.budget_per_kv_head ? Hkv : shape_.num_q_heads;
-  SelectTopkParams sp;
-  sp.batch = store_.batch();
-  sp.num_q_heads = Hq;
-  sp.group_size = Hq / Hkv;
-  sp.capacity = capacity;
-  sp.k = k_;
-  sp.sink = shape_.sink;
-  sp.window = shape_.window;
-  sp.max_selected = max_selected;
-  sp.add_resident = add_resident;
-  sp.scores_stride[0] = Hq * capacity;
-  sp.scores_stride[1] = capacity;
-  sp.indices_stride[0] = Hkv * max_selected;
-  sp.indices_stride[1] = max_selected;
-  sp.counts_stride[0] = Hkv;
-  sp.counts_stride[1] = 1;
-  return sp;
+  return steps::selection(shape_, store_.batch(), store_.num_kv_heads(), store_.capacity(), k_, max_selected,
+                          add_resident);
 }
 
 void PipelineBase::forget_plan() {
@@ -360,14 +348,14 @@ void Pipeline::encode_and_append(int64_t layer, const ConstRows& k, const ConstR
   grow(rotate_by_, B * num_new);
   grow(new_codes_, rows * M);
   // Pre-RoPE keys: rotated back by their positions, in float32.
-  to_f32(k, store_.dtype(), B, Hkv, num_new, D, keys_.data());
+  steps::to_f32(k, store_.dtype(), B, Hkv, num_new, D, keys_.data());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < num_new; ++t)
       rotate_by_[size_t(b * num_new + t)] = -positions[b * pos_stride[0] + t * pos_stride[1]];
   rotary_cpu(keys_.data(), keys_.data(), rotate_by_.data(), codebook_.inv_freq.data(), key_rotation(num_new));
   // Whitened by the layer's L (one per KV head), then the nearest centroid.
   const float* chol = codebook_.chol.data() + layer * Hkv * D * D;
-  rows_times_matrix(keys_.data(), chol, rows, num_new, Hkv, D, false, whitened_.data());
+  steps::rows_times_matrix(keys_.data(), chol, rows, num_new, Hkv, D, false, whitened_.data());
   const float* centroids = codebook_.centroids.data() + layer * Hkv * shape_.num_centroids * D;
   vq_encode_cpu(whitened_.data(), centroids, new_codes_.data(), key_encoding(num_new));
   // Codes go where the store puts the rows: after each row's current length.
@@ -417,14 +405,14 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   finish_decode(layer);
 
   // The exact query in float32, and its WRoPE forms: bin j moved to distance wrope_distances[j].
-  to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), B, Hq, 1, D, q_.data());
+  steps::to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), B, Hq, 1, D, q_.data());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < NB; ++j)
       rotate_by_[size_t(b * NB + j)] = codebook_.wrope_distances[size_t(j)] - positions[b * pos_stride];
   rotary_cpu(q_.data(), q_wrope_.data(), rotate_by_.data(), codebook_.inv_freq.data(), query_rotation());
   // Into the dual space of each query head's KV head: q' = L^-1 q_w.
   const float* chol_inv = codebook_.chol_inv.data() + layer * Hkv * D * D;
-  rows_times_matrix(q_wrope_.data(), chol_inv, B * Hq * NB, group * NB, Hkv, D, true, q_dual_.data());
+  steps::rows_times_matrix(q_wrope_.data(), chol_inv, B * Hq * NB, group * NB, Hkv, D, true, q_dual_.data());
 
   // Scores of every stored token from the codes, then the selection.
   const LutScoresParams lp = scoring();
@@ -456,17 +444,7 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
   ap.lse_stride[0] = Hq;
   ap.lse_stride[1] = 1;
   store_.attend(layer, q_.data(), indices_.data(), counts_.data(), out_.data(), lse_.data(), ap);
-  switch (store_.dtype()) {
-    case DType::kFloat32:
-      f32_to_rows(out_.data(), B, Hq, D, static_cast<float*>(out), out_stride);
-      break;
-    case DType::kFloat16:
-      f32_to_rows(out_.data(), B, Hq, D, static_cast<half_t*>(out), out_stride);
-      break;
-    default:
-      f32_to_rows(out_.data(), B, Hq, D, static_cast<bfloat16_t*>(out), out_stride);
-      break;
-  }
+  steps::from_f32(out_.data(), store_.dtype(), B, Hq, D, out, out_stride);
 
   count_step(counts_.data(), true);
 }

@@ -1,0 +1,217 @@
+"""a2ats_core.PagedPipeline, the decode step over a serving engine's paged codes (what the vLLM
+backend runs), against the composition of the reference ops on the same rows in token order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import a2ats_core
+
+from kernel_helpers import ReferencePipeline, random_codebook
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+BLOCK_SIZE = 8
+
+
+class Engine:
+    """What a paged engine holds: per layer codes (num_blocks, Hkv, block_size, M), block tables
+    of shuffled blocks, a slot-indexed store; and the reference pipeline on the same rows."""
+
+    def __init__(self, prompts, *, G=3, dtype=torch.float32, budget_per="query_head", distances=(64,), edges=()):
+        self.L, self.Hkv, self.D, self.M, self.C = 2, 2, 16, 2, 16
+        self.G, self.dtype, self.prompts = G, dtype, list(prompts)
+        self.sink, self.window = 4, 8
+        self.generator = torch.Generator().manual_seed(len(prompts) * 7 + G)
+        book = random_codebook(self.L, self.Hkv, self.D, self.M, self.C, self.generator)
+        capacity = max(prompts) + 16
+        self.blocks_per_request = -(-capacity // BLOCK_SIZE)
+        num_blocks = self.blocks_per_request * len(prompts) + 3  # spare blocks nobody uses
+        order = torch.randperm(num_blocks, generator=self.generator).to(torch.int32)
+        self.block_table = order[: len(prompts) * self.blocks_per_request].view(len(prompts), -1).contiguous()
+        self.store = a2ats_core.KVStore(self.L, 1, self.Hkv, self.D, num_blocks * BLOCK_SIZE, dtype)
+        self.codes = torch.zeros(self.L, num_blocks, self.Hkv, BLOCK_SIZE, self.M, dtype=torch.int16)
+        self.pipe = a2ats_core.PagedPipeline(
+            self.store,
+            num_q_heads=self.Hkv * G,
+            inv_freq=book[3],
+            chol=book[0],
+            chol_inv=book[1],
+            centroids=book[2],
+            sink=self.sink,
+            window=self.window,
+            wrope_distances=list(distances),
+            bin_edges=list(edges),
+            budget_per=budget_per,
+        )
+        self.ref = ReferencePipeline(
+            self.L, len(prompts), self.Hkv * G, self.Hkv, self.D, capacity, dtype, book, self.sink, self.window,
+            list(distances), list(edges), budget_per,
+        )  # fmt: skip
+
+    def slots(self, request, tokens):
+        table = self.block_table[request].long()
+        return table[tokens // BLOCK_SIZE] * BLOCK_SIZE + tokens % BLOCK_SIZE
+
+    def write(self, layer, request, keys, values, tokens):
+        """keys, values (Hkv, n, D) of the request's tokens (n,): rows to the store, codes encoded."""
+        slots = self.slots(request, tokens)
+        k, v = keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()  # (n, Hkv, D)
+        self.store.write_slots(layer, slots, k, v)
+        self.pipe.encode(layer, k, tokens, slots, self.codes[layer])
+
+    def prefill(self):
+        t = max(self.prompts)
+        for layer in range(self.L):
+            keys = torch.randn(len(self.prompts), self.Hkv, t, self.D, generator=self.generator).to(self.dtype)
+            values = torch.randn_like(keys.float(), dtype=torch.float32).to(self.dtype)
+            for request, n in enumerate(self.prompts):
+                self.write(layer, request, keys[request, :, :n], values[request, :, :n], torch.arange(n))
+            self.ref.append(layer, keys, values, torch.arange(t).expand(len(self.prompts), t), self.prompts)
+
+    def token_codes(self, layer):
+        """The paged codes of `layer` in token order, (N, Hkv, capacity, M), as the reference holds them."""
+        out = torch.zeros_like(self.ref.codes[layer])
+        for request in range(len(self.prompts)):
+            n = int(self.ref.lengths[layer, request])
+            slots = self.slots(request, torch.arange(n))
+            out[request, :, :n] = self.codes[layer, slots // BLOCK_SIZE, :, slots % BLOCK_SIZE].transpose(0, 1)
+        return out
+
+    def step_inputs(self):
+        n, Hq = len(self.prompts), self.Hkv * self.G
+        q = torch.randn(n, Hq, self.D, generator=self.generator).to(self.dtype)
+        keys = torch.randn(n, self.Hkv, 1, self.D, generator=self.generator).to(self.dtype)
+        values = torch.randn(n, self.Hkv, 1, self.D, generator=self.generator).to(self.dtype)
+        return q, keys, values
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("G", [1, 3, 7])
+@pytest.mark.parametrize("prompts", [[40], [40, 5, 70, 1, 12]], ids=["N1", "N5-ragged"])
+@pytest.mark.parametrize("bins", ["1bin", "3bins"])
+@pytest.mark.parametrize("budget_per", ["query_head", "kv_head"])
+def test_paged_decode_equals_the_composition_of_the_reference_ops(dtype, G, prompts, bins, budget_per):
+    distances, edges = ((64,), ()) if bins == "1bin" else ((16, 40, 100), (12, 30))
+    engine = Engine(prompts, G=G, dtype=dtype, budget_per=budget_per, distances=distances, edges=edges)
+    engine.prefill()
+    for layer in range(engine.L):  # the codes the engine holds are the reference's (up to near ties)
+        got, want = engine.token_codes(layer), engine.ref.codes[layer]
+        assert int((got != want).sum()) <= 1 + 0.02 * got.numel()
+    for step in range(3):
+        lengths = engine.ref.lengths[0] + 1  # after this step's token
+        k = int(0.1 * int(lengths.max())) + step  # one k for all: the reference selects with one
+        for layer in range(engine.L):
+            q, keys, values = engine.step_inputs()
+            positions = lengths.long() - 1
+            for request in range(len(prompts)):
+                engine.write(layer, request, keys[request], values[request], positions[request : request + 1])
+            out = engine.pipe.decode(
+                layer,
+                q,
+                engine.codes[layer],
+                lengths.to(torch.int32),
+                engine.block_table,
+                torch.full((len(prompts),), k, dtype=torch.int32),
+                scale=0.25,
+            )
+            assert out.dtype == dtype and out.shape == q.shape
+            codes = engine.token_codes(layer)  # includes the new token's code
+            selection = tuple(torch.from_numpy(a) for a in engine.pipe.last_selection())
+            want, counts = engine.ref.decode(
+                layer, q, keys, values, positions, k, 0.25, codes=codes, selection=selection
+            )
+            torch.testing.assert_close(out.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+            if budget_per == "kv_head":  # rows read = the budget (plus sink and window)
+                middle = (lengths - engine.sink - engine.window).clamp(min=0)
+                resident = torch.minimum(lengths, torch.tensor(engine.sink + engine.window))
+                assert torch.equal(
+                    counts, (torch.minimum(middle, torch.tensor(k)) + resident)[:, None].expand_as(counts)
+                )
+
+
+def test_each_request_selects_its_own_budget_whatever_shares_the_step():
+    """Per-request k: a request's output and selection are the same bits alone or batched."""
+    engine = Engine([60, 33, 90])
+    engine.prefill()
+    lengths = (engine.ref.lengths[0] + 1).to(torch.int32)
+    q, keys, values = engine.step_inputs()
+    for request in range(3):
+        engine.write(0, request, keys[request], values[request], lengths[request : request + 1].long() - 1)
+    budgets = torch.tensor([2, 7, 0], dtype=torch.int32)
+    together = engine.pipe.decode(0, q, engine.codes[0], lengths, engine.block_table, budgets, scale=0.3)
+    indices, counts = engine.pipe.last_selection()
+    for request in range(3):
+        rows = slice(request, request + 1)
+        alone = engine.pipe.decode(
+            0, q[rows], engine.codes[0], lengths[rows], engine.block_table[rows], budgets[rows], scale=0.3
+        )
+        assert torch.equal(alone, together[rows])
+        indices_alone, counts_alone = engine.pipe.last_selection()
+        assert (counts_alone == counts[rows]).all()
+        for g in range(engine.Hkv):
+            n = int(counts[request, g])
+            assert (indices_alone[0, g, :n] == indices[request, g, :n]).all()
+    middle = counts.sum(1) - engine.Hkv * (engine.sink + engine.window)
+    assert middle[2] == 0 and (middle[:2] > 0).all() and middle[1] > middle[0]
+    stats = engine.pipe.stats()
+    assert stats["decode_calls"] == 4 and stats["rows_cached"] == 2 * int(lengths.sum()) * engine.Hkv
+
+
+def test_no_requests_and_bad_input_are_refused_clearly():
+    engine = Engine([20, 9])
+    engine.prefill()
+    q, keys, values = engine.step_inputs()
+    empty = engine.pipe.decode(
+        0,
+        q[:0],
+        engine.codes[0],
+        torch.zeros(0, dtype=torch.int32),
+        engine.block_table[:0],
+        torch.zeros(0, dtype=torch.int32),
+        scale=1.0,
+    )
+    assert empty.shape == (0, engine.Hkv * engine.G, engine.D)
+    lengths = torch.tensor([21, 10], dtype=torch.int32)
+    budgets = torch.tensor([2, 2], dtype=torch.int32)
+    before = engine.codes.clone()
+    cases = [
+        (dict(lengths=torch.tensor([21, 10**6], dtype=torch.int32)), "lengths\\[1\\] = 1000000 must be in"),
+        (dict(lengths=lengths.long()), "lengths"),
+        (dict(k=torch.tensor([2, -1], dtype=torch.int32)), "k\\[1\\] must be in"),
+        (dict(block_table=engine.block_table.long()), "block_table"),
+        (dict(codes=engine.codes[0].to(torch.int32)), "codes"),
+        (dict(codes=engine.codes[0][:, :1]), "codes"),
+        (dict(q=q.float() if q.dtype != torch.float32 else q.double()), "q"),
+        (dict(layer=2), "layer must be in \\[0, 2\\)"),
+    ]
+    for change, message in cases:
+        args = dict(layer=0, q=q, codes=engine.codes[0], lengths=lengths, block_table=engine.block_table, k=budgets)
+        args.update(change)
+        with pytest.raises((ValueError, TypeError), match=message):
+            engine.pipe.decode(
+                args["layer"], args["q"], args["codes"], args["lengths"], args["block_table"], args["k"], scale=1.0
+            )
+    # A block table naming a block the codes do not have.
+    bad_table = engine.block_table.clone()
+    bad_table[0, 0] = engine.codes.shape[1] + 5
+    with pytest.raises(ValueError, match="block"):
+        engine.pipe.decode(0, q, engine.codes[0], lengths, bad_table, budgets, scale=1.0)
+    # encode: a slot past the codes, refused before any code is written.
+    k = keys[0].transpose(0, 1).contiguous()
+    with pytest.raises(ValueError, match="slots\\[0\\] = .* is past the codes"):
+        engine.pipe.encode(0, k, torch.tensor([5]), torch.tensor([10**6]), engine.codes[0])
+    assert torch.equal(engine.codes, before)
+    with pytest.raises(ValueError, match="slot-indexed"):
+        a2ats_core.PagedPipeline(
+            a2ats_core.KVStore(2, 2, 2, 16, 64, torch.float32),
+            num_q_heads=6,
+            inv_freq=torch.ones(8),
+            chol=torch.eye(16).expand(2, 2, 16, 16).contiguous(),
+            chol_inv=torch.eye(16).expand(2, 2, 16, 16).contiguous(),
+            centroids=torch.zeros(2, 2, 1, 4, 16),
+            sink=4,
+            window=8,
+            wrope_distances=[64],
+        )
