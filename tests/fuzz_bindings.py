@@ -729,7 +729,7 @@ class PipelineModel:
     """A Pipeline and the reference composition of the ops (tests/test_pipeline.py) beside it."""
 
     def __init__(self, rng):
-        from test_pipeline import ReferencePipeline, random_codebook
+        from kernel_helpers import ReferencePipeline, random_codebook
 
         self.L, self.B, self.Hkv, self.G = (
             rng.randint(1, 2),
@@ -902,8 +902,134 @@ def fuzz_pipeline(rng, model: PipelineModel):
     return False
 
 
+# ----------------------------------------------------------------------------- PagedPipeline
+
+
+class PagedModel:
+    """A PagedPipeline over random paged codes and a slot-indexed store, with the reference
+    composition on the same rows in token order beside it (tests/kernel_helpers.PagedEngine)."""
+
+    def __init__(self, rng):
+        from kernel_helpers import PagedEngine
+
+        bins = rng.choice([1, 1, 2, 3])
+        prompts = [rng.randint(1, 30) for _ in range(rng.randint(1, 4))]
+        self.engine = PagedEngine(
+            prompts,
+            G=rng.choice([1, 2, 3]),
+            dtype=rng.choice(FLOATS),
+            budget_per=rng.choice(["query_head", "kv_head"]),
+            distances=[rng.randint(0, 64) for _ in range(bins)],
+            edges=sorted(rng.randint(0, 40) for _ in range(bins - 1)),
+            L=rng.randint(1, 2),
+            Hkv=rng.randint(1, 2),
+            D=rng.choice([4, 8, 16]),
+            M=rng.choice([1, 2]),
+            C=rng.choice([1, 4, 16]),
+            sink=rng.randint(0, 4),
+            window=rng.randint(1, 6),
+            block_size=rng.choice([1, 4, 8]),
+            room=48,
+            seed=rng.randrange(2**31),
+        )
+        self.engine.prefill()
+
+    def state(self):
+        return {"codes": self.engine.codes.clone(), "lengths": torch.from_numpy(self.engine.store.lengths().copy())}
+
+
+def fuzz_paged(rng, model: PagedModel):
+    """One PagedPipeline call: a decode step of a random layer (its new rows written and encoded
+    first), or a refused decode or encode."""
+    e = model.engine
+    layer = rng.randrange(e.L)
+    n = len(e.prompts)
+    q, keys, values = e.step_inputs()
+    k = rng.randint(0, 8)
+    if rng.random() < 0.5:
+        lengths = e.ref.lengths[layer].clone()  # rows already held: only the mutation is wrong
+        kw = dict(
+            layer=layer,
+            q=q,
+            codes=e.codes[layer],
+            lengths=lengths,
+            block_table=e.block_table,
+            k=torch.full((n,), k, dtype=torch.int32),
+            scale=rng.choice([0.25, 1.0]),
+        )
+        past = lengths.clone()
+        past[rng.randrange(n)] = e.block_table.shape[1] * e.block_size + 1
+        negative = kw["k"].clone()
+        negative[rng.randrange(n)] = -1
+        far_block = e.block_table.clone()
+        far_block[rng.randrange(n), 0] = e.codes.shape[1] + rng.randint(0, 9)
+        mutations = [
+            ("q", dict(q=q.double())),
+            ("q", dict(q=torch.zeros(n, e.Hkv * e.G + 1, e.D, dtype=e.dtype))),
+            ("lengths", dict(lengths=lengths.long())),
+            ("lengths", dict(lengths=past)),
+            ("k", dict(k=negative)),
+            ("k", dict(k=kw["k"][:-1] if n > 1 else kw["k"][None])),
+            ("block_table", dict(block_table=e.block_table.long())),
+            ("block_table", dict(block_table=e.block_table[:-1] if n > 1 else e.block_table[0])),
+            ("block_table", dict(block_table=far_block)),
+            ("codes", dict(codes=e.codes[layer].to(torch.int32))),
+            ("codes", dict(codes=e.codes[layer][:, :, :, :0])),
+            ("scale", dict(scale=float("nan"))),
+            ("layer", dict(layer=e.L)),
+        ]
+        if rng.random() < 0.3:  # an encode instead
+            k_rows = keys[:, :, 0].contiguous()  # (n, Hkv, D)
+            slots = e.slots(0, torch.arange(n) % e.prompts[0])
+            positions = torch.arange(n, dtype=torch.int64)
+            encode_mutations = [
+                ("k", dict(k=k_rows.double())),
+                ("positions", dict(positions=positions.int())),
+                ("slots", dict(slots=slots[:-1] if n > 1 else slots[None])),
+                ("slots", dict(slots=slots + e.codes.shape[1] * e.block_size)),
+                ("codes", dict(codes=e.codes[layer].to(torch.int32))),
+                ("layer", dict(layer=-1)),
+            ]
+            cite, change = rng.choice(encode_mutations)
+            args = dict(layer=layer, k=k_rows, positions=positions, slots=slots, codes=e.codes[layer])
+            args.update(change)
+            expect_rejected(lambda: e.pipe.encode(**args), {cite}, model.state(), model.state, "PagedPipeline.encode")
+            return True
+        cite, change = rng.choice(mutations)
+        kw.update(change)
+        expect_rejected(
+            lambda: e.pipe.decode(
+                kw.pop("layer"),
+                kw.pop("q"),
+                kw.pop("codes"),
+                kw.pop("lengths"),
+                kw.pop("block_table"),
+                kw.pop("k"),
+                **kw,
+            ),
+            {cite},
+            model.state(),
+            model.state,
+            "PagedPipeline.decode",
+        )
+        return True
+    positions = e.ref.lengths[layer].long()  # each request's new token
+    for request in range(n):
+        e.write(layer, request, keys[request], values[request], positions[request : request + 1])
+    lengths = (positions + 1).to(torch.int32)
+    scale = rng.choice([0.25, 1.0])
+    out = e.pipe.decode(
+        layer, q, e.codes[layer], lengths, e.block_table, torch.full((n,), k, dtype=torch.int32), scale=scale
+    )
+    selection = tuple(torch.from_numpy(a) for a in e.pipe.last_selection())
+    want, _ = e.ref.decode(layer, q, keys, values, positions, k, scale, codes=e.token_codes(layer), selection=selection)
+    tol = tolerance(e.dtype)
+    torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
+    return False
+
+
 STORE_OPS = {"KVStore.append": fuzz_append, "KVStore.gather": fuzz_gather, "KVStore.attend": fuzz_attend}
-ALL = [*BINDINGS, "KVStore", *STORE_OPS, "Pipeline"]
+ALL = [*BINDINGS, "KVStore", *STORE_OPS, "Pipeline", "PagedPipeline"]
 
 
 def main(argv=None) -> int:
@@ -916,7 +1042,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     summary = {name: {"valid": 0, "invalid": 0} for name in ALL}
     failures = []
-    model, pipeline = StoreModel(rng), None
+    model, pipeline, paged = StoreModel(rng), None, None
     for i in range(args.calls * len(ALL)):
         name = ALL[i % len(ALL)]
         try:
@@ -928,6 +1054,10 @@ def main(argv=None) -> int:
                 if pipeline is None or i % (40 * len(ALL)) == len(ALL) - 1:
                     pipeline = PipelineModel(rng)
                 invalid = fuzz_pipeline(rng, pipeline)
+            elif name == "PagedPipeline":
+                if paged is None or i % (30 * len(ALL)) == len(ALL) - 1:
+                    paged = PagedModel(rng)  # 30 calls: at most 30 tokens grown, within room
+                invalid = fuzz_paged(rng, paged)
             else:
                 if i % (50 * len(ALL)) < len(ALL) and name == "KVStore.append":
                     model = StoreModel(rng)

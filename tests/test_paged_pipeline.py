@@ -8,83 +8,10 @@ import torch
 
 import a2ats_core
 
-from kernel_helpers import ReferencePipeline, random_codebook
+from kernel_helpers import PagedEngine as Engine
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-BLOCK_SIZE = 8
-
-
-class Engine:
-    """What a paged engine holds: per layer codes (num_blocks, Hkv, block_size, M), block tables
-    of shuffled blocks, a slot-indexed store; and the reference pipeline on the same rows."""
-
-    def __init__(self, prompts, *, G=3, dtype=torch.float32, budget_per="query_head", distances=(64,), edges=()):
-        self.L, self.Hkv, self.D, self.M, self.C = 2, 2, 16, 2, 16
-        self.G, self.dtype, self.prompts = G, dtype, list(prompts)
-        self.sink, self.window = 4, 8
-        self.generator = torch.Generator().manual_seed(len(prompts) * 7 + G)
-        book = random_codebook(self.L, self.Hkv, self.D, self.M, self.C, self.generator)
-        capacity = max(prompts) + 16
-        self.blocks_per_request = -(-capacity // BLOCK_SIZE)
-        num_blocks = self.blocks_per_request * len(prompts) + 3  # spare blocks nobody uses
-        order = torch.randperm(num_blocks, generator=self.generator).to(torch.int32)
-        self.block_table = order[: len(prompts) * self.blocks_per_request].view(len(prompts), -1).contiguous()
-        self.store = a2ats_core.KVStore(self.L, 1, self.Hkv, self.D, num_blocks * BLOCK_SIZE, dtype)
-        self.codes = torch.zeros(self.L, num_blocks, self.Hkv, BLOCK_SIZE, self.M, dtype=torch.int16)
-        self.pipe = a2ats_core.PagedPipeline(
-            self.store,
-            num_q_heads=self.Hkv * G,
-            inv_freq=book[3],
-            chol=book[0],
-            chol_inv=book[1],
-            centroids=book[2],
-            sink=self.sink,
-            window=self.window,
-            wrope_distances=list(distances),
-            bin_edges=list(edges),
-            budget_per=budget_per,
-        )
-        self.ref = ReferencePipeline(
-            self.L, len(prompts), self.Hkv * G, self.Hkv, self.D, capacity, dtype, book, self.sink, self.window,
-            list(distances), list(edges), budget_per,
-        )  # fmt: skip
-
-    def slots(self, request, tokens):
-        table = self.block_table[request].long()
-        return table[tokens // BLOCK_SIZE] * BLOCK_SIZE + tokens % BLOCK_SIZE
-
-    def write(self, layer, request, keys, values, tokens):
-        """keys, values (Hkv, n, D) of the request's tokens (n,): rows to the store, codes encoded."""
-        slots = self.slots(request, tokens)
-        k, v = keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()  # (n, Hkv, D)
-        self.store.write_slots(layer, slots, k, v)
-        self.pipe.encode(layer, k, tokens, slots, self.codes[layer])
-
-    def prefill(self):
-        t = max(self.prompts)
-        for layer in range(self.L):
-            keys = torch.randn(len(self.prompts), self.Hkv, t, self.D, generator=self.generator).to(self.dtype)
-            values = torch.randn_like(keys.float(), dtype=torch.float32).to(self.dtype)
-            for request, n in enumerate(self.prompts):
-                self.write(layer, request, keys[request, :, :n], values[request, :, :n], torch.arange(n))
-            self.ref.append(layer, keys, values, torch.arange(t).expand(len(self.prompts), t), self.prompts)
-
-    def token_codes(self, layer):
-        """The paged codes of `layer` in token order, (N, Hkv, capacity, M), as the reference holds them."""
-        out = torch.zeros_like(self.ref.codes[layer])
-        for request in range(len(self.prompts)):
-            n = int(self.ref.lengths[layer, request])
-            slots = self.slots(request, torch.arange(n))
-            out[request, :, :n] = self.codes[layer, slots // BLOCK_SIZE, :, slots % BLOCK_SIZE].transpose(0, 1)
-        return out
-
-    def step_inputs(self):
-        n, Hq = len(self.prompts), self.Hkv * self.G
-        q = torch.randn(n, Hq, self.D, generator=self.generator).to(self.dtype)
-        keys = torch.randn(n, self.Hkv, 1, self.D, generator=self.generator).to(self.dtype)
-        values = torch.randn(n, self.Hkv, 1, self.D, generator=self.generator).to(self.dtype)
-        return q, keys, values
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
