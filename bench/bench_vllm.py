@@ -40,6 +40,9 @@ MARK = "A2ATS_BENCH_RESULT "
 # -- inside one engine process ------------------------------------------------------------------
 
 
+_ROWS_BASE: dict[str, int] = {}  # per worker process: the counters at the last reset
+
+
 def _rows_counter(worker, reset: bool):
     """(rows attended, rows in context) of this worker's decode steps since the last reset (runs
     in the worker, via collective_rpc); None without A²ATS."""
@@ -48,10 +51,10 @@ def _rows_counter(worker, reset: bool):
     runtime = backend._RUNTIME
     if runtime is None:
         return None
-    counted = runtime.decode_rows or {"read": 0, "context": 0}
+    counted = runtime.decode_rows()  # since the store was made
     if reset:
-        runtime.decode_rows = {"read": 0, "context": 0}
-    return dict(counted)
+        _ROWS_BASE.update(counted)
+    return {key: value - _ROWS_BASE.get(key, 0) for key, value in counted.items()}
 
 
 def run_engine(spec: dict) -> dict:

@@ -11,11 +11,13 @@ Where things live:
 * under tensor parallelism each rank holds its own KV heads' slice of the codebook and store.
 
 Per layer and step: new rows go to the store (``write``); ``attend`` encodes the new keys into
-the paged codes (un-rotated at their positions, whitened, nearest centroid), then
+the paged codes (:class:`a2ats_core.PagedPipeline`: un-rotated at their positions, whitened,
+nearest centroid), then
 
-* every request with one query token (decode) is scored from the paged codes with the WRoPE
-  dual query, selects its top-k per query head (united per KV head, or per KV head) plus sink
-  and window, and attends exactly over those rows, read straight from the store;
+* the requests with one query token (decode) run the native decode step in one call: scored
+  from the paged codes with the WRoPE dual query, each selects its top-k per query head (united
+  per KV head, or per KV head) plus sink and window, and attends exactly over those rows, read
+  straight from the store;
 * every request with several query tokens (a prompt or a prefill chunk) attends exactly over
   its whole context plus the new tokens, causally.
 """
@@ -156,14 +158,17 @@ class RankRuntime:
         except ValueError as error:
             raise A2ATSVllmConfigError(f'additional_config["a2ats"]: {error} (max_model_len {max_model_len})') from None
         self.bin_edges = torch.tensor(edges, dtype=torch.int32) if edges else None
+        if codebook.layers != tuple(range(num_layers)):
+            raise A2ATSVllmConfigError(
+                f'additional_config["a2ats"]["codebook"]: the vLLM backend runs A²ATS in every layer, but the '
+                f"codebook covers layers {list(codebook.layers)} of {num_layers}; calibrate it for all layers"
+            )
         self.num_layers = num_layers
         self.dtype = dtype
         self.store: a2ats_core.KVStore | None = None
+        self.pipeline: a2ats_core.PagedPipeline | None = None
         self.block_size = 0
         self._lock = threading.Lock()
-        # {"read": rows attended, "context": rows in context} summed over decode requests, layers
-        # and KV heads; None (the default) counts nothing. bench/bench_vllm.py switches it on.
-        self.decode_rows: dict[str, int] | None = None
 
     @property
     def num_subspaces(self) -> int:
@@ -202,7 +207,7 @@ class RankRuntime:
                         f"(--num-gpu-blocks-override {fits}) or raise host_memory_gb"
                     )
                 self.block_size = int(block_size)
-                self.store = a2ats_core.KVStore(
+                store = a2ats_core.KVStore(
                     self.num_layers,
                     1,
                     cb.num_kv_heads,
@@ -212,7 +217,30 @@ class RankRuntime:
                     pinned=False,
                     threads=self.settings.threads,
                 )
+                self.pipeline = a2ats_core.PagedPipeline(
+                    store,
+                    num_q_heads=cb.num_q_heads,
+                    inv_freq=cb.inv_freq.float().contiguous(),
+                    chol=torch.stack(list(cb.chol.values())).float().contiguous(),
+                    chol_inv=torch.stack(list(cb.chol_inv.values())).float().contiguous(),
+                    centroids=torch.stack(list(cb.centroids.values())).float().contiguous(),
+                    sink=self.config.sink,
+                    window=self.config.window,
+                    wrope_distances=list(self.wrope_distances),
+                    bin_edges=[] if self.bin_edges is None else self.bin_edges.tolist(),
+                    interleaved=cb.rope.interleaved,
+                    budget_per=self.config.budget_per,
+                )
+                self.store = store
         return self.store
+
+    def decode_rows(self) -> dict[str, int]:
+        """{"read": rows attended, "context": rows in context} summed over decode requests, layers
+        and KV heads since the store was made (the pipeline's counters)."""
+        if self.pipeline is None:
+            return {"read": 0, "context": 0}
+        stats = self.pipeline.stats()
+        return {"read": stats["rows_read"], "context": stats["rows_cached"]}
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, kv_cache) -> None:
         """Store the rows of key, value (num_tokens, Hkv, D) at their slots ((num_tokens,), -1 skips)."""
@@ -233,11 +261,9 @@ class RankRuntime:
     ) -> None:
         """output (num_tokens, Hq, D) for query (num_tokens, Hq, D) post-RoPE; see the module doc."""
         self.ensure_store(kv_cache)
-        cb, bs = self.codebook, self.block_size
         num_tokens = query.shape[0]
-        slots = slot_mapping[:num_tokens].to(torch.int64)
-        codes = cb.encode_keys(layer, key[:num_tokens].transpose(0, 1)[None], step.positions[None])  # (1, Hkv, n, M)
-        kv_cache[slots // bs, :, slots % bs] = codes[0].transpose(0, 1)
+        slots = slot_mapping[:num_tokens].to(torch.int64).contiguous()
+        self.pipeline.encode(layer, key[:num_tokens], step.positions.contiguous(), slots, kv_cache)
         query_lens = step.query_lens
         decodes = torch.nonzero(query_lens == 1).flatten()
         if decodes.numel():
@@ -248,51 +274,23 @@ class RankRuntime:
             output[lo:hi] = self._prefill(layer, query[lo:hi], step, request, scale).to(output.dtype)
 
     def _decode(self, layer, query, kv_cache, step: StepRequests, requests, scale: float) -> torch.Tensor:
-        """Attention (N, Hq, D) f32 of N one-token requests over their selected rows."""
-        cb, cfg, bs = self.codebook, self.config, self.block_size
+        """Attention (N, Hq, D) of N one-token requests over their selected rows: one native call
+        (scores from the paged codes through the block table, each request's own budget, exact
+        attention over the selected slots of the store)."""
         lengths = step.seq_lens[requests]
-        blocks = step.block_table[requests, : (int(lengths.max()) + bs - 1) // bs]  # (N, nb)
-        n = blocks.shape[0]
-        q_dual = cb.wrope_dual_queries(layer, query, lengths - 1, self.wrope_distances)
-        lengths32 = lengths.to(torch.int32)
-        # Scored straight from the paged cache (num_blocks, Hkv, bs, M) through the block table.
-        scores = a2ats_core.lut_scores(
-            q_dual,
-            cb.centroids[layer],
-            kv_cache,
-            lengths32,
-            bin_edges=self.bin_edges,
-            block_table=blocks.to(torch.int32),
-        )
-        if cfg.budget_per == "kv_head":
-            scores = a2ats_core.group_scores(
-                scores, lengths32, group_size=cb.group_size, sink=cfg.sink, window=cfg.window
-            )
+        blocks = step.block_table[requests, : (int(lengths.max()) + self.block_size - 1) // self.block_size]
         # Each request selects its own length's budget, so its tokens do not depend on which other
-        # requests share the step: one selection per distinct budget (requests of similar length
-        # share one).
-        budgets = torch.tensor([cfg.budget(int(length)) for length in lengths.tolist()])
-        out = torch.empty(n, cb.num_q_heads, cb.head_dim)
-        for k in torch.unique(budgets).tolist():
-            rows = torch.nonzero(budgets == k).flatten()
-            indices, counts = a2ats_core.select_topk(
-                scores[rows],
-                int(k),
-                lengths32[rows],
-                group_size=1 if cfg.budget_per == "kv_head" else cb.group_size,
-                sink=cfg.sink,
-                window=cfg.window,
-            )
-            tokens = indices.to(torch.int64).clamp_(min=0)  # -1 padding past counts maps to any valid slot
-            table = blocks[rows]
-            slot_ids = table.gather(1, (tokens // bs).reshape(len(rows), -1)).reshape(tokens.shape) * bs + tokens % bs
-            out[rows], _ = self.store.attend(
-                layer, query[rows].float().contiguous(), slot_ids.to(torch.int32), counts, scale=float(scale)
-            )
-            if self.decode_rows is not None:
-                self.decode_rows["read"] += int(counts.sum())
-                self.decode_rows["context"] += int(lengths[rows].sum()) * cb.num_kv_heads
-        return out
+        # requests share the step.
+        budgets = torch.tensor([self.config.budget(int(length)) for length in lengths.tolist()], dtype=torch.int32)
+        return self.pipeline.decode(
+            layer,
+            query.to(self.dtype),
+            kv_cache,
+            lengths.to(torch.int32),
+            blocks.to(torch.int32).contiguous(),
+            budgets,
+            scale=float(scale),
+        )
 
     def _prefill(self, layer, query, step: StepRequests, request: int, scale: float) -> torch.Tensor:
         """Causal attention (t, Hq, D) of a request's t query tokens over its whole context."""
