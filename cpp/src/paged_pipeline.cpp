@@ -169,20 +169,7 @@ void PagedPipeline::decode(int64_t layer, const ConstRows& q, const PagedRequest
 
   // Exact attention with the model's own query over the selected slots (sink and window
   // included), read straight from the store.
-  KVStore::AttendParams ap;
-  ap.num_queries = N;
-  ap.group_size = G;
-  ap.scale = scale;
-  ap.q_stride[0] = Hq * D;
-  ap.q_stride[1] = D;
-  ap.indices_stride[0] = Hkv * max_selected;
-  ap.indices_stride[1] = max_selected;
-  ap.counts_stride[0] = Hkv;
-  ap.counts_stride[1] = 1;
-  ap.out_stride[0] = Hq * D;
-  ap.out_stride[1] = D;
-  ap.lse_stride[0] = Hq;
-  ap.lse_stride[1] = 1;
+  const KVStore::AttendParams ap = steps::attending(shape_, N, Hkv, D, max_selected, scale);
   store_.attend(layer, q_.data(), slots_.data(), counts_.data(), out_.data(), lse_.data(), ap);
   steps::from_f32(out_.data(), store_.dtype(), N, Hq, D, out, out_stride);
 

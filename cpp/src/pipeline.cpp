@@ -209,6 +209,26 @@ SelectTopkParams selection(const PipelineShape& shape, int64_t batch, int64_t nu
   return sp;
 }
 
+KVStore::AttendParams attending(const PipelineShape& shape, int64_t num_queries, int64_t num_kv_heads, int64_t head_dim,
+                                int64_t max_selected, float scale) {
+  const int64_t Hq = shape.num_q_heads, Hkv = num_kv_heads, D = head_dim;
+  KVStore::AttendParams ap;
+  ap.num_queries = num_queries;
+  ap.group_size = Hq / Hkv;
+  ap.scale = scale;
+  ap.q_stride[0] = Hq * D;
+  ap.q_stride[1] = D;
+  ap.indices_stride[0] = Hkv * max_selected;
+  ap.indices_stride[1] = max_selected;
+  ap.counts_stride[0] = Hkv;
+  ap.counts_stride[1] = 1;
+  ap.out_stride[0] = Hq * D;
+  ap.out_stride[1] = D;
+  ap.lse_stride[0] = Hq;
+  ap.lse_stride[1] = 1;
+  return ap;
+}
+
 }  // namespace steps
 
 using steps::grow;
@@ -430,19 +450,7 @@ void Pipeline::decode(int64_t layer, const ConstRows& q, const ConstRows& k, con
 
   // Exact attention with the model's own query over the selected rows (sink and window
   // included), read straight from the store.
-  KVStore::AttendParams ap;
-  ap.group_size = group;
-  ap.scale = scale;
-  ap.q_stride[0] = Hq * D;
-  ap.q_stride[1] = D;
-  ap.indices_stride[0] = sp.indices_stride[0];
-  ap.indices_stride[1] = sp.indices_stride[1];
-  ap.counts_stride[0] = Hkv;
-  ap.counts_stride[1] = 1;
-  ap.out_stride[0] = Hq * D;
-  ap.out_stride[1] = D;
-  ap.lse_stride[0] = Hq;
-  ap.lse_stride[1] = 1;
+  const KVStore::AttendParams ap = steps::attending(shape_, B, Hkv, D, max_selected_, scale);
   store_.attend(layer, q_.data(), indices_.data(), counts_.data(), out_.data(), lse_.data(), ap);
   steps::from_f32(out_.data(), store_.dtype(), B, Hq, D, out, out_stride);
 

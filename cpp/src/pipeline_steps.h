@@ -108,6 +108,10 @@ VQEncodeParams key_encoding(const PipelineShape& shape, int64_t batch, int64_t n
 LutScoresParams scoring(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t head_dim,
                         int64_t capacity, int64_t num_bins);
 GroupScoresParams grouping(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t capacity);
+// Attending q (num_queries, Hq, D) f32 over selections (num_queries, Hkv, max_selected) into out
+// (num_queries, Hq, D) f32 and lse (num_queries, Hq), all contiguous.
+KVStore::AttendParams attending(const PipelineShape& shape, int64_t num_queries, int64_t num_kv_heads, int64_t head_dim,
+                                int64_t max_selected, float scale);
 SelectTopkParams selection(const PipelineShape& shape, int64_t batch, int64_t num_kv_heads, int64_t capacity, int64_t k,
                            int64_t max_selected, bool add_resident);
 
