@@ -51,6 +51,7 @@ struct RowState {
 struct TopkArgs {
   int64_t batch, num_q_heads, group_size, num_kv_heads, capacity;
   int64_t k, sink, window, max_selected;
+  const int32_t* k_per_row;  // (B,) or null
   bool add_resident;
   int64_t scores_stride[2], indices_stride[2], counts_stride[2];
   int64_t tiles, words;  // tiles of kTile tokens per row; 32-token bitmap words per (b, g)
@@ -58,6 +59,7 @@ struct TopkArgs {
 
 struct Range {
   int64_t len, lo, hi;  // clamped length, candidate range [lo, hi)
+  int64_t k;            // the row's k
   bool select;          // radix selection needed: more than k candidates
   bool take_all;        // 0 < candidates <= k: every candidate is taken
 };
@@ -67,9 +69,10 @@ __device__ __forceinline__ Range row_range(const int32_t* lengths, int64_t b, co
   r.len = min(max(int64_t(lengths[b]), int64_t(0)), a.capacity);
   r.lo = a.sink;
   r.hi = r.len - a.window;
+  r.k = a.k_per_row ? min(max(int64_t(a.k_per_row[b]), int64_t(0)), a.k) : a.k;
   const int64_t n = r.hi - r.lo;
-  r.select = a.k > 0 && n > a.k;
-  r.take_all = a.k > 0 && n > 0 && n <= a.k;
+  r.select = r.k > 0 && n > r.k;
+  r.take_all = r.k > 0 && n > 0 && n <= r.k;
   return r;
 }
 
@@ -131,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
   const Range rg = row_range(lengths, b, a);
   const int64_t t_begin = tile * kTile;
   if (!rg.select || t_begin >= rg.hi || t_begin + kTile <= rg.lo) return;  // uniform per block
-  unsigned long long remaining = (unsigned long long)a.k;
+  unsigned long long remaining = (unsigned long long)rg.k;
   uint32_t prefix = 0u;
   if (kLevel > 0) {
     const RowState s = state[row];
@@ -386,6 +389,7 @@ cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_
   a.num_kv_heads = p.num_q_heads / p.group_size;
   a.capacity = p.capacity;
   a.k = p.k;
+  a.k_per_row = p.k_per_row;
   a.sink = p.sink;
   a.window = p.window;
   a.max_selected = p.max_selected;
@@ -402,8 +406,9 @@ cudaError_t select_topk_cuda(const float* scores, const int32_t* lengths, int32_
   if (groups == 0) return cudaSuccess;
   if (groups > kMaxGridBlocks || rows * a.tiles > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
 
-  // Some row may need radix selection only if the largest possible candidate count exceeds k.
-  const bool any_select = p.k > 0 && p.capacity - p.sink - p.window > p.k;
+  // Some row may need radix selection only if the largest possible candidate count exceeds its
+  // k (any k at or below the maximum, with k_per_row: those stay on the device).
+  const bool any_select = p.k > 0 && p.capacity - p.sink - p.window > (p.k_per_row ? 0 : p.k);
 
   Scratch scratch(stream);
   const size_t hist_bytes = align_up(size_t(rows) * kHistBins * sizeof(uint32_t));

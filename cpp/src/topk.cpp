@@ -6,6 +6,7 @@
 #include <functional>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -271,6 +272,12 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
   if (p.max_selected != p.group_size * p.k + (p.add_resident ? p.sink + p.window : 0))
     throw std::invalid_argument("select_topk: max_selected must be group_size * k (+ sink + window with add_resident)");
   const int64_t num_kv_heads = p.num_q_heads / p.group_size;
+  if (p.k_per_row)
+    for (int64_t b = 0; b < p.batch; ++b)
+      if (p.k_per_row[b] < 0 || p.k_per_row[b] > p.k)
+        throw std::invalid_argument("select_topk: k_per_row[" + std::to_string(b) +
+                                    "] = " + std::to_string(p.k_per_row[b]) +
+                                    " must be in [0, k = " + std::to_string(p.k) + "]");
   ThreadPool::global().parallel_for(
       p.batch * num_kv_heads,
       [&](int64_t begin, int64_t end) {
@@ -296,15 +303,16 @@ void select_topk_cpu(const float* scores, const int32_t* lengths, int32_t* indic
             std::memset(mark + window_begin, 1, size_t(length - window_begin));
           }
           const int64_t lo = p.sink, hi = length - p.window, num_candidates = hi - lo;
-          if (num_candidates > 0 && p.k > 0) {
-            if (num_candidates <= p.k) {
+          const int64_t k = p.k_per_row ? p.k_per_row[b] : p.k;
+          if (num_candidates > 0 && k > 0) {
+            if (num_candidates <= k) {
               std::memset(mark + lo, 1, size_t(num_candidates));
             } else {
               for (int64_t h = g * p.group_size; h < (g + 1) * p.group_size; ++h) {
                 const float* row = scores + b * p.scores_stride[0] + h * p.scores_stride[1] + lo;
-                const bool sampled = num_candidates >= kSampledMinRow && p.k * kSampledMaxShare <= num_candidates &&
-                                     mark_top_k_sampled(row, num_candidates, p.k, candidates.data(), mark + lo);
-                if (!sampled) mark_top_k(row, num_candidates, p.k, keys.data(), positions.data(), mark + lo);
+                const bool sampled = num_candidates >= kSampledMinRow && k * kSampledMaxShare <= num_candidates &&
+                                     mark_top_k_sampled(row, num_candidates, k, candidates.data(), mark + lo);
+                if (!sampled) mark_top_k(row, num_candidates, k, keys.data(), positions.data(), mark + lo);
               }
             }
           }

@@ -43,11 +43,59 @@ struct PagedRequests {
                                          // budget_per_kv_head) each request selects
 };
 
-class PagedPipeline {
+// What the CPU PagedPipeline and its CUDA twin (CudaPagedPipeline, cuda/a2ats_cuda.h) share:
+// the setup, the checks a host can make, the plan of a decode call and the single ops' parameters.
+class PagedPipelineBase {
  public:
   // Throws std::invalid_argument when the shape or codebook does not fit the store or the store
   // is not slot-indexed (batch 1).
-  PagedPipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook);
+  PagedPipelineBase(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook);
+
+  const PipelineShape& shape() const { return shape_; }
+  int64_t num_bins() const { return int64_t(codebook_.wrope_distances.size()); }
+  const PipelineStats& stats() const { return stats_; }
+  KVStore& store() const { return store_; }
+  int64_t group_size() const { return shape_.num_q_heads / store_.num_kv_heads(); }
+  int64_t last_num_requests() const { return last_num_requests_; }
+  int64_t last_max_selected() const { return last_max_selected_; }
+
+ protected:
+  // One decode call's sizes: the longest context, the largest k and the rows a KV head may
+  // select (Kmax = k or G k, plus sink + window).
+  struct DecodePlan {
+    int64_t num_requests = 0, max_length = 0, max_k = 0, max_selected = 0;
+  };
+  void check_layer(int64_t layer) const;
+  void check_codes(const PagedCodes& codes) const;
+  // Checks the host arrays of a decode call (lengths, k, the table's width); throws
+  // std::invalid_argument naming the argument.
+  DecodePlan plan_decode(const PagedRequests& requests, const PagedCodes& codes) const;
+  // (N, NB) rotations of the WRoPE queries: bin j moved to distance wrope_distances[j].
+  void wrope_rotations(const PagedRequests& requests, int64_t* out) const;
+  // Counters of one decode call from its host counts (N, Hkv) (sink and window included).
+  void count_step(const PagedRequests& requests, const int32_t* counts);
+
+  // The single ops' parameters for dense f32 scratch: un-rotating keys (n, Hkv, D); rotating
+  // the queries (N, Hq, D) to (N, Hq, NB, D); encoding (n, Hkv, D) into (n, Hkv, M); scoring
+  // (N, Hq, NB, D) through the block table into (N, Hq, Tmax); grouping into (N, Hkv, Tmax);
+  // selecting each request's own k (k_per_row = requests.k) into (N, Hkv, Kmax).
+  RotaryParams key_rotation(int64_t n) const;
+  RotaryParams query_rotation(int64_t num_requests) const;
+  VQEncodeParams key_encoding(int64_t n) const;
+  LutScoresParams scoring(const DecodePlan& plan, const PagedRequests& requests, const PagedCodes& codes) const;
+  GroupScoresParams grouping(const DecodePlan& plan) const;
+  SelectTopkParams selection(const DecodePlan& plan, const PagedRequests& requests) const;
+
+  KVStore& store_;
+  PipelineShape shape_;
+  PipelineCodebook codebook_;
+  PipelineStats stats_;
+  int64_t last_num_requests_ = 0, last_max_selected_ = 0;
+};
+
+class PagedPipeline : public PagedPipelineBase {
+ public:
+  using PagedPipelineBase::PagedPipelineBase;
 
   // Codes of n keys k (n, Hkv, D) of the store's dtype (element strides (i, g) in k.stride[0..1]),
   // post-RoPE at positions (n,), written at slots (n,) of `codes`; slots[i] < 0 skips key i.
@@ -60,28 +108,12 @@ class PagedPipeline {
   void decode(int64_t layer, const ConstRows& q, const PagedRequests& requests, const PagedCodes& codes, float scale,
               void* out, const int64_t out_stride[2]);
 
-  const PipelineShape& shape() const { return shape_; }
-  int64_t num_bins() const { return int64_t(codebook_.wrope_distances.size()); }
-  const PipelineStats& stats() const { return stats_; }
-  KVStore& store() const { return store_; }
-  int64_t group_size() const { return shape_.num_q_heads / store_.num_kv_heads(); }
   // The selection of the last decode call, as token indices of each request (not slots):
   // indices (N, Hkv, Kmax) int32 ascending, padded with -1, and counts (N, Hkv) int32.
   const int32_t* last_indices() const { return indices_.data(); }
   const int32_t* last_counts() const { return counts_.data(); }
-  int64_t last_num_requests() const { return last_num_requests_; }
-  int64_t last_max_selected() const { return last_max_selected_; }
 
  private:
-  void check_layer(int64_t layer) const;
-  void check_codes(const PagedCodes& codes) const;
-
-  KVStore& store_;
-  PipelineShape shape_;
-  PipelineCodebook codebook_;
-  PipelineStats stats_;
-  int64_t last_num_requests_ = 0, last_max_selected_ = 0;
-
   // Scratch, grown on demand and reused.
   std::vector<float> keys_, whitened_;             // (n, Hkv, D)
   std::vector<int64_t> rotate_by_;                 // (n,) or (N, NB)

@@ -13,6 +13,10 @@ struct SelectTopkParams {
   int64_t capacity = 0;  // Tcap
   int64_t k = 0, sink = 0, window = 0;
   int64_t max_selected = 0;  // Kmax = group_size * k + sink + window (+ 0 without add_resident)
+  // (B,) int32 or null: batch row b takes k_per_row[b] in [0, k] instead of k (a serving
+  // engine's requests each have their own budget; k is then their maximum). On the CPU it is
+  // read on the host, on CUDA on the device (clamped to [0, k] there).
+  const int32_t* k_per_row = nullptr;
   // false: only the selected candidates, for a caller that holds the sink and window rows
   // elsewhere (the CUDA pipeline keeps them on the device).
   bool add_resident = true;
