@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "a2ats/kv_store.h"
+#include "a2ats/paged_pipeline.h"
 #include "a2ats/pipeline.h"
 #include "a2ats/rotary.h"
 #include "a2ats/topk.h"
@@ -81,11 +82,22 @@ cudaError_t kv_append_cuda(KVStore& store, int64_t layer, const RowsView& k, con
 // filling chunk i overlaps the copy of chunk i-1 and no slot is refilled while in flight.
 // Returns once the last chunk is enqueued (the outputs are ready in `stream` order).
 // Slots of the outputs past counts are left untouched. host_counts, when not null, receives the
-// counts (B, Hkv) dense on the host.
+// counts (B, Hkv) dense on the host. num_queries: the B of indices, counts and outputs as for
+// KVStore::gather (0: the store's batch; any number on a batch-1, slot-indexed store).
 cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
                            bool indices_on_device, const int32_t* counts, const int64_t counts_stride[2],
                            const RowsView& out_k, const RowsView& out_v, int64_t max_selected, cudaStream_t stream,
-                           int32_t* host_counts = nullptr);
+                           int32_t* host_counts = nullptr, int64_t num_queries = 0);
+
+// KVStore::write_slots from device rows: row i of k, v (n, Hkv, D) on the device (element
+// strides (i, g) in stride[0..1], head_dim contiguous) goes to slot slots[i] of every KV head
+// of `layer` of the host store; slots[i] < 0 skips row i. slots (n,) int64 live on the device
+// when slots_on_device (copied to the host first: one synchronisation), else on the host.
+// Checked with store.check_write_slots, which throws std::invalid_argument before anything is
+// written. The rows pass through the store's pinned staging buffers, chunk by chunk, the host
+// threads placing chunk i while chunk i + 1 is copied; the rows are in the store when it returns.
+cudaError_t kv_write_slots_cuda(KVStore& store, int64_t layer, const int64_t* slots, bool slots_on_device, int64_t n,
+                                const RowsView& k, const RowsView& v, cudaStream_t stream);
 
 // Exact attention of each query head over the rows of its KV head that are on the device.
 // For (b, h), with g = h / group_size and n = counts[b, g] (clamped to [0, max_rows]):
@@ -196,6 +208,62 @@ class CudaPipeline : public PipelineBase {
   int64_t selection_capacity_ = -1;  // G * k the selection buffers hold
   int32_t *indices_ = nullptr, *counts_ = nullptr;
   char *gathered_k_ = nullptr, *gathered_v_ = nullptr;  // (B, Hkv, G * k, D)
+};
+
+// The PagedPipeline (paged_pipeline.h) on one CUDA device, its twin: the engine's paged codes,
+// block tables, queries and outputs on the device, the full K/V in the slot-indexed host store
+// (pinned, written by kv_write_slots_cuda). Same results as the CPU PagedPipeline, selection
+// and codes bit for bit; the sink and window rows are gathered with the middle ones (the
+// engine's cache holds only codes). Per decode call, the one host synchronisation is the
+// gather's copy of the selected slots (the host threads need them); none when no request
+// selects a row. Values the CPU checks on the host but that live on the device here are
+// clamped instead: an encode slot past the codes' slots is skipped, a block id outside
+// [0, num_blocks) scores NaN and, for the sink and window rows, makes the gather throw.
+class CudaPagedPipeline : public PagedPipelineBase {
+ public:
+  // Runs on the current device, which becomes the pipeline's. Throws as PagedPipeline, and
+  // std::runtime_error when the device memory cannot be had.
+  CudaPagedPipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook);
+  ~CudaPagedPipeline();
+  CudaPagedPipeline(const CudaPagedPipeline&) = delete;
+  CudaPagedPipeline& operator=(const CudaPagedPipeline&) = delete;
+
+  // As PagedPipeline::encode, with k (n, Hkv, D), positions (n,) int64 and slots (n,) int64 on
+  // the device.
+  cudaError_t encode(int64_t layer, const ConstRows& k, int64_t n, const int64_t* positions, const int64_t* slots,
+                     const PagedCodes& codes, cudaStream_t stream);
+  // As PagedPipeline::decode, with q (N, Hq, D), the block table and out on the device;
+  // requests.lengths and requests.k on the host (the step's plan: they size the selection).
+  cudaError_t decode(int64_t layer, const ConstRows& q, const PagedRequests& requests, const PagedCodes& codes,
+                     float scale, void* out, const int64_t out_stride[2], cudaStream_t stream);
+
+  int device() const { return device_; }
+  // The last decode's selection on the device, as token indices of each request:
+  // indices (N, Hkv, Kmax) int32 ascending, padded with -1, and counts (N, Hkv) int32.
+  const int32_t* last_indices() const { return indices_; }
+  const int32_t* last_counts() const { return counts_; }
+
+ private:
+  void release();
+
+  int device_ = -1;
+  std::vector<int32_t> host_meta_, host_counts_;  // staged (2, N) lengths and k; counts (N, Hkv)
+  std::vector<int64_t> host_rotate_by_;           // (N, NB)
+  // Device memory: the codebook, then scratch grown on demand (capacities in elements).
+  float *chol_ = nullptr, *chol_inv_ = nullptr, *centroids_ = nullptr, *inv_freq_ = nullptr;
+  int32_t* bin_edges_ = nullptr;                                       // (max(NB - 1, 1),)
+  int32_t* meta_ = nullptr;                                            // (2, N) lengths, k
+  int64_t* rotate_by_ = nullptr;                                       // (n,) in encode, (N, NB) in decode
+  float *keys_ = nullptr, *whitened_ = nullptr;                        // (n, Hkv, D)
+  int16_t* new_codes_ = nullptr;                                       // (n, Hkv, M)
+  float *q_ = nullptr, *q_wrope_ = nullptr, *q_dual_ = nullptr;        // (N, Hq, D), (N, Hq, NB, D) x 2
+  float *scores_ = nullptr, *grouped_ = nullptr;                       // (N, Hq, Tmax), (N, Hkv, Tmax)
+  int32_t *indices_ = nullptr, *slots_ = nullptr, *counts_ = nullptr;  // (N, Hkv, Kmax) x 2, (N, Hkv)
+  char *gathered_k_ = nullptr, *gathered_v_ = nullptr;                 // (N, Hkv, Kmax, D)
+  float *out_ = nullptr, *lse_ = nullptr;                              // (N, Hq, D), (N, Hq)
+  int64_t meta_cap_ = 0, rotate_cap_ = 0, keys_cap_ = 0, whitened_cap_ = 0, codes_cap_ = 0, q_cap_ = 0,
+          q_wrope_cap_ = 0, q_dual_cap_ = 0, scores_cap_ = 0, grouped_cap_ = 0, indices_cap_ = 0, slots_cap_ = 0,
+          counts_cap_ = 0, gathered_cap_ = 0, gathered_v_cap_ = 0, out_cap_ = 0, lse_cap_ = 0;
 };
 
 }  // namespace a2ats

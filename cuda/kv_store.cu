@@ -273,10 +273,10 @@ cudaError_t kv_append_cuda(KVStore& store, int64_t layer, const RowsView& k, con
 cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices, const int64_t indices_stride[2],
                            bool indices_on_device, const int32_t* counts, const int64_t counts_stride[2],
                            const RowsView& out_k, const RowsView& out_v, int64_t max_selected, cudaStream_t stream,
-                           int32_t* host_counts) {
+                           int32_t* host_counts, int64_t num_queries) {
   CudaStoreState& st = state_of(store);
   std::lock_guard<std::mutex> lock(st.mutex);
-  const int64_t B = store.batch(), Hkv = store.num_kv_heads();
+  const int64_t B = num_queries > 0 ? num_queries : store.batch(), Hkv = store.num_kv_heads();
 
   // 1. Indices and counts on the host.
   const int32_t* idx = indices;
@@ -300,7 +300,7 @@ cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices
   }
 
   // 2. Validation (throws std::invalid_argument before anything is written).
-  store.check_gather(layer, idx, idx_stride, cnt, cnt_stride, max_selected);
+  store.check_gather(layer, idx, idx_stride, cnt, cnt_stride, max_selected, num_queries);
   if (host_counts)
     for (int64_t bg = 0; bg < B * Hkv; ++bg)
       host_counts[bg] = cnt[(bg / Hkv) * cnt_stride[0] + (bg % Hkv) * cnt_stride[1]];
@@ -342,8 +342,11 @@ cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices
             while (r >= seg[size_t(bg + 1)]) ++bg;
             const int64_t b = bg / Hkv, g = bg % Hkv, i = r - seg[size_t(bg)];
             const int64_t row_index = idx[b * idx_stride[0] + g * idx_stride[1] + i];
-            std::memcpy(host_k + e * row_bytes, store.k_rows(layer, b, g) + row_index * row_bytes, size_t(row_bytes));
-            std::memcpy(host_v + e * row_bytes, store.v_rows(layer, b, g) + row_index * row_bytes, size_t(row_bytes));
+            const int64_t from = store.store_row(b);
+            std::memcpy(host_k + e * row_bytes, store.k_rows(layer, from, g) + row_index * row_bytes,
+                        size_t(row_bytes));
+            std::memcpy(host_v + e * row_bytes, store.v_rows(layer, from, g) + row_index * row_bytes,
+                        size_t(row_bytes));
             meta[e] = RowMeta{int32_t(bg), int32_t(i)};
           }
         },
@@ -359,6 +362,91 @@ cudaError_t kv_gather_cuda(KVStore& store, int64_t layer, const int32_t* indices
     if (err != cudaSuccess) return fail(err);
     slot.pending = true;
   }
+  return cudaSuccess;
+}
+
+cudaError_t kv_write_slots_cuda(KVStore& store, int64_t layer, const int64_t* slots, bool slots_on_device, int64_t n,
+                                const RowsView& k, const RowsView& v, cudaStream_t stream) {
+  if (n <= 0) {
+    store.check_write_slots(layer, slots, 0);
+    return cudaSuccess;
+  }
+  CudaStoreState& st = state_of(store);
+  std::lock_guard<std::mutex> lock(st.mutex);
+  const int64_t* host_slots = slots;
+  if (slots_on_device) {
+    A2ATS_CUDA_TRY(st.ensure_index(size_t(2 * n)));  // n int64 in int32 units
+    A2ATS_CUDA_TRY(cudaMemcpyAsync(st.index_host, slots, size_t(n) * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
+    A2ATS_CUDA_TRY(cudaStreamSynchronize(stream));
+    host_slots = reinterpret_cast<const int64_t*>(st.index_host);
+  }
+  store.check_write_slots(layer, host_slots, n);  // throws before anything is written
+
+  // Whole tokens per chunk: all Hkv rows of K, then of V. The gather's slots serve as staging;
+  // only when a chunk cannot hold one token (a tiny A2ATS_GATHER_CHUNK_BYTES) are they sized
+  // for tokens instead of rows.
+  const int64_t Hkv = store.num_kv_heads(), row = store.row_bytes(), elem = dtype_size(store.dtype());
+  const int64_t token_bytes = 2 * Hkv * row;
+  A2ATS_CUDA_TRY(st.ensure_slots(row));
+  if (int64_t(st.slot_bytes) < token_bytes) A2ATS_CUDA_TRY(st.ensure_slots(Hkv * row));
+  A2ATS_CUDA_TRY(st.wait_slots());
+  const int64_t per_chunk = int64_t(st.slot_bytes) / token_bytes;
+  auto fail = [&](cudaError_t err) {
+    st.wait_slots();
+    cudaGetLastError();
+    return err;
+  };
+  // Device rows [t0, t0 + nt) of x into staging (nt, Hkv, row): one pitched copy when the
+  // heads of a token are adjacent, else one per head.
+  const auto stage = [&](const RowsView& x, char* dst, int64_t t0, int64_t nt) -> cudaError_t {
+    const char* src = static_cast<const char*>(x.data) + t0 * x.stride[0] * elem;
+    const size_t spitch = size_t(x.stride[0] * elem);
+    if (Hkv == 1 || x.stride[1] * elem == row)
+      return copy_rows(dst, size_t(Hkv * row), src, spitch, size_t(Hkv * row), nt, cudaMemcpyDeviceToHost, stream);
+    for (int64_t g = 0; g < Hkv; ++g)
+      A2ATS_CUDA_TRY(copy_rows(dst + g * row, size_t(Hkv * row), src + g * x.stride[1] * elem, spitch, size_t(row), nt,
+                               cudaMemcpyDeviceToHost, stream));
+    return cudaSuccess;
+  };
+  // Staged chunk [t0, t0 + nt) into the store rows of its slots, by the store's threads.
+  const auto place = [&](Slot& slot, int64_t t0, int64_t nt) -> cudaError_t {
+    const cudaError_t err = cudaEventSynchronize(slot.done);
+    slot.pending = false;
+    A2ATS_CUDA_TRY(err);
+    const char* staged_k = slot.host;
+    const char* staged_v = slot.host + nt * Hkv * row;
+    store.pool().parallel_for(
+        nt * Hkv,
+        [&](int64_t begin, int64_t end) {
+          for (int64_t e = begin; e < end; ++e) {
+            const int64_t i = t0 + e / Hkv, g = e % Hkv, to = host_slots[i];
+            if (to < 0) continue;  // the engine's padding
+            std::memcpy(store.k_rows(layer, 0, g) + to * row, staged_k + e * row, size_t(row));
+            std::memcpy(store.v_rows(layer, 0, g) + to * row, staged_v + e * row, size_t(row));
+          }
+        },
+        ThreadPool::min_chunk_for(2 * row));
+    return cudaSuccess;
+  };
+  int64_t previous_t0 = 0, previous_nt = 0;
+  for (int64_t t0 = 0, chunk = 0; t0 < n; t0 += per_chunk, ++chunk) {
+    const int64_t nt = std::min(per_chunk, n - t0);
+    Slot& slot = st.slots[chunk & 1];
+    cudaError_t err = stage(k, slot.host, t0, nt);
+    if (err == cudaSuccess) err = stage(v, slot.host + nt * Hkv * row, t0, nt);
+    if (err == cudaSuccess) err = cudaEventRecord(slot.done, stream);
+    if (err != cudaSuccess) return fail(err);
+    slot.pending = true;
+    // While this chunk copies, the previous one is placed.
+    if (previous_nt > 0 && (err = place(st.slots[(chunk - 1) & 1], previous_t0, previous_nt)) != cudaSuccess)
+      return fail(err);
+    previous_t0 = t0;
+    previous_nt = nt;
+  }
+  const int64_t last = (n - 1) / per_chunk;
+  const cudaError_t err = place(st.slots[last & 1], previous_t0, previous_nt);
+  if (err != cudaSuccess) return fail(err);
+  store.commit_write_slots(layer, host_slots, n);
   return cudaSuccess;
 }
 

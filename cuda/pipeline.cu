@@ -9,95 +9,15 @@
 
 #include "a2ats_cuda.h"
 #include "cuda_common.cuh"
+#include "pipeline_steps.cuh"
 
 namespace a2ats {
 namespace {
 
 using namespace cuda_detail;
+using namespace cuda_steps;
 
 constexpr int kThreads = 128;
-
-// out (n0, n1, n2, D) f32 contiguous from strided rows of T (head_dim contiguous); one block per row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) to_f32_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2,
-                                                          int64_t n1, int64_t n2, int64_t D, float* __restrict__ out) {
-  const int64_t r = blockIdx.x, i = r / (n1 * n2), j = (r / n2) % n1, t = r % n2;
-  const T* row = x + i * s0 + j * s1 + t * s2;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) out[r * D + d] = load_f32(row + d);
-}
-
-cudaError_t to_f32(const ConstRows& x, DType dtype, int64_t n0, int64_t n1, int64_t n2, int64_t D, float* out,
-                   cudaStream_t stream) {
-  const int64_t rows = n0 * n1 * n2;
-  if (rows == 0) return cudaSuccess;
-  if (rows > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
-  const auto s = x.stride;
-  switch (dtype) {
-    case DType::kFloat32:
-      to_f32_kernel<float><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const float*>(x.data), s[0], s[1], s[2],
-                                                                    n1, n2, D, out);
-      break;
-    case DType::kFloat16:
-      to_f32_kernel<half_t><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const half_t*>(x.data), s[0], s[1],
-                                                                     s[2], n1, n2, D, out);
-      break;
-    case DType::kBFloat16:
-      to_f32_kernel<bfloat16_t><<<unsigned(rows), kThreads, 0, stream>>>(static_cast<const bfloat16_t*>(x.data), s[0],
-                                                                         s[1], s[2], n1, n2, D, out);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
-// Rotation positions: with offsets null, out[b, t] = -positions[b, t] (un-rotating keys);
-// otherwise out[b, j] = offsets[j] - positions[b, 0] (the WRoPE query of bin j).
-__global__ void __launch_bounds__(kThreads)
-    rotation_kernel(const int64_t* __restrict__ positions, int64_t s0, int64_t s1, int64_t B, int64_t T,
-                    const int64_t* __restrict__ offsets, int64_t* __restrict__ out) {
-  const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (e >= B * T) return;
-  const int64_t b = e / T, t = e % T;
-  out[e] = offsets ? offsets[t] - positions[b * s0] : -positions[b * s0 + t * s1];
-}
-
-cudaError_t rotations(const int64_t* positions, int64_t s0, int64_t s1, int64_t B, int64_t T, const int64_t* offsets,
-                      int64_t* out, cudaStream_t stream) {
-  if (B * T == 0) return cudaSuccess;
-  rotation_kernel<<<unsigned(ceil_div(B * T, kThreads)), kThreads, 0, stream>>>(positions, s0, s1, B, T, offsets, out);
-  return cudaGetLastError();
-}
-
-// y[r] = x[r] @ M (transposed: M @ x[r]) for rows of D floats; rows_per_matrix consecutive rows
-// share one (D, D) matrix and matrices cycle every num_matrices groups, as rows_times_matrix in
-// pipeline.cpp (same summation order).
-__global__ void __launch_bounds__(kThreads)
-    rows_times_matrix_kernel(const float* __restrict__ x, const float* __restrict__ matrices, int64_t rows_per_matrix,
-                             int64_t num_matrices, int64_t D, bool transposed, float* __restrict__ y) {
-  extern __shared__ float row[];  // (D,)
-  const int64_t r = blockIdx.x;
-  const float* m = matrices + ((r / rows_per_matrix) % num_matrices) * D * D;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) row[d] = x[r * D + d];
-  __syncthreads();
-  for (int64_t e = threadIdx.x; e < D; e += kThreads) {
-    float acc = 0.f;
-    if (transposed)
-      for (int64_t k = 0; k < D; ++k) acc += m[e * D + k] * row[k];
-    else
-      for (int64_t k = 0; k < D; ++k) acc += row[k] * m[k * D + e];
-    y[r * D + e] = acc;
-  }
-}
-
-cudaError_t rows_times_matrix(const float* x, const float* matrices, int64_t num_rows, int64_t rows_per_matrix,
-                              int64_t num_matrices, int64_t D, bool transposed, float* y, cudaStream_t stream) {
-  if (num_rows == 0) return cudaSuccess;
-  if (num_rows > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
-  rows_times_matrix_kernel<<<unsigned(num_rows), kThreads, size_t(D) * sizeof(float), stream>>>(
-      x, matrices, rows_per_matrix, num_matrices, D, transposed, y);
-  return cudaGetLastError();
-}
 
 // New codes (B, Hkv, t, M) into the layer's codes (B, Hkv, capacity, M) after each row's start;
 // rows t >= num_new[b] are not stored. One block per (b, g).
@@ -140,21 +60,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-cudaError_t device_alloc(T** ptr, int64_t elements) {
-  return cudaMalloc(reinterpret_cast<void**>(ptr), size_t(std::max<int64_t>(elements, 1)) * sizeof(T));
-}
-
-template <typename T>
-void device_free(T*& ptr) {
-  if (ptr) cudaFree(ptr);
-  ptr = nullptr;
-}
-
-std::string cuda_failure(const char* what, cudaError_t err) {
-  return std::string("CUDA pipeline: ") + what + " failed: " + cudaGetErrorString(err);
-}
-
 }  // namespace
 
 CudaPipeline::CudaPipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
@@ -164,7 +69,7 @@ CudaPipeline::CudaPipeline(KVStore& store, const PipelineShape& shape, PipelineC
   if (err != cudaSuccess) {
     release();
     cudaGetLastError();
-    throw std::runtime_error(cuda_failure("allocating device memory", err));
+    throw std::runtime_error(failure("allocating device memory", err));
   }
 }
 
@@ -216,9 +121,7 @@ cudaError_t CudaPipeline::allocate() {
 }
 
 void CudaPipeline::release() {
-  int current = -1;
-  const bool switch_device = device_ >= 0 && cudaGetDevice(&current) == cudaSuccess && current != device_;
-  if (switch_device) cudaSetDevice(device_);
+  OnDevice on(device_);
   // Decode steps leave rows in flight to the host store, which may be freed after us.
   if (has_stream_) cudaDeviceSynchronize();
   device_free(chol_);
@@ -248,7 +151,6 @@ void CudaPipeline::release() {
   device_free(counts_);
   device_free(gathered_k_);
   device_free(gathered_v_);
-  if (switch_device) cudaSetDevice(current);
   cudaGetLastError();  // teardown errors (e.g. at process exit) are not reported
 }
 
@@ -416,25 +318,7 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
   }
 
   // Exact attention with the model's query over the middle rows and over the resident rows.
-  AttendRowsParams ap;
-  ap.batch = B;
-  ap.num_q_heads = Hq;
-  ap.group_size = group;
-  ap.head_dim = D;
-  ap.scale = scale;
-  ap.dtype = store_.dtype();
-  ap.q_stride[0] = Hq * D;
-  ap.q_stride[1] = D;
-  ap.out_stride[0] = Hq * D;
-  ap.out_stride[1] = D;
-  ap.lse_stride[0] = Hq;
-  ap.lse_stride[1] = 1;
-  ap.max_rows = max_middle;
-  ap.rows_stride[0] = gk.stride[0];
-  ap.rows_stride[1] = gk.stride[1];
-  ap.rows_stride[2] = D;
-  ap.counts_stride[0] = Hkv;
-  ap.counts_stride[1] = 1;
+  AttendRowsParams ap = attending_rows(B, Hq, group, D, max_middle, scale, store_.dtype());
   A2ATS_CUDA_TRY(attend_rows_cuda(q_, gathered_k_, gathered_v_, counts_, out_middle_, lse_middle_, ap, stream));
   ap.max_rows = resident_rows_;
   ap.rows_stride[0] = Hkv * resident_rows_ * D;

@@ -166,6 +166,10 @@ void KVStore::write_slots(int64_t layer, const int64_t* slots, int64_t n, const 
         }
       },
       ThreadPool::min_chunk_for(2 * int64_t(row)));
+  commit_write_slots(layer, slots, n);
+}
+
+void KVStore::commit_write_slots(int64_t layer, const int64_t* slots, int64_t n) {
   int64_t& length = lengths_[size_t(layer)];
   for (int64_t i = 0; i < n; ++i) length = std::max(length, slots[i] + 1);
 }

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "a2ats_cuda.h"
@@ -637,26 +638,17 @@ static void test_attend_merge(int64_t B, int64_t Hkv, int64_t G, int64_t D, int6
 }
 
 // ---- the CUDA pipeline against the CPU pipeline, step by step -----------------------------------
-// Codes of the rows `store` holds, equal in both pipelines.
-template <typename A, typename B_>
-static bool same_codes(const A& x, const B_& y, const KVStore& store, int64_t layer, int64_t M) {
-  for (int64_t b = 0; b < store.batch(); ++b)
-    for (int64_t g = 0; g < store.num_kv_heads(); ++g) {
-      const int64_t off = (b * store.num_kv_heads() + g) * store.capacity() * M;
-      if (std::memcmp(x.codes(layer) + off, y.codes(layer) + off, size_t(store.length(layer, b) * M) * 2) != 0)
-        return false;
-    }
-  return true;
+template <typename T>
+static DType dtype_of() {
+  return std::is_same_v<T, float> ? DType::kFloat32 : std::is_same_v<T, half_t> ? DType::kFloat16 : DType::kBFloat16;
 }
 
-template <typename T>
-static void test_pipeline(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t NB, int64_t sink, int64_t window,
-                          int64_t k, std::vector<int32_t> prompt, int steps, bool per_kv_head = false) {
-  const int64_t L = 2, Hq = Hkv * G, M = 2, C = 64, cap = 400, R = D;
-  const int64_t middle_k = per_kv_head ? k : G * k;  // middle rows a KV head may select
-  const DType dtype = std::is_same_v<T, float>    ? DType::kFloat32
-                      : std::is_same_v<T, half_t> ? DType::kFloat16
-                                                  : DType::kBFloat16;
+// A random codebook of L layers for a pipeline of these heads (rotary over the whole head),
+// NB WRoPE distances from the window on, bins split every 8 tokens past it.
+static std::pair<PipelineShape, PipelineCodebook> random_pipeline(int64_t L, int64_t Hkv, int64_t Hq, int64_t D,
+                                                                  int64_t M, int64_t C, int64_t NB, int64_t sink,
+                                                                  int64_t window, bool per_kv_head) {
+  const int64_t R = D;
   PipelineShape shape;
   shape.num_q_heads = Hq;
   shape.rotary_dim = R;
@@ -675,6 +667,28 @@ static void test_pipeline(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t 
   for (int64_t i = 0; i < R / 2; ++i) book.inv_freq.push_back(std::pow(10000.f, -2.f * float(i) / float(R)));
   for (int64_t j = 0; j < NB; ++j) book.wrope_distances.push_back(window + 16 * j);
   for (int64_t j = 1; j < NB; ++j) book.bin_edges.push_back(int32_t(window + 8 * j));
+  return {shape, book};
+}
+
+// Codes of the rows `store` holds, equal in both pipelines.
+template <typename A, typename B_>
+static bool same_codes(const A& x, const B_& y, const KVStore& store, int64_t layer, int64_t M) {
+  for (int64_t b = 0; b < store.batch(); ++b)
+    for (int64_t g = 0; g < store.num_kv_heads(); ++g) {
+      const int64_t off = (b * store.num_kv_heads() + g) * store.capacity() * M;
+      if (std::memcmp(x.codes(layer) + off, y.codes(layer) + off, size_t(store.length(layer, b) * M) * 2) != 0)
+        return false;
+    }
+  return true;
+}
+
+template <typename T>
+static void test_pipeline(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t NB, int64_t sink, int64_t window,
+                          int64_t k, std::vector<int32_t> prompt, int steps, bool per_kv_head = false) {
+  const int64_t L = 2, Hq = Hkv * G, M = 2, C = 64, cap = 400;
+  const int64_t middle_k = per_kv_head ? k : G * k;  // middle rows a KV head may select
+  const DType dtype = dtype_of<T>();
+  const auto [shape, book] = random_pipeline(L, Hkv, Hq, D, M, C, NB, sink, window, per_kv_head);
   KVStore cpu_store(L, B, Hkv, D, cap, dtype, false, 2), dev_store(L, B, Hkv, D, cap, dtype, true, 3);
   Pipeline cpu(cpu_store, shape, book);
   CudaPipeline dev(dev_store, shape, book);
@@ -756,6 +770,123 @@ static void test_pipeline(int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t 
       }
 }
 
+// The CUDA paged pipeline against the CPU one on an engine's layout: requests own shuffled
+// blocks of a slot-indexed store; rows written by slot (one padded), codes encoded into the
+// paged cache, then decode calls with each request's own k. Codes, selections, stats and the
+// store must match exactly, outputs to rounding; one host synchronisation per decode.
+template <typename T>
+static void test_paged_pipeline(int64_t Hkv, int64_t G, int64_t D, int64_t NB, int64_t sink, int64_t window,
+                                int64_t block_size, std::vector<int32_t> lengths, std::vector<int32_t> ks,
+                                bool per_kv_head = false) {
+  const int64_t L = 2, Hq = Hkv * G, M = 2, C = 64, N = int64_t(lengths.size());
+  const DType dtype = dtype_of<T>();
+  const auto [shape, book] = random_pipeline(L, Hkv, Hq, D, M, C, NB, sink, window, per_kv_head);
+  // Blocks: each request's, shuffled over the cache, plus two spare.
+  int64_t table_width = 0, used_blocks = 0;
+  for (int32_t len : lengths) table_width = std::max<int64_t>(table_width, (len + block_size - 1) / block_size);
+  for (int32_t len : lengths) used_blocks += (len + block_size - 1) / block_size;
+  const int64_t num_blocks = used_blocks + 2, cap = num_blocks * block_size;
+  std::vector<int32_t> order(static_cast<size_t>(num_blocks));
+  for (int64_t b = 0; b < num_blocks; ++b) order[size_t(b)] = int32_t(b);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int32_t> table(size_t(N * table_width), 0);
+  std::vector<int64_t> slots, positions;
+  for (int64_t i = 0, next = 0; i < N; ++i) {
+    for (int64_t c = 0; c * block_size < lengths[size_t(i)]; ++c)
+      table[size_t(i * table_width + c)] = order[size_t(next++)];
+    for (int64_t t = 0; t < lengths[size_t(i)]; ++t) {
+      slots.push_back(int64_t(table[size_t(i * table_width + t / block_size)]) * block_size + t % block_size);
+      positions.push_back(t);
+    }
+  }
+  slots.insert(slots.begin() + int64_t(slots.size()) / 2, -1);  // the engine's padding
+  positions.insert(positions.begin() + int64_t(positions.size()) / 2, 0);
+  const int64_t n = int64_t(slots.size());
+  KVStore cpu_store(L, 1, Hkv, D, cap, dtype, false, 2), dev_store(L, 1, Hkv, D, cap, dtype, true, 3);
+  PagedPipeline cpu(cpu_store, shape, book);
+  CudaPagedPipeline dev(dev_store, shape, book);
+  std::vector<int16_t> cpu_codes(size_t(num_blocks * Hkv * block_size * M), 0), dev_codes(cpu_codes);
+  PagedCodes cpu_paged{cpu_codes.data(), num_blocks, block_size, {Hkv * block_size * M, block_size * M, M}};
+  PagedCodes dev_paged = cpu_paged;
+  dev_paged.data = dev_codes.data();
+  const auto rand_rows = [](int64_t count) {
+    std::vector<T> rows(static_cast<size_t>(count));
+    for (auto& x : rows) x = to_t<T>(randn());
+    return rows;
+  };
+  PagedRequests requests{N, lengths.data(), table.data(), table_width, ks.data()};
+  double worst = 0;
+  for (int64_t layer = 0; layer < L; ++layer) {
+    // Rows strided per token (one spare head's room), as an engine's fused qkv would give.
+    auto kr = rand_rows(n * (Hkv + 1) * D), vr = rand_rows(n * (Hkv + 1) * D);
+    const RowsView kv{kr.data(), {(Hkv + 1) * D, D, 0}}, vv{vr.data(), {(Hkv + 1) * D, D, 0}};
+    cpu_store.write_slots(layer, slots.data(), n, kv, vv);
+    const long long syncs = emu::stream_syncs;
+    CUDA_OK(kv_write_slots_cuda(dev_store, layer, slots.data(), true, n, kv, vv, nullptr));
+    CHECK(emu::stream_syncs - syncs == 1, "write_slots synchronised %lld times", emu::stream_syncs - syncs);
+    CHECK(cpu_store.length(layer, 0) == dev_store.length(layer, 0), "store lengths differ");
+    const int64_t row = cpu_store.row_bytes();
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t slot : slots) {
+        if (slot < 0) continue;  // unwritten slots hold whatever the allocation had
+        CHECK(std::memcmp(cpu_store.k_rows(layer, 0, g) + slot * row, dev_store.k_rows(layer, 0, g) + slot * row,
+                          size_t(row)) == 0 &&
+                  std::memcmp(cpu_store.v_rows(layer, 0, g) + slot * row, dev_store.v_rows(layer, 0, g) + slot * row,
+                              size_t(row)) == 0,
+              "written rows differ at layer %lld g %lld slot %lld", (long long)layer, (long long)g, (long long)slot);
+      }
+    const ConstRows kc{kr.data(), {(Hkv + 1) * D, D, 0}};
+    cpu.encode(layer, kc, n, positions.data(), slots.data(), cpu_paged);
+    CUDA_OK(dev.encode(layer, kc, n, positions.data(), slots.data(), dev_paged, nullptr));
+    CHECK(cpu_codes == dev_codes, "paged codes differ at layer %lld", (long long)layer);
+
+    auto q = rand_rows(N * Hq * D);
+    const ConstRows qc{q.data(), {Hq * D, D, 0}};
+    const int64_t os[2] = {Hq * (D + 2), D + 2};  // strided output
+    std::vector<T> out_cpu(size_t(N * Hq * (D + 2)), to_t<T>(5.f)), out_dev(out_cpu);
+    cpu.decode(layer, qc, requests, cpu_paged, 0.125f, out_cpu.data(), os);
+    const long long before = emu::stream_syncs;
+    CUDA_OK(dev.decode(layer, qc, requests, dev_paged, 0.125f, out_dev.data(), os, nullptr));
+    CHECK(emu::stream_syncs - before == (cpu.last_max_selected() > 0 ? 1 : 0), "decode synchronised %lld times",
+          emu::stream_syncs - before);
+    const int64_t kmax = cpu.last_max_selected();
+    CHECK(dev.last_max_selected() == kmax && dev.last_num_requests() == N, "selection shapes differ");
+    CHECK(std::memcmp(cpu.last_counts(), dev.last_counts(), size_t(N * Hkv) * 4) == 0 &&
+              std::memcmp(cpu.last_indices(), dev.last_indices(), size_t(N * Hkv * kmax) * 4) == 0,
+          "paged selection differs at layer %lld", (long long)layer);
+    for (int64_t bh = 0; bh < N * Hq; ++bh) {
+      for (int64_t d = 0; d < D; ++d) {
+        const double a = as_f(out_cpu[size_t(bh * (D + 2) + d)]), e = as_f(out_dev[size_t(bh * (D + 2) + d)]);
+        worst = std::max(worst, std::fabs(a - e) / (1 + std::fabs(a)));
+      }
+      CHECK(as_f(out_dev[size_t(bh * (D + 2) + D)]) == 5.f, "paged decode wrote past head_dim");
+    }
+  }
+  const double tol = std::is_same_v<T, float> ? 2e-5 : std::is_same_v<T, half_t> ? 2e-3 : 1.6e-2;
+  CHECK(worst < tol, "paged pipeline dtype=%s N=%lld G=%lld NB=%lld: outputs differ by %g", dtype_name(dtype),
+        (long long)N, (long long)G, (long long)NB, worst);
+  CHECK(dev.stats().rows_read == cpu.stats().rows_read && dev.stats().rows_fetched == cpu.stats().rows_fetched &&
+            dev.stats().rows_cached == cpu.stats().rows_cached && dev.stats().decode_calls == cpu.stats().decode_calls,
+        "paged stats differ");
+  // A block id outside the cache under a window token: refused before any output is written.
+  std::vector<int32_t> bad = table;
+  bad[size_t((lengths[0] - 1) / block_size)] = int32_t(num_blocks + 3);
+  PagedRequests bad_requests = requests;
+  bad_requests.block_table = bad.data();
+  auto q = rand_rows(N * Hq * D);
+  std::vector<T> out(size_t(N * Hq * D), to_t<T>(5.f));
+  const int64_t os[2] = {Hq * D, D};
+  bool refused = false;
+  try {
+    CUDA_OK(
+        dev.decode(0, ConstRows{q.data(), {Hq * D, D, 0}}, bad_requests, dev_paged, 0.125f, out.data(), os, nullptr));
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  CHECK(refused || window == 0, "a bad block id under the window was not refused");
+  CHECK(std::all_of(out.begin(), out.end(), [](T x) { return as_f(x) == 5.f; }), "a refused decode wrote output");
+}
+
 int main() {
   setenv("A2ATS_GATHER_CHUNK_BYTES", "8192", 1);  // many chunks, so both slots are reused
   section("rotary...");
@@ -813,6 +944,13 @@ int main() {
   test_pipeline<float>(5, 1, 3, 16, 1, 2, 4, 500, {30, 1, 0, 17, 64}, 2);  // every row; an empty prompt
   test_pipeline<float>(3, 2, 3, 32, 1, 4, 16, 6, {120, 7, 60}, 3, true);   // per-KV-head budget
   test_pipeline<half_t>(2, 1, 7, 32, 3, 2, 8, 9, {90, 150}, 2, true);      // ... binned, G = 7
+  section("paged pipeline...");
+  test_paged_pipeline<float>(2, 3, 32, 1, 4, 16, 16, {120, 7, 60}, {6, 0, 40});             // ragged, a short request
+  test_paged_pipeline<half_t>(1, 7, 32, 3, 2, 8, 128, {90, 150}, {4, 9});                   // binned, vLLM's CPU block
+  test_paged_pipeline<bfloat16_t>(2, 1, 64, 2, 0, 4, 5, {100}, {3});                        // no sink, odd block size
+  test_paged_pipeline<float>(1, 2, 16, 1, 2, 4, 4, {30, 1, 17, 64, 5}, {500, 2, 0, 7, 1});  // k >= length
+  test_paged_pipeline<float>(2, 3, 32, 1, 4, 16, 16, {120, 7, 60}, {6, 0, 40}, true);       // per-KV-head budget
+  test_paged_pipeline<half_t>(1, 7, 32, 3, 2, 8, 16, {90, 150}, {9, 3}, true);              // ... binned, G = 7
   std::printf("%lld kernel launches, %lld memcpys, %lld event syncs, %lld stream syncs\n", emu::launches,
               emu::memcpy_calls, emu::event_syncs, emu::stream_syncs);
   if (g_failures) {

@@ -75,6 +75,8 @@ class KVStore {
   // (which row would win would depend on the threads).
   void check_write_slots(int64_t layer, const int64_t* slots, int64_t n) const;
   void write_slots(int64_t layer, const int64_t* slots, int64_t n, const RowsView& k, const RowsView& v);
+  // The length update of a write_slots whose rows another path wrote (the CUDA one).
+  void commit_write_slots(int64_t layer, const int64_t* slots, int64_t n);
 
   // num_queries of a gather or attend: the B of its indices, counts and outputs. It equals
   // batch() (query b reads batch row b) except on a batch-1 store, where any number of queries
