@@ -133,7 +133,7 @@ step import 60 "$PY" -c "import a2ats_core as c; print(c.__file__, 'built_with_c
 
 # ---- 3. tests -------------------------------------------------------------------------------
 TEST_FILES=()
-for f in tests/test_cuda.py tests/test_rotary.py tests/test_vq_encode.py tests/test_lut_scores.py tests/test_select_topk.py tests/test_kv_store.py tests/test_errors.py tests/test_pipeline.py; do
+for f in tests/test_cuda.py tests/test_rotary.py tests/test_vq_encode.py tests/test_lut_scores.py tests/test_select_topk.py tests/test_kv_store.py tests/test_errors.py tests/test_pipeline.py tests/test_paged_pipeline.py; do
   [ -f "$f" ] && TEST_FILES+=("$f")
 done
 step tests 200 "$PY" -m pytest "${TEST_FILES[@]}" -k cuda -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml"

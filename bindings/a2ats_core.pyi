@@ -237,12 +237,15 @@ class KVStore:
         ValueError for CUDA arrays.
         """
 
-    def write_slots(self, layer: _Int, slots: _DLPackArray, k: _DLPackArray, v: _DLPackArray) -> None:
+    def write_slots(
+        self, layer: _Int, slots: _DLPackArray, k: _DLPackArray, v: _DLPackArray, *, stream: _Stream = None
+    ) -> None:
         """Slot-indexed write into a store of batch 1 whose capacity is an engine's number of slots:
-        row i of k, v (N, Hkv, D) of the store's dtype (CPU, last dim contiguous) goes to slot
-        slots[i] of `layer`; slots (N,) int64, a slot < 0 skips its row. The length becomes the
-        highest slot written + 1. ValueError, writing nothing, for a slot >= capacity or one named
-        twice; TypeError for a wrong dtype."""
+        row i of k, v (N, Hkv, D) of the store's dtype (CPU or CUDA, last dim contiguous) goes to
+        slot slots[i] of `layer`; slots (N,) int64 on the CPU or on k's device, a slot < 0 skips
+        its row. The length becomes the highest slot written + 1. ValueError, writing nothing, for
+        a slot >= capacity or one named twice; TypeError for a wrong dtype. From CUDA rows it
+        returns once they are in the store."""
 
     def lengths(self) -> npt.NDArray[np.int64]:
         """Rows stored, (num_layers, batch) int64 (a numpy copy)."""
@@ -397,13 +400,16 @@ class Pipeline:
         """ "query_head" or "kv_head" (see __init__)."""
 
 class PagedPipeline:
-    """The A²ATS decode step over a serving engine's paged cache, one native call per layer (CPU).
+    """The A²ATS decode step over a serving engine's paged cache, one native call per layer (CPU or CUDA).
 
     `store` is a slot-indexed KVStore (batch 1, capacity = the engine's slots) whose rows the
     engine writes with write_slots; it stays an ordinary store. The codes are the engine's: every
     call takes codes (num_blocks, Hkv, block_size, M) int16, the paged cache of the layer, where
     token t of a request lies at slot block_table[t // block_size] * block_size + t % block_size,
     as its K/V rows do in the store. Every method holds the store's lock for the whole call.
+    On CUDA, k, q, positions, slots, codes, block_table and out live on the pipeline's device,
+    lengths and the budgets k on the host; each decode call gathers its selected rows from the
+    (pinned) store with one host synchronisation.
     """
 
     def __init__(
@@ -421,12 +427,20 @@ class PagedPipeline:
         bin_edges: Sequence[_Int] = (),
         interleaved: bool = False,
         budget_per: str = "query_head",
+        device: _Device = None,
     ) -> None:
-        """The codebook as Pipeline takes it. ValueError for a store of batch > 1, or wrong shapes
-        and values."""
+        """The codebook and device as Pipeline takes them. ValueError for a store of batch > 1, or
+        wrong shapes and values."""
 
     def encode(
-        self, layer: _Int, k: _DLPackArray, positions: _DLPackArray, slots: _DLPackArray, codes: _DLPackArray
+        self,
+        layer: _Int,
+        k: _DLPackArray,
+        positions: _DLPackArray,
+        slots: _DLPackArray,
+        codes: _DLPackArray,
+        *,
+        stream: _Stream = None,
     ) -> None:
         """Encode keys k (n, Hkv, D) of the store's dtype, post-RoPE at positions (n,) int64
         (un-rotated, whitened, nearest centroid), into `codes` at slots (n,) int64; a negative
@@ -443,6 +457,7 @@ class PagedPipeline:
         *,
         scale: _Float,
         out: _A | None = None,
+        stream: _Stream = None,
     ) -> _A:
         """One decode step of `layer` for N requests -> out (N, Hq, D) of the store's dtype.
 
@@ -464,6 +479,10 @@ class PagedPipeline:
     @property
     def store(self) -> KVStore:
         """The slot-indexed KVStore the pipeline reads."""
+
+    @property
+    def device(self) -> str:
+        """ "cpu" or "cuda:N"."""
 
     @property
     def num_bins(self) -> int:

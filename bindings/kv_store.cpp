@@ -179,19 +179,25 @@ int64_t PyKVStore::expect_num_queries(const TensorArg& arg) const {
   return arg.size(0);
 }
 
-void PyKVStore::write_slots(int64_t layer, py::handle slots_obj, py::handle k_obj, py::handle v_obj) {
+void PyKVStore::write_slots(int64_t layer, py::handle slots_obj, py::handle k_obj, py::handle v_obj,
+                            py::handle stream_obj) {
   KVStore& s = *store_;
   TensorArg slots(slots_obj, "slots"), k(k_obj, "k"), v(v_obj, "v");
-  slots.expect_dtype({DType::kInt64}).expect_ndim(1).expect_contiguous().expect_cpu("slots are read on the host");
+  slots.expect_dtype({DType::kInt64}).expect_ndim(1).expect_contiguous();
   const std::vector<int64_t> rows = {slots.size(0), s.num_kv_heads(), s.head_dim()};
   k.expect_dtype({s.dtype()}).expect_shape(rows, "(len(slots), num_kv_heads, head_dim) of the store");
-  k.expect_last_dim_contiguous().expect_cpu("KVStore.write_slots copies host rows");
+  k.expect_last_dim_contiguous();
   v.expect_dtype({s.dtype()}).expect_shape(rows, "the shape of k").expect_last_dim_contiguous();
-  v.expect_cpu("KVStore.write_slots copies host rows");
+  v.expect_device(k.device(), k);
+  if (slots.is_cuda()) slots.expect_device(k.device(), k);  // else read on the host
   RowsView kv{k.data(), {k.stride(0), k.stride(1), 0}}, vv{v.data(), {v.stride(0), v.stride(1), 0}};
+  if (!k.is_cuda()) slots.expect_cpu("the rows are on the CPU");
   auto lock = acquire();
   refuse_if_owned("write_slots");
-  run_on_cpu([&] { s.write_slots(layer, slots.data<int64_t>(), slots.size(0), kv, vv); });
+  run_on_device(
+      k, stream_obj, "KVStore.write_slots", [&] { s.write_slots(layer, slots.data<int64_t>(), slots.size(0), kv, vv); },
+      A2ATS_ON_CUDA(
+          kv_write_slots_cuda(s, layer, slots.data<int64_t>(), slots.is_cuda(), slots.size(0), kv, vv, stream)));
 }
 
 py::array_t<int64_t> PyKVStore::lengths() {
@@ -241,9 +247,11 @@ out (B, Hq, D) float32 = softmax(scale * q K_S^T) V_S over S = indices[b, g, :co
 lse (B, Hq) float32 = log sum exp(scale * q K_S^T), the state that merges with attention over other
 rows; a row with no selected rows gives out = 0 and lse = -inf.)doc")
       .def("write_slots", &PyKVStore::write_slots, py::arg("layer"), py::arg("slots"), py::arg("k"), py::arg("v"),
+           py::kw_only(), py::arg("stream") = py::none(),
            R"doc(Slot-indexed write (a store of batch 1 whose capacity is an engine's number of slots): row i of
-k, v (N, Hkv, D) goes to slot slots[i] ((N,) int64; < 0 skips the row) of `layer`. The length becomes
-the highest slot written + 1. ValueError, writing nothing, for a slot >= capacity or named twice.)doc")
+k, v (N, Hkv, D) (CPU or CUDA) goes to slot slots[i] ((N,) int64, on the CPU or on k's device; < 0
+skips the row) of `layer`. The length becomes the highest slot written + 1. ValueError, writing
+nothing, for a slot >= capacity or named twice. From CUDA rows it returns once they are stored.)doc")
       .def("lengths", &PyKVStore::lengths, "Rows stored, (num_layers, batch) int64.")
       .def("reset", &PyKVStore::reset, "Forget all rows (lengths to 0); memory is kept.")
       .def_property_readonly("nbytes", [](const PyKVStore& s) { return s.store().nbytes(); })

@@ -25,7 +25,7 @@ class PyKVStore {
   void gather(int64_t layer, py::handle indices, py::handle counts, py::handle out_k, py::handle out_v,
               py::handle stream);
   // q: (B, Hq, D) f32 -> (out (B, Hq, D) f32, lse (B, Hq) f32).
-  void write_slots(int64_t layer, py::handle slots, py::handle k, py::handle v);
+  void write_slots(int64_t layer, py::handle slots, py::handle k, py::handle v, py::handle stream);
   py::tuple attend(int64_t layer, py::handle q, py::handle indices, py::handle counts, double scale, py::handle out,
                    py::handle out_lse);
   py::array_t<int64_t> lengths();  // (num_layers, batch)

@@ -87,18 +87,63 @@ std::pair<PipelineShape, PipelineCodebook> parse_setup(const KVStore& s, int64_t
   return {shape, std::move(book)};
 }
 
+// What the Python-facing Pipeline and PagedPipeline share: the store they serve, the device they
+// run on, the device checks and host copies of their state.
+class BoundPipeline {
+ public:
+  py::object store() const { return store_obj_; }
+  std::string device() const { return device_.str(); }
+
+ protected:
+  BoundPipeline(py::object store_obj, py::handle device_obj)
+      : store_obj_(std::move(store_obj)),
+        py_store_(store_obj_.cast<PyKVStore&>()),
+        device_(parse_pipeline_device(device_obj)) {}
+
+  bool on_cpu() const { return device_.kind == DeviceKind::kCPU; }
+  void expect_on_device(const TensorArg& t, const char* cls) const {
+    if (!(t.device() == device_))
+      throw_value(t.name() + " is on " + t.device().str() + " but the " + cls + " runs on " + device_.str() +
+                  (on_cpu() ? std::string(" (") + cls + "(..., device=\"cuda\") runs on a GPU)" : ""));
+  }
+  // A host copy of pipeline memory (device memory on CUDA, after the device's work is done).
+  void copy_out(void* dst, const void* src, size_t bytes) const {
+    if (bytes == 0) return;
+    if (on_cpu()) {
+      std::memcpy(dst, src, bytes);
+      return;
+    }
+#ifdef A2ATS_WITH_CUDA
+    CudaDeviceGuard guard(device_.index);
+    const cudaError_t err = cudaDeviceSynchronize();
+    check_cuda(err == cudaSuccess ? cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost) : err,
+               "copying pipeline state to the host");
+#endif
+  }
+  static py::dict stats_dict(const PipelineStats& st) {
+    py::dict d;
+    d["decode_calls"] = st.decode_calls;
+    d["rows_read"] = st.rows_read;
+    d["rows_fetched"] = st.rows_fetched;
+    d["rows_cached"] = st.rows_cached;
+    return d;
+  }
+
+  py::object store_obj_;  // keeps the store alive
+  PyKVStore& py_store_;
+  Device device_;
+};
+
 // Python-facing Pipeline: validates every array, then runs the step with the store's lock held
 // and the GIL released. One class for both devices, as the ops: the CPU Pipeline or, with
 // device="cuda...", the CudaPipeline.
-class PyPipeline {
+class PyPipeline : public BoundPipeline {
  public:
   PyPipeline(py::object store_obj, int64_t num_q_heads, py::handle inv_freq_obj, py::handle chol_obj,
              py::handle chol_inv_obj, py::handle centroids_obj, int64_t sink, int64_t window,
              std::vector<int64_t> wrope_distances, std::vector<int32_t> bin_edges, bool interleaved,
              const std::string& budget_per, py::handle device_obj)
-      : store_obj_(std::move(store_obj)),
-        py_store_(store_obj_.cast<PyKVStore&>()),
-        device_(parse_pipeline_device(device_obj)) {
+      : BoundPipeline(std::move(store_obj), device_obj) {
     KVStore& s = py_store_.store();
     auto [shape, book] = parse_setup(s, num_q_heads, inv_freq_obj, chol_obj, chol_inv_obj, centroids_obj, sink, window,
                                      std::move(wrope_distances), std::move(bin_edges), interleaved, budget_per);
@@ -237,13 +282,7 @@ class PyPipeline {
 
   py::dict stats() {
     auto lock = py_store_.acquire();
-    const PipelineStats& st = base().stats();
-    py::dict d;
-    d["decode_calls"] = st.decode_calls;
-    d["rows_read"] = st.rows_read;
-    d["rows_fetched"] = st.rows_fetched;
-    d["rows_cached"] = st.rows_cached;
-    return d;
+    return stats_dict(base().stats());
   }
 
   void reset() {
@@ -255,21 +294,15 @@ class PyPipeline {
 #endif
   }
 
-  py::object store() const { return store_obj_; }
   const PipelineBase& base() const {
 #ifdef A2ATS_WITH_CUDA
     if (cuda_) return *cuda_;
 #endif
     return *cpu_;
   }
-  std::string device() const { return device_.str(); }
 
  private:
-  void expect_on_device(const TensorArg& t) const {
-    if (!(t.device() == device_))
-      throw_value(t.name() + " is on " + t.device().str() + " but the pipeline runs on " + device_.str() +
-                  (device_.kind == DeviceKind::kCPU ? " (Pipeline(..., device=\"cuda\") runs on a GPU)" : ""));
-  }
+  void expect_on_device(const TensorArg& t) const { BoundPipeline::expect_on_device(t, "Pipeline"); }
   void check_rows(const TensorArg& t, const std::vector<int64_t>& shape, const std::string& what) const {
     t.expect_dtype({py_store_.store().dtype()}).expect_shape(shape, what).expect_last_dim_contiguous();
     expect_on_device(t);
@@ -282,74 +315,70 @@ class PyPipeline {
     return nullptr;
 #endif
   }
-  // A host copy of pipeline memory (device memory on CUDA, after the device's work is done).
-  void copy_out(void* dst, const void* src, size_t bytes) const {
-    if (bytes == 0) return;
-    if (cpu_) {
-      std::memcpy(dst, src, bytes);
-      return;
-    }
-#ifdef A2ATS_WITH_CUDA
-    CudaDeviceGuard guard(device_.index);
-    const cudaError_t err = cudaDeviceSynchronize();
-    check_cuda(err == cudaSuccess ? cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost) : err,
-               "copying pipeline state to the host");
-#endif
-  }
   static ConstRows rows(const TensorArg& t) {
     return ConstRows{t.data(), {t.stride(0), t.stride(1), t.ndim() > 3 ? t.stride(2) : 0}};
   }
-  py::object store_obj_;  // keeps the store alive
-  PyKVStore& py_store_;
-  Device device_;
   std::unique_ptr<Pipeline> cpu_;
 #ifdef A2ATS_WITH_CUDA
   std::unique_ptr<CudaPipeline> cuda_;
 #endif
 };
 
-// Python-facing PagedPipeline (CPU): validates every array, then runs with the store's lock held
-// and the GIL released. The store stays an ordinary slot-indexed store (the engine writes its rows
-// with write_slots); the codes are the engine's paged cache, passed to every call.
-class PyPagedPipeline {
+// Python-facing PagedPipeline: validates every array, then runs with the store's lock held and
+// the GIL released, the CPU PagedPipeline or, with device="cuda...", the CudaPagedPipeline. The
+// store stays an ordinary slot-indexed store (the engine writes its rows with write_slots); the
+// codes are the engine's paged cache, passed to every call.
+class PyPagedPipeline : public BoundPipeline {
  public:
   PyPagedPipeline(py::object store_obj, int64_t num_q_heads, py::handle inv_freq_obj, py::handle chol_obj,
                   py::handle chol_inv_obj, py::handle centroids_obj, int64_t sink, int64_t window,
                   std::vector<int64_t> wrope_distances, std::vector<int32_t> bin_edges, bool interleaved,
-                  const std::string& budget_per)
-      : store_obj_(std::move(store_obj)), py_store_(store_obj_.cast<PyKVStore&>()) {
+                  const std::string& budget_per, py::handle device_obj)
+      : BoundPipeline(std::move(store_obj), device_obj) {
     KVStore& s = py_store_.store();
     auto [shape, book] = parse_setup(s, num_q_heads, inv_freq_obj, chol_obj, chol_inv_obj, centroids_obj, sink, window,
                                      std::move(wrope_distances), std::move(bin_edges), interleaved, budget_per);
     auto lock = py_store_.acquire();
     try {
-      pipeline_ = std::make_unique<PagedPipeline>(s, shape, std::move(book));
+      if (on_cpu()) {
+        cpu_ = std::make_unique<PagedPipeline>(s, shape, std::move(book));
+      } else {
+#ifdef A2ATS_WITH_CUDA
+        CudaDeviceGuard guard(device_.index);
+        cuda_ = std::make_unique<CudaPagedPipeline>(s, shape, std::move(book));
+#endif
+      }
     } catch (const std::invalid_argument& e) {
       throw_value(e.what());
     }
   }
 
-  void encode(int64_t layer, py::handle k_obj, py::handle positions_obj, py::handle slots_obj, py::handle codes_obj) {
+  void encode(int64_t layer, py::handle k_obj, py::handle positions_obj, py::handle slots_obj, py::handle codes_obj,
+              py::handle stream_obj) {
     const KVStore& s = py_store_.store();
     TensorArg k(k_obj, "k"), positions(positions_obj, "positions"), slots(slots_obj, "slots");
     const int64_t n = k.ndim() == 3 ? k.size(0) : 0;
     check_rows(k, {n, s.num_kv_heads(), s.head_dim()}, "(new tokens, num_kv_heads, head_dim) of the store");
-    for (TensorArg* t : {&positions, &slots})
-      t->expect_dtype({DType::kInt64})
-          .expect_shape({n}, "one per row of k")
-          .expect_contiguous()
-          .expect_cpu("the PagedPipeline runs on the CPU");
+    for (TensorArg* t : {&positions, &slots}) {
+      t->expect_dtype({DType::kInt64}).expect_shape({n}, "one per row of k").expect_contiguous();
+      expect_on_device(*t);
+    }
     TensorArg codes(codes_obj, "codes");
     const PagedCodes paged = check_codes(codes);
     const ConstRows rows{k.data(), {k.stride(0), k.stride(1), 0}};
+    const int64_t* pos = positions.data<int64_t>();
+    const int64_t* to = slots.data<int64_t>();
     auto lock = py_store_.acquire();
-    run_on_cpu([&] { pipeline_->encode(layer, rows, n, positions.data<int64_t>(), slots.data<int64_t>(), paged); });
+    run_on_device(
+        k, stream_obj, "PagedPipeline.encode", [&] { cpu_->encode(layer, rows, n, pos, to, paged); },
+        A2ATS_ON_CUDA(cuda_->encode(layer, rows, n, pos, to, paged, stream)));
   }
 
   py::object decode(int64_t layer, py::handle q_obj, py::handle codes_obj, py::handle lengths_obj,
-                    py::handle block_table_obj, py::handle k_obj, double scale, py::handle out_obj) {
+                    py::handle block_table_obj, py::handle k_obj, double scale, py::handle out_obj,
+                    py::handle stream_obj) {
     const KVStore& s = py_store_.store();
-    const int64_t Hq = pipeline_->shape().num_q_heads, D = s.head_dim();
+    const int64_t Hq = base().shape().num_q_heads, D = s.head_dim();
     TensorArg q(q_obj, "q"), codes(codes_obj, "codes"), lengths(lengths_obj, "lengths"),
         block_table(block_table_obj, "block_table"), k(k_obj, "k");
     const int64_t n = q.ndim() == 3 ? q.size(0) : 0;
@@ -359,9 +388,10 @@ class PyPagedPipeline {
       t->expect_dtype({DType::kInt32})
           .expect_shape({n}, "one per request")
           .expect_contiguous()
-          .expect_cpu("the PagedPipeline runs on the CPU");
+          .expect_cpu("the step's plan is read on the host");
     block_table.expect_dtype({DType::kInt32}).expect_ndim(2).expect_size(0, n, "one row per request");
-    block_table.expect_contiguous().expect_cpu("the PagedPipeline runs on the CPU");
+    block_table.expect_contiguous();
+    expect_on_device(block_table);
     if (!std::isfinite(scale)) throw_value("scale must be finite, got " + std::to_string(scale));
     Output out(out_obj, "out", q, {n, Hq, D}, s.dtype());
     out.disjoint_from({&q, &codes, &lengths, &block_table, &k});
@@ -374,44 +404,58 @@ class PyPagedPipeline {
     requests.k = k.data<int32_t>();
     const ConstRows q_rows{q.data(), {q.stride(0), q.stride(1), 0}};
     auto lock = py_store_.acquire();
-    run_on_cpu([&] { pipeline_->decode(layer, q_rows, requests, paged, float(scale), out.view.data(), out_stride); });
+    run_on_device(
+        q, stream_obj, "PagedPipeline.decode",
+        [&] { cpu_->decode(layer, q_rows, requests, paged, float(scale), out.view.data(), out_stride); },
+        A2ATS_ON_CUDA(
+            cuda_->decode(layer, q_rows, requests, paged, float(scale), out.view.data(), out_stride, stream)));
     return out.object;
   }
 
   py::tuple last_selection() {
     auto lock = py_store_.acquire();
-    const int64_t n = pipeline_->last_num_requests(), kmax = pipeline_->last_max_selected();
+    const int64_t n = base().last_num_requests(), kmax = base().last_max_selected();
     const int64_t Hkv = py_store_.store().num_kv_heads();
+    const int32_t *indices_src = nullptr, *counts_src = nullptr;
+    if (cpu_) {
+      indices_src = cpu_->last_indices();
+      counts_src = cpu_->last_counts();
+    }
+#ifdef A2ATS_WITH_CUDA
+    else {
+      indices_src = cuda_->last_indices();
+      counts_src = cuda_->last_counts();
+    }
+#endif
     py::array_t<int32_t> indices({n, Hkv, kmax}), counts({n, Hkv});
-    std::copy_n(pipeline_->last_indices(), indices.size(), indices.mutable_data());
-    std::copy_n(pipeline_->last_counts(), counts.size(), counts.mutable_data());
+    copy_out(indices.mutable_data(), indices_src, size_t(indices.size()) * sizeof(int32_t));
+    copy_out(counts.mutable_data(), counts_src, size_t(counts.size()) * sizeof(int32_t));
     return py::make_tuple(indices, counts);
   }
 
   py::dict stats() {
     auto lock = py_store_.acquire();
-    const PipelineStats& st = pipeline_->stats();
-    py::dict d;
-    d["decode_calls"] = st.decode_calls;
-    d["rows_read"] = st.rows_read;
-    d["rows_fetched"] = st.rows_fetched;
-    d["rows_cached"] = st.rows_cached;
-    return d;
+    return stats_dict(base().stats());
   }
 
-  py::object store() const { return store_obj_; }
-  const PagedPipeline& pipeline() const { return *pipeline_; }
+  const PagedPipelineBase& base() const {
+#ifdef A2ATS_WITH_CUDA
+    if (cuda_) return *cuda_;
+#endif
+    return *cpu_;
+  }
 
  private:
+  void expect_on_device(const TensorArg& t) const { BoundPipeline::expect_on_device(t, "PagedPipeline"); }
   void check_rows(const TensorArg& t, const std::vector<int64_t>& shape, const std::string& what) const {
     t.expect_dtype({py_store_.store().dtype()}).expect_shape(shape, what).expect_last_dim_contiguous();
-    t.expect_cpu("the PagedPipeline runs on the CPU");
+    expect_on_device(t);
   }
   PagedCodes check_codes(const TensorArg& codes) const {
     const KVStore& s = py_store_.store();
     codes.expect_dtype({DType::kInt16}).expect_ndim(4).expect_size(1, s.num_kv_heads(), "num_kv_heads of the store");
-    codes.expect_size(3, pipeline_->shape().num_subspaces, "M of the codebook").expect_last_dim_contiguous();
-    codes.expect_cpu("the PagedPipeline runs on the CPU");
+    codes.expect_size(3, base().shape().num_subspaces, "M of the codebook").expect_last_dim_contiguous();
+    expect_on_device(codes);
     PagedCodes paged;
     paged.data = codes.data<int16_t>();
     paged.num_blocks = codes.size(0);
@@ -421,9 +465,10 @@ class PyPagedPipeline {
     paged.stride[2] = codes.stride(2);
     return paged;
   }
-  py::object store_obj_;  // keeps the store alive
-  PyKVStore& py_store_;
-  std::unique_ptr<PagedPipeline> pipeline_;
+  std::unique_ptr<PagedPipeline> cpu_;
+#ifdef A2ATS_WITH_CUDA
+  std::unique_ptr<CudaPagedPipeline> cuda_;
+#endif
 };
 
 }  // namespace
@@ -494,26 +539,31 @@ CUDA only the middle rows (Kmax = G * k): the sink and window rows are resident 
 
   py::class_<PyPagedPipeline>(
       m, "PagedPipeline",
-      R"doc(The A²ATS decode step over a serving engine's paged cache, one native call per layer (CPU).
+      R"doc(The A²ATS decode step over a serving engine's paged cache, one native call per layer (CPU or CUDA).
 
 PagedPipeline(store, *, num_q_heads, inv_freq, chol, chol_inv, centroids, sink, window, wrope_distances,
-bin_edges=(), interleaved=False, budget_per="query_head") takes the codebook as Pipeline does. `store` is
+bin_edges=(), interleaved=False, budget_per="query_head", device=None) takes the codebook and device as
+Pipeline does. `store` is
 a slot-indexed KVStore (batch 1, capacity = the engine's slots) whose rows the engine writes with
 write_slots; it stays an ordinary store. The codes are the engine's: every call takes codes
 (num_blocks, Hkv, block_size, M) int16, the paged cache of the layer, where token t of a request lies
-at slot block_table[t // block_size] * block_size + t % block_size, as its K/V rows do in the store.)doc")
+at slot block_table[t // block_size] * block_size + t % block_size, as its K/V rows do in the store.
+On CUDA, k, q, positions, slots, codes, block_table and out live on the pipeline's device, lengths
+and k (the budgets) on the host; the selected rows are gathered from the (pinned) store, one host
+synchronisation per decode call.)doc")
       .def(py::init<py::object, int64_t, py::handle, py::handle, py::handle, py::handle, int64_t, int64_t,
-                    std::vector<int64_t>, std::vector<int32_t>, bool, const std::string&>(),
+                    std::vector<int64_t>, std::vector<int32_t>, bool, const std::string&, py::handle>(),
            py::arg("store"), py::kw_only(), py::arg("num_q_heads"), py::arg("inv_freq"), py::arg("chol"),
            py::arg("chol_inv"), py::arg("centroids"), py::arg("sink"), py::arg("window"), py::arg("wrope_distances"),
            py::arg("bin_edges") = std::vector<int32_t>{}, py::arg("interleaved") = false,
-           py::arg("budget_per") = "query_head")
+           py::arg("budget_per") = "query_head", py::arg("device") = py::none())
       .def("encode", &PyPagedPipeline::encode, py::arg("layer"), py::arg("k"), py::arg("positions"), py::arg("slots"),
-           py::arg("codes"),
+           py::arg("codes"), py::kw_only(), py::arg("stream") = py::none(),
            R"doc(Encode keys k (n, Hkv, D), post-RoPE at positions (n,) int64 (un-rotated, whitened, nearest
 centroid), into `codes` at slots (n,) int64; a negative slot skips its key.)doc")
       .def("decode", &PyPagedPipeline::decode, py::arg("layer"), py::arg("q"), py::arg("codes"), py::arg("lengths"),
            py::arg("block_table"), py::arg("k"), py::kw_only(), py::arg("scale"), py::arg("out") = py::none(),
+           py::arg("stream") = py::none(),
            R"doc(One decode step of `layer` for N requests → out (N, Hq, D) of the store's dtype.
 
 q (N, Hq, D) post-RoPE at position lengths[i] - 1; lengths (N,) int32 tokens in context, the new one
@@ -526,12 +576,13 @@ selects the top k plus the sink and window rows, and attends exactly over those 
 indices of each request (not slots; copies).)doc")
       .def("stats", &PyPagedPipeline::stats, "Counters: decode_calls, rows_read, rows_fetched, rows_cached.")
       .def_property_readonly("store", &PyPagedPipeline::store)
-      .def_property_readonly("num_bins", [](const PyPagedPipeline& p) { return p.pipeline().num_bins(); })
-      .def_property_readonly("num_q_heads", [](const PyPagedPipeline& p) { return p.pipeline().shape().num_q_heads; })
+      .def_property_readonly("device", &PyPagedPipeline::device, "\"cpu\" or \"cuda:N\".")
+      .def_property_readonly("num_bins", [](const PyPagedPipeline& p) { return p.base().num_bins(); })
+      .def_property_readonly("num_q_heads", [](const PyPagedPipeline& p) { return p.base().shape().num_q_heads; })
       .def_property_readonly(
           "budget_per",
           [](const PyPagedPipeline& p) {
-            return std::string(p.pipeline().shape().budget_per_kv_head ? "kv_head" : "query_head");
+            return std::string(p.base().shape().budget_per_kv_head ? "kv_head" : "query_head");
           },
           "\"query_head\" or \"kv_head\".");
 }

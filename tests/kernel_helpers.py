@@ -195,7 +195,9 @@ class PagedEngine:
     """What a paged engine holds for a2ats_core.PagedPipeline (tests/test_paged_pipeline.py and
     the fuzzer): per layer codes (num_blocks, Hkv, block_size, M), block tables of shuffled blocks,
     a slot-indexed store; and the reference pipeline on the same rows in token order. Requests
-    may grow by ``room`` tokens past their prompts."""
+    may grow by ``room`` tokens past their prompts. With ``device="cuda"`` the pipeline, codes and
+    block table live on the GPU (the store and the reference on the host); engines of the same
+    arguments draw the same codebook, tables and rows on every device."""
 
     def __init__(
         self,
@@ -216,6 +218,7 @@ class PagedEngine:
         block_size=8,
         room=16,
         seed=None,
+        device="cpu",
     ):
         self.L, self.Hkv, self.D, self.M, self.C = L, Hkv, D, M, C
         self.G, self.dtype, self.prompts = G, dtype, list(prompts)
@@ -227,9 +230,13 @@ class PagedEngine:
         self.blocks_per_request = -(-capacity // block_size)
         num_blocks = self.blocks_per_request * len(prompts) + 3  # spare blocks nobody uses
         order = torch.randperm(num_blocks, generator=self.generator).to(torch.int32)
+        self.device = torch.device(device)
         self.block_table = order[: len(prompts) * self.blocks_per_request].view(len(prompts), -1).contiguous()
+        self.block_table = self.block_table.to(self.device)
         self.store = a2ats_core.KVStore(self.L, 1, self.Hkv, self.D, num_blocks * block_size, dtype)
-        self.codes = torch.zeros(self.L, num_blocks, self.Hkv, block_size, self.M, dtype=torch.int16)
+        self.codes = torch.zeros(
+            self.L, num_blocks, self.Hkv, block_size, self.M, dtype=torch.int16, device=self.device
+        )
         self.pipe = a2ats_core.PagedPipeline(
             self.store,
             num_q_heads=self.Hkv * G,
@@ -242,6 +249,7 @@ class PagedEngine:
             wrope_distances=list(distances),
             bin_edges=list(edges),
             budget_per=budget_per,
+            device=str(self.device),
         )
         self.ref = ReferencePipeline(
             self.L, len(prompts), self.Hkv * G, self.Hkv, self.D, capacity, dtype, book, self.sink, self.window,
@@ -249,13 +257,14 @@ class PagedEngine:
         )  # fmt: skip
 
     def slots(self, request, tokens):
-        table = self.block_table[request].long()
+        table = self.block_table[request].long().cpu()
         return table[tokens // self.block_size] * self.block_size + tokens % self.block_size
 
     def write(self, layer, request, keys, values, tokens):
         """keys, values (Hkv, n, D) of the request's tokens (n,): rows to the store, codes encoded."""
-        slots = self.slots(request, tokens)
-        k, v = keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()  # (n, Hkv, D)
+        slots = self.slots(request, tokens).to(self.device)
+        tokens = tokens.to(self.device)
+        k, v = (x.transpose(0, 1).contiguous().to(self.device) for x in (keys, values))  # (n, Hkv, D)
         self.store.write_slots(layer, slots, k, v)
         self.pipe.encode(layer, k, tokens, slots, self.codes[layer])
 
@@ -263,7 +272,7 @@ class PagedEngine:
         t = max(self.prompts)
         for layer in range(self.L):
             keys = torch.randn(len(self.prompts), self.Hkv, t, self.D, generator=self.generator).to(self.dtype)
-            values = torch.randn_like(keys.float(), dtype=torch.float32).to(self.dtype)
+            values = torch.randn(keys.shape, generator=self.generator).to(self.dtype)
             for request, n in enumerate(self.prompts):
                 self.write(layer, request, keys[request, :, :n], values[request, :, :n], torch.arange(n))
             self.ref.append(layer, keys, values, torch.arange(t).expand(len(self.prompts), t), self.prompts)
@@ -274,9 +283,8 @@ class PagedEngine:
         for request in range(len(self.prompts)):
             n = int(self.ref.lengths[layer, request])
             slots = self.slots(request, torch.arange(n))
-            out[request, :, :n] = self.codes[layer, slots // self.block_size, :, slots % self.block_size].transpose(
-                0, 1
-            )
+            codes = self.codes[layer].cpu()
+            out[request, :, :n] = codes[slots // self.block_size, :, slots % self.block_size].transpose(0, 1)
         return out
 
     def step_inputs(self):

@@ -9,6 +9,7 @@ import torch
 import a2ats_core
 
 from kernel_helpers import PagedEngine as Engine
+from kernel_helpers import random_codebook
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -142,3 +143,62 @@ def test_no_requests_and_bad_input_are_refused_clearly():
             window=8,
             wrope_distances=[64],
         )
+
+
+CUDA = a2ats_core.built_with_cuda() and a2ats_core.cuda_device_count() > 0 and torch.cuda.is_available()
+
+
+def test_the_device_is_parsed_as_the_pipelines_and_refused_clearly():
+    assert Engine([10]).pipe.device == "cpu"
+    chol, chol_inv, centroids, inv_freq = random_codebook(2, 2, 16, 2, 16, torch.Generator().manual_seed(1))
+    store = a2ats_core.KVStore(2, 1, 2, 16, 64, torch.float32)
+    good = dict(
+        num_q_heads=6, inv_freq=inv_freq, chol=chol, chol_inv=chol_inv, centroids=centroids, sink=4, window=8,
+        wrope_distances=[64],
+    )  # fmt: skip
+    for bad in ["tpu", "gpu:0"]:
+        with pytest.raises(ValueError, match="device must be"):
+            a2ats_core.PagedPipeline(store, **good, device=bad)
+    if not CUDA:  # a CUDA build without a device, or a build without CUDA: refused, not crashed
+        with pytest.raises(ValueError, match=r"\bdevice\b"):
+            a2ats_core.PagedPipeline(store, **good, device="cuda")
+    for cpu in [None, "cpu", torch.device("cpu")]:
+        assert a2ats_core.PagedPipeline(store, **good, device=cpu).device == "cpu"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA build of a2ats_core, a CUDA device and torch with CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("G", [1, 3, 7])
+@pytest.mark.parametrize("prompts", [[40], [40, 5, 70, 1, 12]], ids=["N1", "N5-ragged"])
+@pytest.mark.parametrize("bins", ["1bin", "3bins"])
+@pytest.mark.parametrize("budget_per", ["query_head", "kv_head"])
+def test_cuda_paged_pipeline_equals_the_cpu_one(dtype, G, prompts, bins, budget_per):
+    """The CUDA twin against the CPU PagedPipeline on the same engine: rows written by slot from
+    the GPU, codes encoded there, per-request budgets (0, partial, every token)."""
+    distances, edges = ((64,), ()) if bins == "1bin" else ((16, 40, 100), (12, 30))
+    args = dict(G=G, dtype=dtype, budget_per=budget_per, distances=distances, edges=edges)
+    cpu, dev = Engine(prompts, **args), Engine(prompts, **args, device="cuda")
+    assert dev.pipe.device.startswith("cuda")
+    cpu.prefill()
+    dev.prefill()
+    assert torch.equal(dev.codes.cpu(), cpu.codes)
+    assert (dev.store.lengths() == cpu.store.lengths()).all()
+    for step in range(3):
+        lengths = (cpu.ref.lengths[0] + 1).to(torch.int32)
+        budgets = torch.tensor([(0, 3, 1000)[(i + step) % 3] for i in range(len(prompts))], dtype=torch.int32)
+        for layer in range(cpu.L):
+            q, keys, values = cpu.step_inputs()
+            dev.step_inputs()  # the same draws, so both engines stay in step
+            for request in range(len(prompts)):
+                token = lengths[request : request + 1].long() - 1
+                cpu.write(layer, request, keys[request], values[request], token)
+                dev.write(layer, request, keys[request], values[request], token)
+            want = cpu.pipe.decode(layer, q, cpu.codes[layer], lengths, cpu.block_table, budgets, scale=0.25)
+            got = dev.pipe.decode(layer, q.cuda(), dev.codes[layer], lengths, dev.block_table, budgets, scale=0.25)
+            assert got.device.type == "cuda" and got.dtype == dtype
+            torch.testing.assert_close(got.cpu().float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+            assert torch.equal(dev.codes[layer].cpu(), cpu.codes[layer])
+            for a, b in zip(dev.pipe.last_selection(), cpu.pipe.last_selection()):
+                assert (a == b).all()
+        cpu.ref.lengths += 1
+    assert dev.pipe.stats() == cpu.pipe.stats()
