@@ -114,7 +114,8 @@ def load_rank_codebook(settings: VllmSettings, hf_config, model_dir: str, rank: 
 
 @dataclass
 class StepRequests:
-    """One step's requests, from vLLM's attention metadata (all int64 CPU tensors)."""
+    """One step's requests, from vLLM's attention metadata (all int64 CPU tensors: the budgets
+    and the prefill gathers are planned on the host whatever device the engine runs on)."""
 
     query_start: torch.Tensor  # (num_reqs + 1,) first query token of each request
     seq_lens: torch.Tensor  # (num_reqs,) tokens in context after this step
@@ -123,14 +124,14 @@ class StepRequests:
 
     @classmethod
     def from_metadata(cls, query_start_loc, seq_lens, block_table, num_tokens: int) -> "StepRequests":
-        query_start = query_start_loc.to(torch.int64)
-        seq_lens = seq_lens.to(torch.int64)
+        query_start = query_start_loc.to("cpu", torch.int64)
+        seq_lens = seq_lens.to("cpu", torch.int64)
         query_lens = query_start[1:] - query_start[:-1]
         context = seq_lens - query_lens
         token_request = torch.repeat_interleave(torch.arange(len(seq_lens)), query_lens)
         offsets = torch.arange(int(query_start[-1])) - query_start[token_request]
         positions = (context[token_request] + offsets)[:num_tokens]
-        return cls(query_start, seq_lens, block_table.to(torch.int64), positions)
+        return cls(query_start, seq_lens, block_table.to("cpu", torch.int64), positions)
 
     @property
     def query_lens(self) -> torch.Tensor:
@@ -167,6 +168,7 @@ class RankRuntime:
         self.dtype = dtype
         self.store: a2ats_core.KVStore | None = None
         self.pipeline: a2ats_core.PagedPipeline | None = None
+        self.device = torch.device("cpu")  # of the engine's cache, the pipeline and its arrays
         self.block_size = 0
         self._lock = threading.Lock()
 
@@ -184,7 +186,8 @@ class RankRuntime:
             )
 
     def ensure_store(self, kv_cache: torch.Tensor) -> a2ats_core.KVStore:
-        """The host store, made on first use from the engine cache's shape (num_blocks, Hkv, bs, M)."""
+        """The host store, made on first use from the engine cache's shape (num_blocks, Hkv, bs, M),
+        and the pipeline on the cache's device (the store pinned when that is a GPU)."""
         if self.store is not None:
             return self.store
         with self._lock:
@@ -214,7 +217,7 @@ class RankRuntime:
                     cb.head_dim,
                     num_blocks * block_size,
                     self.dtype,
-                    pinned=False,
+                    pinned=kv_cache.is_cuda,
                     threads=self.settings.threads,
                 )
                 self.pipeline = a2ats_core.PagedPipeline(
@@ -230,7 +233,9 @@ class RankRuntime:
                     bin_edges=[] if self.bin_edges is None else self.bin_edges.tolist(),
                     interleaved=cb.rope.interleaved,
                     budget_per=self.config.budget_per,
+                    device=str(kv_cache.device),
                 )
+                self.device = kv_cache.device
                 self.store = store
         return self.store
 
@@ -263,7 +268,8 @@ class RankRuntime:
         self.ensure_store(kv_cache)
         num_tokens = query.shape[0]
         slots = slot_mapping[:num_tokens].to(torch.int64).contiguous()
-        self.pipeline.encode(layer, key[:num_tokens], step.positions.contiguous(), slots, kv_cache)
+        positions = step.positions.to(self.device).contiguous()
+        self.pipeline.encode(layer, key[:num_tokens], positions, slots, kv_cache)
         query_lens = step.query_lens
         decodes = torch.nonzero(query_lens == 1).flatten()
         if decodes.numel():
@@ -287,7 +293,7 @@ class RankRuntime:
             query.to(self.dtype),
             kv_cache,
             lengths.to(torch.int32),
-            blocks.to(torch.int32).contiguous(),
+            blocks.to(self.device, torch.int32).contiguous(),
             budgets,
             scale=float(scale),
         )
@@ -299,10 +305,11 @@ class RankRuntime:
         length, t = slot_ids.numel(), query.shape[0]
         indices = slot_ids[None, None].expand(1, cb.num_kv_heads, length).contiguous()
         counts = torch.full((1, cb.num_kv_heads), length, dtype=torch.int32)
-        keys = torch.empty(1, cb.num_kv_heads, length, cb.head_dim, dtype=self.dtype)
+        keys = torch.empty(1, cb.num_kv_heads, length, cb.head_dim, dtype=self.dtype, device=self.device)
         values = torch.empty_like(keys)
         self.store.gather(layer, indices, counts, keys, values)
-        visible = torch.arange(length)[None, :] <= (length - t + torch.arange(t))[:, None]  # (t, length)
+        positions = torch.arange(length, device=self.device)
+        visible = positions[None, :] <= (length - t + positions[:t])[:, None]  # (t, length)
         out = torch.nn.functional.scaled_dot_product_attention(
             query.transpose(0, 1)[None].to(self.dtype), keys, values, attn_mask=visible, scale=scale, enable_gqa=True
         )
