@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "a2ats/kv_store.h"
 #include "a2ats/paged_pipeline.h"
@@ -131,6 +132,71 @@ struct MergeAttentionParams {
 cudaError_t merge_attention_cuda(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b,
                                  void* out, const MergeAttentionParams& params, cudaStream_t stream);
 
+// A device array of T that only grows (its contents are lost when it does). release() and the
+// destructor free it on the current device: an owner makes its device current first.
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { release(); }
+
+  cudaError_t grow(int64_t elements) {
+    if (data_ != nullptr && elements <= capacity_) return cudaSuccess;
+    release();
+    const int64_t n = elements < 1 ? 1 : elements;
+    const cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&data_), size_t(n) * sizeof(T));
+    if (err != cudaSuccess) {
+      data_ = nullptr;
+      return err;
+    }
+    capacity_ = n;
+    return cudaSuccess;
+  }
+  // grow(host.size()), then a synchronous copy of host.
+  cudaError_t upload(const std::vector<T>& host) {
+    const cudaError_t err = grow(int64_t(host.size()));
+    if (err != cudaSuccess || host.empty()) return err;
+    return cudaMemcpy(data_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  }
+  void release() {
+    if (data_) cudaFree(data_);
+    data_ = nullptr;
+    capacity_ = 0;
+  }
+  T* get() const { return data_; }
+
+ private:
+  T* data_ = nullptr;
+  int64_t capacity_ = 0;
+};
+
+// A PipelineCodebook on the device, for both CUDA pipelines (layouts as in pipeline.h).
+struct DeviceCodebook {
+  DeviceBuffer<float> chol, chol_inv, centroids, inv_freq;
+  DeviceBuffer<int32_t> bin_edges;        // (max(NB - 1, 1),)
+  DeviceBuffer<int64_t> wrope_distances;  // (NB,)
+
+  cudaError_t upload(const PipelineCodebook& book) {
+    cudaError_t err = chol.upload(book.chol);
+    if (err == cudaSuccess) err = chol_inv.upload(book.chol_inv);
+    if (err == cudaSuccess) err = centroids.upload(book.centroids);
+    if (err == cudaSuccess) err = inv_freq.upload(book.inv_freq);
+    if (err == cudaSuccess) err = bin_edges.upload(book.bin_edges);
+    if (err == cudaSuccess) err = wrope_distances.upload(book.wrope_distances);
+    return err;
+  }
+  void release() {
+    chol.release();
+    chol_inv.release();
+    centroids.release();
+    inv_freq.release();
+    bin_edges.release();
+    wrope_distances.release();
+  }
+};
+
 // The decode pipeline on one CUDA device, the twin of the CPU Pipeline (pipeline.h). The
 // codebook, the codes and the resident rows live on the device; the full K/V in the host store.
 //   resident rows   // (L, B, Hkv, sink + window, D) of K and of V, the store's dtype: slot n
@@ -192,10 +258,8 @@ class CudaPipeline : public PipelineBase {
   bool has_stream_ = false;
   std::vector<int32_t> host_meta_, host_counts_;  // staged metadata; counts (B, Hkv) of the gather
   // Device memory.
-  float *chol_ = nullptr, *chol_inv_ = nullptr, *centroids_ = nullptr, *inv_freq_ = nullptr;
-  int32_t* bin_edges_ = nullptr;  // (max(NB - 1, 1),)
-  int64_t* wrope_ = nullptr;      // (NB,)
-  int16_t* codes_ = nullptr;      // (L, B, Hkv, capacity, M)
+  DeviceCodebook book_;
+  int16_t* codes_ = nullptr;  // (L, B, Hkv, capacity, M)
   char *resident_k_ = nullptr, *resident_v_ = nullptr;
   int32_t* meta_ = nullptr;  // (4, B): step lengths, step starts, resident counts, scratch
   float *q_ = nullptr, *q_wrope_ = nullptr, *q_dual_ = nullptr;  // (B, Hq, D), (B, Hq, NB, D) x 2
@@ -240,8 +304,8 @@ class CudaPagedPipeline : public PagedPipelineBase {
   int device() const { return device_; }
   // The last decode's selection on the device, as token indices of each request:
   // indices (N, Hkv, Kmax) int32 ascending, padded with -1, and counts (N, Hkv) int32.
-  const int32_t* last_indices() const { return indices_; }
-  const int32_t* last_counts() const { return counts_; }
+  const int32_t* last_indices() const { return indices_.get(); }
+  const int32_t* last_counts() const { return counts_.get(); }
 
  private:
   void release();
@@ -249,21 +313,17 @@ class CudaPagedPipeline : public PagedPipelineBase {
   int device_ = -1;
   std::vector<int32_t> host_meta_, host_counts_;  // staged (2, N) lengths and k; counts (N, Hkv)
   std::vector<int64_t> host_rotate_by_;           // (N, NB)
-  // Device memory: the codebook, then scratch grown on demand (capacities in elements).
-  float *chol_ = nullptr, *chol_inv_ = nullptr, *centroids_ = nullptr, *inv_freq_ = nullptr;
-  int32_t* bin_edges_ = nullptr;                                       // (max(NB - 1, 1),)
-  int32_t* meta_ = nullptr;                                            // (2, N) lengths, k
-  int64_t* rotate_by_ = nullptr;                                       // (n,) in encode, (N, NB) in decode
-  float *keys_ = nullptr, *whitened_ = nullptr;                        // (n, Hkv, D)
-  int16_t* new_codes_ = nullptr;                                       // (n, Hkv, M)
-  float *q_ = nullptr, *q_wrope_ = nullptr, *q_dual_ = nullptr;        // (N, Hq, D), (N, Hq, NB, D) x 2
-  float *scores_ = nullptr, *grouped_ = nullptr;                       // (N, Hq, Tmax), (N, Hkv, Tmax)
-  int32_t *indices_ = nullptr, *slots_ = nullptr, *counts_ = nullptr;  // (N, Hkv, Kmax) x 2, (N, Hkv)
-  char *gathered_k_ = nullptr, *gathered_v_ = nullptr;                 // (N, Hkv, Kmax, D)
-  float *out_ = nullptr, *lse_ = nullptr;                              // (N, Hq, D), (N, Hq)
-  int64_t meta_cap_ = 0, rotate_cap_ = 0, keys_cap_ = 0, whitened_cap_ = 0, codes_cap_ = 0, q_cap_ = 0,
-          q_wrope_cap_ = 0, q_dual_cap_ = 0, scores_cap_ = 0, grouped_cap_ = 0, indices_cap_ = 0, slots_cap_ = 0,
-          counts_cap_ = 0, gathered_cap_ = 0, gathered_v_cap_ = 0, out_cap_ = 0, lse_cap_ = 0;
+  // Device memory: the codebook, then scratch grown on demand.
+  DeviceCodebook book_;
+  DeviceBuffer<int32_t> meta_;                      // (2, N) lengths, k
+  DeviceBuffer<int64_t> rotate_by_;                 // (n,) in encode, (N, NB) in decode
+  DeviceBuffer<float> keys_, whitened_;             // (n, Hkv, D)
+  DeviceBuffer<int16_t> new_codes_;                 // (n, Hkv, M)
+  DeviceBuffer<float> q_, q_wrope_, q_dual_;        // (N, Hq, D), (N, Hq, NB, D) x 2
+  DeviceBuffer<float> scores_, grouped_;            // (N, Hq, Tmax), (N, Hkv, Tmax)
+  DeviceBuffer<int32_t> indices_, slots_, counts_;  // (N, Hkv, Kmax) x 2, (N, Hkv)
+  DeviceBuffer<char> gathered_k_, gathered_v_;      // (N, Hkv, Kmax, D) of the store's dtype
+  DeviceBuffer<float> out_, lse_;                   // (N, Hq, D), (N, Hq)
 };
 
 }  // namespace a2ats

@@ -56,27 +56,8 @@ __global__ void __launch_bounds__(kThreads)
 
 CudaPagedPipeline::CudaPagedPipeline(KVStore& store, const PipelineShape& shape, PipelineCodebook codebook)
     : PagedPipelineBase(store, shape, std::move(codebook)) {
-  const auto upload = [](auto* dst, const auto& src) {
-    return cudaMemcpy(dst, src.data(), src.size() * sizeof(src[0]), cudaMemcpyHostToDevice);
-  };
   cudaError_t err = cudaGetDevice(&device_);
-  const auto step = [&](cudaError_t e) {
-    if (err == cudaSuccess) err = e;
-  };
-  if (err == cudaSuccess) {
-    step(device_alloc(&chol_, int64_t(codebook_.chol.size())));
-    step(device_alloc(&chol_inv_, int64_t(codebook_.chol_inv.size())));
-    step(device_alloc(&centroids_, int64_t(codebook_.centroids.size())));
-    step(device_alloc(&inv_freq_, int64_t(codebook_.inv_freq.size())));
-    step(device_alloc(&bin_edges_, int64_t(codebook_.bin_edges.size())));
-  }
-  if (err == cudaSuccess) {
-    step(upload(chol_, codebook_.chol));
-    step(upload(chol_inv_, codebook_.chol_inv));
-    step(upload(centroids_, codebook_.centroids));
-    step(upload(inv_freq_, codebook_.inv_freq));
-    if (!codebook_.bin_edges.empty()) step(upload(bin_edges_, codebook_.bin_edges));
-  }
+  if (err == cudaSuccess) err = book_.upload(codebook_);
   if (err != cudaSuccess) {
     release();
     cudaGetLastError();
@@ -89,13 +70,15 @@ CudaPagedPipeline::~CudaPagedPipeline() { release(); }
 void CudaPagedPipeline::release() {
   OnDevice on(device_);
   cudaDeviceSynchronize();  // nothing of ours is still in flight
-  for (float** p : {&chol_, &chol_inv_, &centroids_, &inv_freq_, &keys_, &whitened_, &q_, &q_wrope_, &q_dual_, &scores_,
-                    &grouped_, &out_, &lse_})
-    device_free(*p);
-  for (int32_t** p : {&bin_edges_, &meta_, &indices_, &slots_, &counts_}) device_free(*p);
-  for (char** p : {&gathered_k_, &gathered_v_}) device_free(*p);
-  device_free(rotate_by_);
-  device_free(new_codes_);
+  book_.release();
+  meta_.release();
+  rotate_by_.release();
+  for (DeviceBuffer<float>* b : {&keys_, &whitened_, &q_, &q_wrope_, &q_dual_, &scores_, &grouped_, &out_, &lse_})
+    b->release();
+  new_codes_.release();
+  for (DeviceBuffer<int32_t>* b : {&indices_, &slots_, &counts_}) b->release();
+  gathered_k_.release();
+  gathered_v_.release();
   cudaGetLastError();  // teardown errors (e.g. at process exit) are not reported
 }
 
@@ -107,19 +90,22 @@ cudaError_t CudaPagedPipeline::encode(int64_t layer, const ConstRows& k, int64_t
   check_codes(codes);
   if (n > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
   const int64_t Hkv = store_.num_kv_heads(), D = store_.head_dim(), M = shape_.num_subspaces, rows = n * Hkv;
-  A2ATS_CUDA_TRY(device_grow(&keys_, &keys_cap_, rows * D));
-  A2ATS_CUDA_TRY(device_grow(&whitened_, &whitened_cap_, rows * D));
-  A2ATS_CUDA_TRY(device_grow(&rotate_by_, &rotate_cap_, n));
-  A2ATS_CUDA_TRY(device_grow(&new_codes_, &codes_cap_, rows * M));
+  A2ATS_CUDA_TRY(keys_.grow(rows * D));
+  A2ATS_CUDA_TRY(whitened_.grow(rows * D));
+  A2ATS_CUDA_TRY(rotate_by_.grow(n));
+  A2ATS_CUDA_TRY(new_codes_.grow(rows * M));
   // Pre-RoPE keys in f32 (n "batch rows" of one token), whitened by the layer's L per KV head,
   // then the nearest centroids, placed at their slots.
-  A2ATS_CUDA_TRY(to_f32(ConstRows{k.data, {k.stride[0], k.stride[1], 0}}, store_.dtype(), n, Hkv, 1, D, keys_, stream));
-  A2ATS_CUDA_TRY(rotations(positions, 1, 0, n, 1, nullptr, rotate_by_, stream));
-  A2ATS_CUDA_TRY(rotary_cuda(keys_, keys_, rotate_by_, inv_freq_, key_rotation(n), stream));
-  A2ATS_CUDA_TRY(rows_times_matrix(keys_, chol_ + layer * Hkv * D * D, rows, 1, Hkv, D, false, whitened_, stream));
-  const float* centroids = centroids_ + layer * Hkv * shape_.num_centroids * D;
-  A2ATS_CUDA_TRY(vq_encode_cuda(whitened_, centroids, new_codes_, key_encoding(n), stream));
-  place_paged_codes_kernel<<<unsigned(n), kThreads, 0, stream>>>(new_codes_, slots, Hkv, M, codes);
+  A2ATS_CUDA_TRY(
+      to_f32(ConstRows{k.data, {k.stride[0], k.stride[1], 0}}, store_.dtype(), n, Hkv, 1, D, keys_.get(), stream));
+  A2ATS_CUDA_TRY(rotations(positions, 1, 0, n, 1, nullptr, rotate_by_.get(), stream));
+  A2ATS_CUDA_TRY(
+      rotary_cuda(keys_.get(), keys_.get(), rotate_by_.get(), book_.inv_freq.get(), key_rotation(n), stream));
+  A2ATS_CUDA_TRY(rows_times_matrix(keys_.get(), book_.chol.get() + layer * Hkv * D * D, rows, 1, Hkv, D, false,
+                                   whitened_.get(), stream));
+  const float* centroids = book_.centroids.get() + layer * Hkv * shape_.num_centroids * D;
+  A2ATS_CUDA_TRY(vq_encode_cuda(whitened_.get(), centroids, new_codes_.get(), key_encoding(n), stream));
+  place_paged_codes_kernel<<<unsigned(n), kThreads, 0, stream>>>(new_codes_.get(), slots, Hkv, M, codes);
   return cudaGetLastError();
 }
 
@@ -136,20 +122,20 @@ cudaError_t CudaPagedPipeline::decode(int64_t layer, const ConstRows& q, const P
   const int64_t NB = num_bins(), Tmax = plan.max_length, Kmax = plan.max_selected;
   const int64_t row_bytes = store_.row_bytes();
   // Every buffer first.
-  A2ATS_CUDA_TRY(device_grow(&meta_, &meta_cap_, 2 * N));
-  A2ATS_CUDA_TRY(device_grow(&rotate_by_, &rotate_cap_, N * NB));
-  A2ATS_CUDA_TRY(device_grow(&q_, &q_cap_, N * Hq * D));
-  A2ATS_CUDA_TRY(device_grow(&q_wrope_, &q_wrope_cap_, N * Hq * NB * D));
-  A2ATS_CUDA_TRY(device_grow(&q_dual_, &q_dual_cap_, N * Hq * NB * D));
-  A2ATS_CUDA_TRY(device_grow(&scores_, &scores_cap_, N * Hq * Tmax));
-  if (shape_.budget_per_kv_head) A2ATS_CUDA_TRY(device_grow(&grouped_, &grouped_cap_, N * Hkv * Tmax));
-  A2ATS_CUDA_TRY(device_grow(&indices_, &indices_cap_, N * Hkv * Kmax));
-  A2ATS_CUDA_TRY(device_grow(&slots_, &slots_cap_, N * Hkv * Kmax));
-  A2ATS_CUDA_TRY(device_grow(&counts_, &counts_cap_, N * Hkv));
-  A2ATS_CUDA_TRY(device_grow(&gathered_k_, &gathered_cap_, N * Hkv * Kmax * row_bytes));
-  A2ATS_CUDA_TRY(device_grow(&gathered_v_, &gathered_v_cap_, N * Hkv * Kmax * row_bytes));
-  A2ATS_CUDA_TRY(device_grow(&out_, &out_cap_, N * Hq * D));
-  A2ATS_CUDA_TRY(device_grow(&lse_, &lse_cap_, N * Hq));
+  A2ATS_CUDA_TRY(meta_.grow(2 * N));
+  A2ATS_CUDA_TRY(rotate_by_.grow(N * NB));
+  A2ATS_CUDA_TRY(q_.grow(N * Hq * D));
+  A2ATS_CUDA_TRY(q_wrope_.grow(N * Hq * NB * D));
+  A2ATS_CUDA_TRY(q_dual_.grow(N * Hq * NB * D));
+  A2ATS_CUDA_TRY(scores_.grow(N * Hq * Tmax));
+  if (shape_.budget_per_kv_head) A2ATS_CUDA_TRY(grouped_.grow(N * Hkv * Tmax));
+  A2ATS_CUDA_TRY(indices_.grow(N * Hkv * Kmax));
+  A2ATS_CUDA_TRY(slots_.grow(N * Hkv * Kmax));
+  A2ATS_CUDA_TRY(counts_.grow(N * Hkv));
+  A2ATS_CUDA_TRY(gathered_k_.grow(N * Hkv * Kmax * row_bytes));
+  A2ATS_CUDA_TRY(gathered_v_.grow(N * Hkv * Kmax * row_bytes));
+  A2ATS_CUDA_TRY(out_.grow(N * Hq * D));
+  A2ATS_CUDA_TRY(lse_.grow(N * Hq));
 
   // The step's host plan to the device: lengths, k, and the WRoPE rotations. Pageable sources
   // are staged before each call returns.
@@ -159,50 +145,54 @@ cudaError_t CudaPagedPipeline::decode(int64_t layer, const ConstRows& q, const P
   host_rotate_by_.resize(size_t(N * NB));
   wrope_rotations(requests, host_rotate_by_.data());
   A2ATS_CUDA_TRY(
-      cudaMemcpyAsync(meta_, host_meta_.data(), size_t(2 * N) * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-  A2ATS_CUDA_TRY(cudaMemcpyAsync(rotate_by_, host_rotate_by_.data(), size_t(N * NB) * sizeof(int64_t),
+      cudaMemcpyAsync(meta_.get(), host_meta_.data(), size_t(2 * N) * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+  A2ATS_CUDA_TRY(cudaMemcpyAsync(rotate_by_.get(), host_rotate_by_.data(), size_t(N * NB) * sizeof(int64_t),
                                  cudaMemcpyHostToDevice, stream));
-  const int32_t* lengths = meta_;
+  const int32_t* lengths = meta_.get();
   PagedRequests on_device = requests;  // the device copies, for the ops' parameters
-  on_device.lengths = meta_;
-  on_device.k = meta_ + N;
+  on_device.lengths = lengths;
+  on_device.k = lengths + N;
 
   // The exact query in f32, its WRoPE forms and their duals.
-  A2ATS_CUDA_TRY(to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), N, Hq, 1, D, q_, stream));
-  A2ATS_CUDA_TRY(rotary_cuda(q_, q_wrope_, rotate_by_, inv_freq_, query_rotation(N), stream));
   A2ATS_CUDA_TRY(
-      rows_times_matrix(q_wrope_, chol_inv_ + layer * Hkv * D * D, N * Hq * NB, G * NB, Hkv, D, true, q_dual_, stream));
+      to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), N, Hq, 1, D, q_.get(), stream));
+  A2ATS_CUDA_TRY(
+      rotary_cuda(q_.get(), q_wrope_.get(), rotate_by_.get(), book_.inv_freq.get(), query_rotation(N), stream));
+  A2ATS_CUDA_TRY(rows_times_matrix(q_wrope_.get(), book_.chol_inv.get() + layer * Hkv * D * D, N * Hq * NB, G * NB, Hkv,
+                                   D, true, q_dual_.get(), stream));
 
   // Scores of every context token from the paged codes, then each request's own selection.
-  const float* centroids = centroids_ + layer * Hkv * shape_.num_centroids * D;
-  A2ATS_CUDA_TRY(lut_scores_cuda(q_dual_, centroids, codes.data, lengths, NB > 1 ? bin_edges_ : nullptr, scores_,
+  const float* centroids = book_.centroids.get() + layer * Hkv * shape_.num_centroids * D;
+  A2ATS_CUDA_TRY(lut_scores_cuda(q_dual_.get(), centroids, codes.data, lengths,
+                                 NB > 1 ? book_.bin_edges.get() : nullptr, scores_.get(),
                                  scoring(plan, on_device, codes), stream));
-  const float* selected_from = scores_;
+  const float* selected_from = scores_.get();
   if (shape_.budget_per_kv_head) {
-    A2ATS_CUDA_TRY(group_scores_cuda(scores_, lengths, grouped_, grouping(plan), stream));
-    selected_from = grouped_;
+    A2ATS_CUDA_TRY(group_scores_cuda(scores_.get(), lengths, grouped_.get(), grouping(plan), stream));
+    selected_from = grouped_.get();
   }
   const SelectTopkParams sp = selection(plan, on_device);
-  A2ATS_CUDA_TRY(select_topk_cuda(selected_from, lengths, indices_, counts_, sp, stream));
+  A2ATS_CUDA_TRY(select_topk_cuda(selected_from, lengths, indices_.get(), counts_.get(), sp, stream));
   last_num_requests_ = N;
   last_max_selected_ = Kmax;
   host_counts_.assign(size_t(N * Hkv), 0);
   if (Kmax > 0) {
-    token_slots_kernel<<<unsigned(N * Hkv), kThreads, 0, stream>>>(indices_, counts_, requests.block_table,
+    token_slots_kernel<<<unsigned(N * Hkv), kThreads, 0, stream>>>(indices_.get(), counts_.get(), requests.block_table,
                                                                    requests.table_stride, Hkv, Kmax, codes.block_size,
-                                                                   codes.num_blocks, slots_);
+                                                                   codes.num_blocks, slots_.get());
     A2ATS_CUDA_TRY(cudaGetLastError());
     // The selected rows from the host store: the call's one host synchronisation.
-    const RowsView gk{gathered_k_, {Hkv * Kmax * D, Kmax * D, D}};
-    const RowsView gv{gathered_v_, {Hkv * Kmax * D, Kmax * D, D}};
-    A2ATS_CUDA_TRY(kv_gather_cuda(store_, layer, slots_, sp.indices_stride, true, counts_, sp.counts_stride, gk, gv,
-                                  Kmax, stream, host_counts_.data(), N));
+    const RowsView gk{gathered_k_.get(), {Hkv * Kmax * D, Kmax * D, D}};
+    const RowsView gv{gathered_v_.get(), {Hkv * Kmax * D, Kmax * D, D}};
+    A2ATS_CUDA_TRY(kv_gather_cuda(store_, layer, slots_.get(), sp.indices_stride, true, counts_.get(), sp.counts_stride,
+                                  gk, gv, Kmax, stream, host_counts_.data(), N));
   }
 
   // Exact attention with the model's own query over the selected rows, sink and window included.
   const AttendRowsParams ap = attending_rows(N, Hq, G, D, Kmax, scale, store_.dtype());
-  A2ATS_CUDA_TRY(attend_rows_cuda(q_, gathered_k_, gathered_v_, counts_, out_, lse_, ap, stream));
-  A2ATS_CUDA_TRY(from_f32(out_, store_.dtype(), N, Hq, D, out, out_stride, stream));
+  A2ATS_CUDA_TRY(attend_rows_cuda(q_.get(), gathered_k_.get(), gathered_v_.get(), counts_.get(), out_.get(), lse_.get(),
+                                  ap, stream));
+  A2ATS_CUDA_TRY(from_f32(out_.get(), store_.dtype(), N, Hq, D, out, out_stride, stream));
   count_step(requests, host_counts_.data());
   return cudaSuccess;
 }

@@ -82,21 +82,7 @@ cudaError_t CudaPipeline::allocate() {
   layer_codes_ = B * Hkv * cap * M;
   resident_rows_ = shape_.sink + shape_.window;
   layer_resident_ = B * Hkv * resident_rows_ * D;
-  const auto upload = [](auto* dst, const auto& src) {
-    return cudaMemcpy(dst, src.data(), src.size() * sizeof(src[0]), cudaMemcpyHostToDevice);
-  };
-  A2ATS_CUDA_TRY(device_alloc(&chol_, int64_t(codebook_.chol.size())));
-  A2ATS_CUDA_TRY(device_alloc(&chol_inv_, int64_t(codebook_.chol_inv.size())));
-  A2ATS_CUDA_TRY(device_alloc(&centroids_, int64_t(codebook_.centroids.size())));
-  A2ATS_CUDA_TRY(device_alloc(&inv_freq_, int64_t(codebook_.inv_freq.size())));
-  A2ATS_CUDA_TRY(device_alloc(&bin_edges_, int64_t(codebook_.bin_edges.size())));
-  A2ATS_CUDA_TRY(device_alloc(&wrope_, NB));
-  A2ATS_CUDA_TRY(upload(chol_, codebook_.chol));
-  A2ATS_CUDA_TRY(upload(chol_inv_, codebook_.chol_inv));
-  A2ATS_CUDA_TRY(upload(centroids_, codebook_.centroids));
-  A2ATS_CUDA_TRY(upload(inv_freq_, codebook_.inv_freq));
-  if (!codebook_.bin_edges.empty()) A2ATS_CUDA_TRY(upload(bin_edges_, codebook_.bin_edges));
-  A2ATS_CUDA_TRY(upload(wrope_, codebook_.wrope_distances));
+  A2ATS_CUDA_TRY(book_.upload(codebook_));
   A2ATS_CUDA_TRY(device_alloc(&codes_, L * layer_codes_));
   A2ATS_CUDA_TRY(device_alloc(&resident_k_, L * layer_resident_ * elem));
   A2ATS_CUDA_TRY(device_alloc(&resident_v_, L * layer_resident_ * elem));
@@ -124,12 +110,7 @@ void CudaPipeline::release() {
   OnDevice on(device_);
   // Decode steps leave rows in flight to the host store, which may be freed after us.
   if (has_stream_) cudaDeviceSynchronize();
-  device_free(chol_);
-  device_free(chol_inv_);
-  device_free(centroids_);
-  device_free(inv_freq_);
-  device_free(bin_edges_);
-  device_free(wrope_);
+  book_.release();
   device_free(codes_);
   device_free(resident_k_);
   device_free(resident_v_);
@@ -219,9 +200,10 @@ cudaError_t CudaPipeline::encode_and_store(int64_t layer, const ConstRows& k, co
   // Pre-RoPE keys in f32, whitened by the layer's L per KV head, then the nearest centroids.
   A2ATS_CUDA_TRY(to_f32(k, store_.dtype(), B, Hkv, num_new, D, keys, stream));
   A2ATS_CUDA_TRY(rotations(positions, pos_stride[0], pos_stride[1], B, num_new, nullptr, rotate_by, stream));
-  A2ATS_CUDA_TRY(rotary_cuda(keys, keys, rotate_by, inv_freq_, key_rotation(num_new), stream));
-  A2ATS_CUDA_TRY(rows_times_matrix(keys, chol_ + layer * Hkv * D * D, rows, num_new, Hkv, D, false, whitened, stream));
-  const float* centroids = centroids_ + layer * Hkv * shape_.num_centroids * D;
+  A2ATS_CUDA_TRY(rotary_cuda(keys, keys, rotate_by, book_.inv_freq.get(), key_rotation(num_new), stream));
+  A2ATS_CUDA_TRY(
+      rows_times_matrix(keys, book_.chol.get() + layer * Hkv * D * D, rows, num_new, Hkv, D, false, whitened, stream));
+  const float* centroids = book_.centroids.get() + layer * Hkv * shape_.num_centroids * D;
   A2ATS_CUDA_TRY(vq_encode_cuda(whitened, centroids, new_codes, key_encoding(num_new), stream));
   place_codes_kernel<<<unsigned(B * Hkv), kThreads, 0, stream>>>(new_codes, num_new, M, Hkv, store_.capacity(), starts,
                                                                  counts, codes_ + layer * layer_codes_);
@@ -290,14 +272,14 @@ cudaError_t CudaPipeline::decode(int64_t layer, const ConstRows& q, const ConstR
 
   // The exact query in f32, its WRoPE forms (bin j at distance wrope_distances[j]) and their duals.
   A2ATS_CUDA_TRY(to_f32(ConstRows{q.data, {q.stride[0], q.stride[1], 0}}, store_.dtype(), B, Hq, 1, D, q_, stream));
-  A2ATS_CUDA_TRY(rotations(positions, pos_stride, 0, B, NB, wrope_, rotate_by_, stream));
-  A2ATS_CUDA_TRY(rotary_cuda(q_, q_wrope_, rotate_by_, inv_freq_, query_rotation(), stream));
-  A2ATS_CUDA_TRY(rows_times_matrix(q_wrope_, chol_inv_ + layer * Hkv * D * D, B * Hq * NB, group * NB, Hkv, D, true,
-                                   q_dual_, stream));
+  A2ATS_CUDA_TRY(rotations(positions, pos_stride, 0, B, NB, book_.wrope_distances.get(), rotate_by_, stream));
+  A2ATS_CUDA_TRY(rotary_cuda(q_, q_wrope_, rotate_by_, book_.inv_freq.get(), query_rotation(), stream));
+  A2ATS_CUDA_TRY(rows_times_matrix(q_wrope_, book_.chol_inv.get() + layer * Hkv * D * D, B * Hq * NB, group * NB, Hkv,
+                                   D, true, q_dual_, stream));
 
   // Scores of every stored token from the codes; k middle rows per query head, united per KV head.
-  A2ATS_CUDA_TRY(lut_scores_cuda(q_dual_, centroids_ + layer * Hkv * shape_.num_centroids * D, codes(layer), lengths,
-                                 NB > 1 ? bin_edges_ : nullptr, scores_, scoring(), stream));
+  A2ATS_CUDA_TRY(lut_scores_cuda(q_dual_, book_.centroids.get() + layer * Hkv * shape_.num_centroids * D, codes(layer),
+                                 lengths, NB > 1 ? book_.bin_edges.get() : nullptr, scores_, scoring(), stream));
   const SelectTopkParams sp = selection(max_middle, false);  // sink and window are on the device already
   const float* selected_from = scores_;
   if (shape_.budget_per_kv_head) {

@@ -71,18 +71,6 @@ void device_free(T*& ptr) {
   ptr = nullptr;
 }
 
-// A device buffer of at least `elements`, reallocated (contents lost) only when it must grow.
-template <typename T>
-cudaError_t device_grow(T** ptr, int64_t* capacity, int64_t elements) {
-  if (*ptr != nullptr && elements <= *capacity) return cudaSuccess;
-  device_free(*ptr);
-  *capacity = 0;
-  const int64_t n = std::max<int64_t>(elements, 1);
-  const cudaError_t err = device_alloc(ptr, n);
-  if (err == cudaSuccess) *capacity = n;
-  return err;
-}
-
 inline std::string failure(const char* what, cudaError_t err) {
   return std::string("CUDA pipeline: ") + what + " failed: " + cudaGetErrorString(err);
 }
