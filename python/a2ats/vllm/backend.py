@@ -14,7 +14,7 @@ from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from .runtime import RankRuntime, StepRequests, load_rank_codebook
+from .runtime import RankRuntime, load_rank_codebook
 from .settings import A2ATSVllmConfigError, parse_settings
 
 _RUNTIME: RankRuntime | None = None
@@ -163,9 +163,7 @@ class A2ATSCPUImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # the engine's warm-up run
             return output
         num_tokens = attn_metadata.num_actual_tokens
-        step = StepRequests.from_metadata(
-            attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, num_tokens
-        )
+        step = self.a2ats.step_requests(attn_metadata)
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         self.a2ats.attend(
             _layer_index(layer),

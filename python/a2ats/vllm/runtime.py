@@ -171,6 +171,7 @@ class RankRuntime:
         self.device = torch.device("cpu")  # of the engine's cache, the pipeline and its arrays
         self.block_size = 0
         self._lock = threading.Lock()
+        self._step: tuple[object, StepRequests] | None = None  # (the step's metadata, its requests)
 
     @property
     def num_subspaces(self) -> int:
@@ -238,6 +239,19 @@ class RankRuntime:
                 self.device = kv_cache.device
                 self.store = store
         return self.store
+
+    def step_requests(self, attn_metadata) -> StepRequests:
+        """The step's requests from vLLM's attention metadata, read once per step: every layer of
+        a step gets the same metadata object."""
+        if self._step is None or self._step[0] is not attn_metadata:
+            step = StepRequests.from_metadata(
+                attn_metadata.query_start_loc,
+                attn_metadata.seq_lens,
+                attn_metadata.block_table,
+                attn_metadata.num_actual_tokens,
+            )
+            self._step = (attn_metadata, step)
+        return self._step[1]
 
     def decode_rows(self) -> dict[str, int]:
         """{"read": rows attended, "context": rows in context} summed over decode requests, layers
